@@ -1,0 +1,761 @@
+"""Llama-3.1 from scratch: the base model of CoLA (../shared/cola-spec.md section 2, "Base").
+
+One file, readable top to bottom:
+  ModelArgs + presets -> RMSNorm -> rotary embeddings with Llama-3.1 "llama3" scaling -> grouped-query attention
+  (SDPA) with a KV cache -> SwiGLU feed-forward -> pre-norm block -> Transformer (hidden state h and logits)
+  -> checkpoint I/O (Hugging Face safetensors and Meta consolidated.00.pth) -> sampling and batched generation.
+
+CoLA reads only h_t = Norm_f(last block output)_t (spec section 2), so `Transformer.hidden()` returns it and
+`Transformer.forward()` is just `output(hidden())`: nobody computes logits twice.
+
+Run it:
+    python model.py --ckpt /path/to/Llama-3.1-8B --prompt "The capital of France is"   # HF or Meta layout
+    python model.py --ckpt runs/base/final --prompt "def "                              # our tiny base
+
+Tensor shape legend used in comments throughout the project:
+    B batch, T time (sequence), S keys in the cache (start_pos + T), D model dim (d), H query heads,
+    Hkv key/value heads, Dh head dim, F feed-forward hidden size, V vocabulary, K latent actions, G group size.
+
+Deviations from Meta's reference llama/model.py (maths identical, checked against transformers in tests/):
+  - attention runs on torch.nn.functional.scaled_dot_product_attention (GQA via enable_gqa) instead of
+    repeat_kv + explicit softmax; the KV cache is stored head-major [B, Hkv, S, Dh];
+  - RoPE uses real cos/sin tables (identical maths to Meta's complex multiply on adjacent pairs), computed in
+    float32 on the fly and never cast with the weights;
+  - the rope scaling factor is read from the checkpoint's config (8 for 3.1, 32 for 3.2) instead of hard-coded;
+  - Meta checkpoints split across several consolidated.NN.pth files (70B/405B) are not supported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    """Meta's field names (llama-models `ModelArgs`, params.json); defaults are Llama-3.1-8B."""
+    dim: int = 4096                      # d, hidden size
+    n_layers: int = 32                   # number of decoder blocks
+    n_heads: int = 32                    # H, query heads
+    n_kv_heads: int = 8                  # Hkv, key/value heads (grouped-query attention, G = H / Hkv = 4)
+    vocab_size: int = 128256             # V (128000 BPE ranks + 256 special tokens)
+    multiple_of: int = 1024              # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = 1.3
+    norm_eps: float = 1e-5               # RMSNorm epsilon
+    rope_theta: float = 500000.0         # RoPE base
+    use_scaled_rope: bool = True         # Llama-3.1 "llama3" frequency scaling
+    rope_scale_factor: float = 8.0       # 8 for 3.1, 32 for 3.2 (HF config rope_scaling.factor)
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192    # original_max_position_embeddings
+    max_seq_len: int = 8192              # longest sequence the rope table and KV cache are built for
+    tie_embeddings: bool = False         # Llama-3.2-1B/3B share tok_embeddings and output
+    ffn_hidden_dim: int | None = None    # F given explicitly (HF intermediate_size); None: Meta's rule below
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs: dim {self.dim} must divide by n_heads {self.n_heads} and n_heads by "
+                             f"n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Meta's SwiGLU hidden-size rule: 4d -> 2/3 -> * multiplier -> round up to multiple_of (8B: 14336)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Like Meta's ModelArgs(**params): unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Named presets. "tiny" is the embedded CPU default: the byte-level tokenizer fixes V = 512 (tokenizer.py).
+PRESETS: dict[str, ModelArgs] = {
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64,
+                      ffn_dim_multiplier=1.0, max_seq_len=512),
+    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
+                              ffn_dim_multiplier=1.5, rope_scale_factor=32.0, max_seq_len=8192,
+                              tie_embeddings=True),
+    "llama-3.1-8b": ModelArgs(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, normalised in float32, cast back before the weight (as Meta)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):                                           # x [..., D]
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [Dh/2], float32, with Llama-3.1 "llama3" scaling when use_scaled_rope.
+
+    Long wavelengths (> original context / low_freq_factor) are slowed by the factor, short ones
+    (< original context / high_freq_factor) kept, and the band between is interpolated smoothly.
+    """
+    dh = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dh, 2)[: dh // 2].float() / dh))   # [Dh/2]
+    if not args.use_scaled_rope:
+        return freqs
+    factor, low, high, ctx = (args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                              args.rope_original_context)
+    wavelen = 2 * math.pi / freqs                                                        # [Dh/2]
+    smooth = (ctx / wavelen - low) / (high - low)                                        # [Dh/2]
+    scaled = torch.where(wavelen > ctx / low, freqs / factor, freqs)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= ctx / high) & (wavelen <= ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
+    """cos/sin for every position: [max_seq_len, Dh/2, 2] float32 (angle_{t,j} = t * freq_j)."""
+    freqs = rope_frequencies(args).to(device)                                            # [Dh/2]
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)  # [L, Dh/2]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)                             # [L, Dh/2, 2]
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2j, 2j+1) by angle_{t,j}, in float32 (Meta's layout).
+
+    x [B, T, H, Dh], rope [T, Dh/2, 2]. Same as Meta's view_as_complex(x) * freqs_cis.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))                                                # [B, T, H, Dh/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]                                                      # [B, T, H, Dh/2]
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]                      # [1, T, 1, Dh/2]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)                # [B, T, H, Dh/2, 2]
+    return out.flatten(-2).type_as(x)                                                    # [B, T, H, Dh]
+
+
+class KVCache(nn.Module):
+    """Keys (after RoPE) and values of every past position, for incremental decoding (gpt-fast style).
+
+    All rows of a batch share positions (Meta's generation scheme), so one start_pos indexes the whole batch.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)                                   # [B, Hkv, L, Dh]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v [B, Hkv, T, Dh] at positions start_pos.. -> all keys/values so far [B, Hkv, S, Dh]."""
+        B, T = k.shape[0], k.shape[2]
+        if start_pos + T > self.k.shape[2] or B > self.k.shape[0]:
+            raise ValueError(f"KV cache holds {self.k.shape[0]} x {self.k.shape[2]} positions; asked to write "
+                             f"{B} x [{start_pos}, {start_pos + T})")
+        self.k[:B, :, start_pos:start_pos + T] = k
+        self.v[:B, :, start_pos:start_pos + T] = v
+        return self.k[:B, :, :start_pos + T], self.v[:B, :, :start_pos + T]
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention: H query heads share Hkv key/value heads (query head i uses i // G)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape                                                                # x [B, T, D]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)                           # [B, T, H, Dh]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)                        # [B, T, Hkv, Dh]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)                        # [B, T, Hkv, Dh]
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                # [B, H|Hkv, T, Dh]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)                                    # [B, Hkv, S, Dh]
+        S = k.shape[2]
+        if S == T:      # no past: plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1:    # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:           # a chunk after a cached prefix: query i (position S-T+i) sees keys j <= S-T+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)   # [T, S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))                              # [B, T, D]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 = gate, w3 = up, w2 = down (HF names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):                                                                # [B, T, D]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))                                  # [B, T, F] -> [B, T, D]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Llama block: h = x + attn(norm(x)); out = h + ffn(norm(h)). Also used by CoLA's IDM and policy."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos)                  # [B, T, D]
+        return h + self.feed_forward(self.ffn_norm(h))                                   # [B, T, D]
+
+    def init_weights(self, std: float, out_std: float):
+        """Input projections N(0, std^2); the two projections back into the residual stream N(0, out_std^2)."""
+        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1,
+                    self.feed_forward.w3):
+            nn.init.normal_(lin.weight, std=std)
+        for lin in (self.attention.wo, self.feed_forward.w2):
+            nn.init.normal_(lin.weight, std=out_std)
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+
+
+def setup_kv_cache(blocks, batch: int, max_len: int, dtype, device):
+    """Give every block's attention a fresh KV cache (base, IDM or policy stacks alike)."""
+    for block in blocks:
+        a = block.attention
+        a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+
+
+def clear_kv_cache(blocks):
+    for block in blocks:
+        block.attention.cache = None
+
+
+class RopeCache:
+    """Float32 cos/sin table kept outside the state dict and outside `.to(dtype)`: RoPE is always float32."""
+
+    def __init__(self, args: ModelArgs):
+        self.args, self.table = args, None
+
+    def __call__(self, start_pos: int, T: int, device) -> torch.Tensor:
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than max_seq_len "
+                             f"{self.args.max_seq_len} of this model")
+        if self.table is None or self.table.device != torch.device(device):
+            self.table = rope_table(self.args, device)                                   # [L, Dh/2, 2]
+        return self.table[start_pos:start_pos + T]                                       # [T, Dh/2, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)                                      # Norm_f
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)                   # W_lm
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RopeCache(args)
+
+    def init_weights(self):
+        """Initialisation for training from scratch (runs after to_empty() on a meta-built model too)."""
+        self.rope.table = None
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        for block in self.layers:
+            block.init_weights(std=0.02, out_std=0.02 / math.sqrt(2 * self.args.n_layers))
+        self.norm.init_weights()
+        if not self.args.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=self.args.dim ** -0.5)
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """h = Norm_f(last block output): tokens [B, T] at positions start_pos.. -> h [B, T, D]."""
+        x = self.tok_embeddings(tokens)                                                  # [B, T, D]
+        rope = self.rope(start_pos, tokens.shape[1], tokens.device)                      # [T, Dh/2, 2]
+        for layer in self.layers:
+            x = layer(x, rope, start_pos)                                                # [B, T, D]
+        return self.norm(x)                                                              # [B, T, D]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Next-token logits W_lm h: tokens [B, T] -> [B, T, V]."""
+        return self.output(self.hidden(tokens, start_pos))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- KV cache ------------------------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int):
+        p = self.tok_embeddings.weight
+        setup_kv_cache(self.layers, batch, min(max_len, self.args.max_seq_len), p.dtype, p.device)
+
+    def clear_cache(self):
+        clear_kv_cache(self.layers)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len: int | None = None):
+        """Load an official checkpoint directory, Hugging Face or Meta layout (detected from its files)."""
+        path = Path(path)
+        args, state, rest = load_llama_checkpoint(path, dtype)
+        if rest:
+            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r} for a plain Llama (a CoLA "
+                             f"checkpoint? load it with cola.py)")
+        if max_seq_len is not None:
+            args.max_seq_len = max_seq_len
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_state_dict_strict(state, source=str(path))
+        return model.to(device)
+
+    def load_state_dict_strict(self, state: dict, source: str):
+        """Check every tensor's presence and shape against this model, then assign (no second copy)."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        if self.args.tie_embeddings:
+            expected.pop("output.weight", None)
+            state.pop("output.weight", None)
+        check_tensors(state, expected, source)
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
+        """Write the Hugging Face layout (config.json + safetensors), loadable by transformers and by us."""
+        save_hf_checkpoint(path, hf_config(self.args), meta_to_hf(self.state_dict(), self.args), max_shard_bytes)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, eos: int | list[int] | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Batched sampling; returns the new tokens of each prompt (cut after its first eos token).
+
+        Meta's scheme: rows share positions, decoding starts at the shortest prompt and rows whose prompt is
+        longer keep their own prompt token until it runs out. No padding ever enters attention.
+        """
+        device = self.tok_embeddings.weight.device
+        lens = [len(p) for p in prompts]
+        if min(lens) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if max(lens) > self.args.max_seq_len:
+            raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len "
+                             f"{self.args.max_seq_len}")
+        total = min(self.args.max_seq_len, max(lens) + max_new_tokens)
+        tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=device)  # [B, L]
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        in_prompt = tokens >= 0                                                          # [B, L]
+        stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), device=device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)                # [B]
+        if use_cache:
+            self.setup_cache(len(prompts), total)
+        try:
+            prev = 0
+            for cur in range(min(lens), total):
+                if use_cache:
+                    logits = self(tokens[:, prev:cur], start_pos=prev)[:, -1]            # [B, V]
+                else:
+                    logits = self(tokens[:, :cur])[:, -1]                                # [B, V]
+                nxt = sample(logits.float(), temperature, top_p, generator=generator)    # [B]
+                nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+                tokens[:, cur] = nxt
+                done |= ~in_prompt[:, cur] & torch.isin(nxt, stop)
+                prev = cur
+                if bool(done.all()):
+                    break
+        finally:
+            if use_cache:
+                self.clear_cache()
+        out = []
+        for i, p in enumerate(prompts):
+            new = tokens[i, len(p):].tolist()
+            new = [t for t in new if t >= 0]
+            cut = next((j + 1 for j, t in enumerate(new) if stop.numel() and t in stop.tolist()), len(new))
+            out.append(new[:min(cut, max_new_tokens)])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (shared with the CoLA policy)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, N] -> indices [B]. temperature 0 is greedy; then top-k, then Meta's top-p (nucleus)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                                  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)                                                           # [B, N]
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)                              # [B, N]
+        drop = p_sorted.cumsum(-1) - p_sorted > top_p    # mass before a token already exceeds p
+        p_sorted = p_sorted.masked_fill(drop, 0.0)
+        choice = torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator)
+        return idx.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint formats. Our parameter names are Meta's; Hugging Face names are translated at the boundary.
+
+
+HF_NAMES = {  # Meta suffix -> HF suffix inside layer N
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta -> HF row order inside each head: interleaved pairs (r0,r1),(r2,r3).. -> [r0,r2,..,r1,r3,..]."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF -> Meta: the inverse of permute_qk, so RoPE's adjacent pairs line up with our apply_rope."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def block_to_hf(prefix_meta: str, prefix_hf: str, state: dict, args: ModelArgs) -> dict:
+    """Rename (and q/k permute) the tensors of Llama blocks; used for the base and for CoLA's IDM/policy."""
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(prefix_meta):
+            continue
+        n, suffix = k[len(prefix_meta):].split(".", 1)
+        if suffix == "attention.wq.weight":
+            v = permute_qk(v, args.n_heads)
+        elif suffix == "attention.wk.weight":
+            v = permute_qk(v, args.n_kv_heads)
+        out[f"{prefix_hf}{n}.{HF_NAMES[suffix]}"] = v
+    return out
+
+
+def block_from_hf(prefix_hf: str, prefix_meta: str, state: dict, args: ModelArgs) -> dict:
+    """Inverse of block_to_hf."""
+    inverse = {v: k for k, v in HF_NAMES.items()}
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(prefix_hf) or k.endswith("rotary_emb.inv_freq"):
+            continue
+        n, suffix = k[len(prefix_hf):].split(".", 1)
+        if suffix not in inverse:
+            raise ValueError(f"unexpected tensor {k!r} (not part of a Llama block)")
+        suffix = inverse[suffix]
+        if suffix == "attention.wq.weight":
+            v = unpermute_qk(v, args.n_heads)
+        elif suffix == "attention.wk.weight":
+            v = unpermute_qk(v, args.n_kv_heads)
+        out[f"{prefix_meta}{n}.{suffix}"] = v
+    return out
+
+
+def meta_to_hf(state: dict, args: ModelArgs) -> dict:
+    out = {HF_TOP[k]: v for k, v in state.items() if k in HF_TOP}
+    if args.tie_embeddings:
+        out.pop("lm_head.weight", None)        # transformers drops the tied duplicate too
+    out.update(block_to_hf("layers.", "model.layers.", state, args))
+    return out
+
+
+def hf_to_meta(state: dict, args: ModelArgs) -> dict:
+    top = {v: k for k, v in HF_TOP.items()}
+    out = {top[k]: v for k, v in state.items() if k in top}
+    out.update(block_from_hf("model.layers.", "layers.", state, args))
+    return out
+
+
+def hf_config(args: ModelArgs, **extra) -> dict:
+    """config.json for transformers' LlamaForCausalLM (the 3.1 release's field set)."""
+    bos = args.vocab_size - 256 if args.vocab_size >= 512 else None   # <|begin_of_text|> of tokenizer.py
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": None if bos is None else bos + 1,
+        "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden, "initializer_range": 0.02,
+        "max_position_embeddings": args.max_seq_len, "num_attention_heads": args.n_heads,
+        "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "pretraining_tp": 1, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": None, "tie_word_embeddings": args.tie_embeddings, "torch_dtype": "bfloat16",
+        "use_cache": True, "vocab_size": args.vocab_size,
+    }
+    if args.use_scaled_rope:
+        cfg["rope_scaling"] = {"factor": args.rope_scale_factor, "low_freq_factor": args.rope_low_freq_factor,
+                               "high_freq_factor": args.rope_high_freq_factor,
+                               "original_max_position_embeddings": args.rope_original_context,
+                               "rope_type": "llama3"}
+    cfg.update(extra)
+    return cfg
+
+
+def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json (accepts transformers v4 and v5 rope spellings)."""
+    try:
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        head_dim = cfg.get("head_dim") or dim // n_heads
+        if head_dim != dim // n_heads:
+            raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+        args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                         n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
+                         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+                         use_scaled_rope=rope.get("rope_type", rope.get("type")) == "llama3",
+                         rope_scale_factor=float(rope.get("factor", 8.0)),
+                         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                         rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
+                         max_seq_len=min(int(cfg.get("max_position_embeddings", 8192)), 131072),
+                         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                         ffn_hidden_dim=int(cfg["intermediate_size"]))
+    except KeyError as e:
+        raise ValueError(f"{source}: missing field {e.args[0]!r} in config.json") from None
+    return args
+
+
+def check_tensors(state: dict, expected: dict, source: str):
+    """One-line errors for missing, unexpected or mis-shaped tensors."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{source}: checkpoint is missing tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor {extra[0]!r}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, config expects "
+                             f"{tuple(shape)}")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path, dtype=None) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory (single file or sharded with an index), converted to dtype one by one.
+
+    Checks each file's header against its size first, so a truncated download fails with its file name.
+    """
+    from safetensors import safe_open
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        f = path / name
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+        check_safetensors_file(f)
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if weight_map is not None and weight_map.get(k) != name:
+                    continue
+                t = st.get_tensor(k)
+                state[k] = t if dtype is None else t.to(dtype)
+    if weight_map is not None:
+        absent = [k for k in weight_map if k not in state]
+        if absent:
+            raise ValueError(f"{index}: tensor {absent[0]!r} is not in {weight_map[absent[0]]}")
+    return state
+
+
+def check_safetensors_file(f: Path):
+    """Validate the 8-byte header length + JSON header + data size of a .safetensors file."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{f}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ValueError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{f}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{f}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
+
+
+def detect_layout(path: Path) -> str:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"
+    raise ValueError(f"{path}: neither a Hugging Face checkpoint (config.json + *.safetensors) nor a Meta one "
+                     f"(params.json + consolidated.00.pth)")
+
+
+def load_llama_checkpoint(path: Path, dtype=None) -> tuple[ModelArgs, dict, dict]:
+    """(ModelArgs, base state dict with Meta names, other tensors) from a HF or Meta directory.
+
+    Tensors are converted to dtype one at a time. "Other tensors" are HF tensors that are not part of the Llama
+    (a CoLA checkpoint's action_* / policy_* modules); a plain Llama has none.
+    """
+    layout = detect_layout(path)
+    if layout == "hf":
+        args = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+        hf = read_safetensors(path, dtype)
+        rest = {k: v for k, v in hf.items() if k not in HF_TOP.values() and not k.startswith("model.layers.")}
+        return args, hf_to_meta(hf, args), rest
+    params = read_json(path / "params.json")
+    args = ModelArgs.from_dict({"ffn_dim_multiplier": None, "multiple_of": 256, "use_scaled_rope": False,
+                                **params})
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: params.json found but no consolidated.00.pth")
+    if len(shards) > 1:
+        raise ValueError(f"{path}: {len(shards)} model-parallel shards; only single-file checkpoints "
+                         f"(consolidated.00.pth: 1B, 3B, 8B) are supported")
+    try:
+        state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{shards[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state.pop("rope.freqs", None)    # Llama-2-era files carried it
+    if args.tie_embeddings is False and "output.weight" in state and \
+            state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr():
+        args.tie_embeddings = True
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return args, state, {}
+
+
+def atomic_write(path: Path, write_fn):
+    """write_fn(tmp_path), then rename: a crash never leaves a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30):
+    """safetensors (sharded above max_shard_bytes, with an index) + config.json, each file written atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    shards, cur, size = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = tensors[k], size + nbytes
+    shards.append(cur)
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in tensors.values()}
+    config = {**config, "torch_dtype": dtypes.pop() if len(dtypes) == 1 else "float32"}
+    if len(shards) == 1:
+        atomic_write(path / "model.safetensors", lambda t: save_file(shards[0], str(t), {"format": "pt"}))
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(path / name, lambda t, s=shard: save_file(s, str(t), {"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write(path / "model.safetensors.index.json", lambda t: t.write_text(json.dumps(index, indent=2)))
+        (path / "model.safetensors").unlink(missing_ok=True)
+    atomic_write(path / "config.json", lambda t: t.write_text(json.dumps(config, indent=2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: load a checkpoint, encode a prompt, print the completion
+
+
+def main():
+    from tokenizer import Tokenizer
+    p = argparse.ArgumentParser(description="Sample from a Llama-3.1 checkpoint (HF or Meta layout).")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json or params.json inside)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: found in "
+                   "--ckpt, else the embedded byte-level tokenizer)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    tok = Tokenizer.find(a.ckpt, a.tokenizer)
+    model = Transformer.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device)
+    if model.args.vocab_size < tok.n_words:
+        raise SystemExit(f"--tokenizer has {tok.n_words} tokens but the model's vocab_size is "
+                         f"{model.args.vocab_size}")
+    gen = torch.Generator(device=a.device).manual_seed(a.seed)
+    prompts = [tok.encode(s, bos=True, eos=False) for s in a.prompt]
+    outs = model.generate(prompts, a.max_new_tokens, a.temperature, a.top_p, eos=tok.stop_tokens, generator=gen)
+    for s, o in zip(a.prompt, outs):
+        print(s + tok.decode([t for t in o if t not in tok.stop_tokens]))
+        print("-" * 80)
+
+
+if __name__ == "__main__":
+    main()

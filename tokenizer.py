@@ -1,0 +1,176 @@
+"""Llama 3 tokenizer on tiktoken, plus an embedded byte-level default that needs no download.
+
+Llama 3 (cola-spec section 2, "Base": V = 128256): 128000 byte-level BPE ranks read from Meta's `tokenizer.model`
+(one "<base64 token bytes> <rank>" per line; the rank is both merge priority and token id), Meta's
+pre-tokenisation regex, and 256 special tokens with ids 128000..128255 (Llama-3.1 names).
+
+Embedded default (the tiny CPU preset): the 256 single bytes are the whole "BPE" (no merges), so every UTF-8
+string round-trips and no file is needed; the same 256 special-token names follow at ids 256..511, so V = 512 and
+code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs unchanged. Why bytes and not a
+small trained BPE: nothing to ship or train, deterministic on every Python, and a 512-row embedding keeps the tiny
+model's parameters in its blocks. The price is ~4x more tokens per text than Llama 3's tokenizer.
+
+Usage:
+    tok = Tokenizer()                                    # embedded byte-level default
+    tok = Tokenizer("Meta-Llama-3.1-8B/tokenizer.model") # official file
+    tok = Tokenizer.find("/path/to/checkpoint")          # tokenizer.model, original/tokenizer.model or
+                                                         # tokenizer.json inside a checkpoint directory
+    ids = tok.encode("Hello world!", bos=True, eos=False)
+
+Deviations from Meta's tokenizer.py: none in behaviour; `Tokenizer.find` also rebuilds the ranks from a Hugging
+Face tokenizer.json (GPT-2 byte alphabet), which gives the same ids for Llama 3.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import tiktoken
+
+# Meta's pre-tokenisation regex (identical in llama3, llama-models and HF tokenizer.json).
+PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+           r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+NUM_RESERVED_SPECIAL_TOKENS = 256
+# Llama-3.1 special tokens (llama-models 3.1 release); id = number of base tokens + index.
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL_TOKENS - 11)]
+
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000     # tiktoken gets text in chunks of at most this many characters
+MAX_NO_WHITESPACES_CHARS = 25_000       # and no run of (non-)whitespace longer than this (tiktoken panics)
+
+
+def load_tokenizer_model(path: Path) -> dict[bytes, int]:
+    """Meta's tokenizer.model: "<base64> <rank>" per line -> {token bytes: rank}, with a one-line error."""
+    ranks = {}
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: tokenizer file not found") from None
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}: line {i + 1} is not '<base64 token> <rank>'") from None
+    if not ranks:
+        raise ValueError(f"{path}: no tokens")
+    return ranks
+
+
+def gpt2_byte_alphabet() -> dict[str, int]:
+    """The printable-unicode stand-ins HF byte-level BPE uses for each byte (space -> 'Ġ', newline -> 'Ċ')."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def load_tokenizer_json(path: Path) -> dict[bytes, int]:
+    """Ranks from a HF tokenizer.json (byte-level BPE): vocab string -> bytes, id = rank."""
+    model = json.loads(path.read_text()).get("model", {})
+    if model.get("type") != "BPE" or "vocab" not in model:
+        raise ValueError(f"{path}: not a byte-level BPE tokenizer.json")
+    alphabet = gpt2_byte_alphabet()
+    try:
+        return {bytes(alphabet[c] for c in s): i for s, i in model["vocab"].items()}
+    except KeyError:
+        raise ValueError(f"{path}: vocabulary is not in the GPT-2 byte alphabet") from None
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path | None = None):
+        if model_path is None:
+            ranks, name = {bytes([b]): b for b in range(256)}, "llama3-bytes"
+        else:
+            model_path = Path(model_path)
+            ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else \
+                load_tokenizer_model(model_path)
+            name = model_path.name
+        self.special_tokens = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 512 embedded
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
+
+    @classmethod
+    def find(cls, ckpt_dir: str | Path | None, explicit: str | Path | None = None) -> "Tokenizer":
+        """The tokenizer of a checkpoint directory (Meta or HF layout), or the embedded one if it has none."""
+        if explicit is not None:
+            return cls(explicit)
+        if ckpt_dir is not None:
+            d = Path(ckpt_dir)
+            for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model", d / "tokenizer.json"):
+                if cand.exists():
+                    return cls(cand)
+        return cls()
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special="none", disallowed_special=()) -> list[int]:
+        """Text -> ids. Special-token text is encoded as plain text unless allowed_special says otherwise
+        ("all" or a set of names), as in Meta's tokenizer."""
+        allowed = set() if allowed_special == "none" else allowed_special
+        chunks = (s[i:i + TIKTOKEN_MAX_ENCODE_CHARS] for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS))
+        ids = [self.bos_id] if bos else []
+        for chunk in chunks:
+            for piece in split_long_runs(chunk, MAX_NO_WHITESPACES_CHARS):
+                ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed_special)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.model.decode(list(ids))
+
+    def encode_batch(self, texts: list[str], *, bos: bool, eos: bool) -> list[list[int]]:
+        return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+
+def split_long_runs(s: str, max_len: int):
+    """Cut s wherever a run of only-whitespace or only-non-whitespace characters exceeds max_len (Meta's rule)."""
+    start, run, kind = 0, 0, None
+    for i, c in enumerate(s):
+        space = c.isspace()
+        run = run + 1 if space == kind else 1
+        kind = space
+        if run > max_len:
+            yield s[start:i]
+            start, run = i, 1
+    yield s[start:]
+
+
+class ChatFormat:
+    """Llama-3.1 Instruct dialog encoding (Meta's ChatFormat, no HF date preamble):
+    <|begin_of_text|> (<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>)* assistant header."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+
+    def encode_header(self, role: str) -> list[int]:
+        t = self.tok
+        return [t.special_tokens["<|start_header_id|>"]] + t.encode(role, bos=False, eos=False) + \
+            [t.special_tokens["<|end_header_id|>"]] + t.encode("\n\n", bos=False, eos=False)
+
+    def encode_message(self, role: str, content: str) -> list[int]:
+        return self.encode_header(role) + self.tok.encode(content.strip(), bos=False, eos=False) + [self.tok.eot_id]
+
+    def encode_dialog_prompt(self, messages: list[dict]) -> list[int]:
+        ids = [self.tok.bos_id]
+        for m in messages:
+            ids += self.encode_message(m["role"], m["content"])
+        return ids + self.encode_header("assistant")
