@@ -1,0 +1,294 @@
+"""data.py: embedded corpus, task generators and checkers, token shards, loaders, SFT encoding (all CPU, ~10 s)."""
+import builtins
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import (Problem, SFTLoader, TokenLoader, countdown_reward, embedded_corpus, encode_sft, load_sft_jsonl,
+                  make_problems, math_reward, prepare, prepare_embedded, reward, stdlib_docs, task_sft_records)
+from tokenizer import ChatFormat, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ---- corpus ----------------------------------------------------------------------------------------------------
+
+def test_stdlib_docs_deterministic_and_large():
+    docs = stdlib_docs()
+    chars = sum(map(len, docs))
+    print(f"stdlib docstrings: {len(docs)} documents, {chars:,} characters")
+    assert chars > 1_000_000 and len(docs) > 1000
+    assert len(set(docs)) == len(docs)                                   # deduplicated
+    assert min(map(len, docs)) >= data.MIN_DOC_CHARS
+    assert stdlib_docs() == docs
+    # the cache is what extraction gives: extracting the first files afresh reproduces the corpus's prefix
+    fresh = data.extract_docstrings(data.stdlib_files()[:25])
+    assert fresh and docs[:len(fresh)] == fresh
+    assert all(not d[0].isspace() and "\t" not in d[:1] for d in fresh)  # cleaned (cleandoc)
+
+
+def test_embedded_corpus_splits_disjoint_and_mixed():
+    train, val = embedded_corpus("train", 0), embedded_corpus("val", 0)
+    assert embedded_corpus("train", 0) == train                          # deterministic
+    assert val and not set(train) & set(val)                             # held out, never overlapping
+    docs = set(stdlib_docs())
+    n_val_docs = sum(d in docs for d in val)
+    assert 0.02 < n_val_docs / len(docs) < 0.09                          # ~5% of docstrings are val
+    assert set(train) | set(val) >= docs                                 # every docstring is in one split
+    task_chars = sum(len(d) for d in train if d not in docs)
+    assert 0.17 < task_chars / sum(map(len, train)) < 0.23               # tasks ~20% of the characters
+    other = embedded_corpus("train", 1)                                  # the seed changes tasks, not docstrings
+    assert {d for d in other if d in docs} == {d for d in train if d in docs} and other != train
+    with pytest.raises(ValueError):
+        embedded_corpus("test")
+
+
+# ---- tasks and checkers ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", data.KINDS)
+def test_generators_deterministic_and_references_score_one(kind):
+    a, b = make_problems(kind, 300, seed=1), make_problems(kind, 300, seed=1)
+    assert a == b and make_problems(kind, 300, seed=2) != a
+    assert len({p.prompt for p in a}) > 290                              # varied
+    assert all(reward(p, p.response) == 1.0 for p in a)
+    # held-out problems never share a prompt with training ones, SFT stream differs from the pre-training one
+    val = make_problems(kind, 50, seed=1, split="val")
+    assert not {p.prompt for p in val} & {p.prompt for p in make_problems(kind, 1000, seed=1, split="train")}
+    recs = task_sft_records(kind, "train", 20, seed=0)
+    assert recs == task_sft_records(kind, "train", 20, seed=0)
+    assert {r["prompt"] for r in recs}.isdisjoint(p.prompt for p in data.make_problems(kind, 20, 0, "train",
+                                                                                      stream="pretrain"))
+    assert all(reward(Problem.from_dict(r), r["response"]) == 1.0 for r in recs)
+
+
+def test_corrupted_answers_score_zero():
+    for p in make_problems("countdown", 100, seed=3):
+        numbers = p.meta["numbers"]
+        bad = p.response.replace(f"<answer>{p.answer}</answer>", f"<answer>{p.answer} + 1</answer>")
+        assert countdown_reward(p, bad, format_score=0.0) == 0.0
+        assert countdown_reward(p, bad) == 0.1                           # well-formed but wrong: format score
+        assert countdown_reward(p, bad.replace("<think>", "")) == 0.0    # malformed and wrong
+        assert countdown_reward(p, f"<answer>{p.answer}</answer>") == 1.0  # correctness needs only the answer
+        wrong_nums = p.answer.replace(str(numbers[0]), str(numbers[0] + 100), 1)
+        assert countdown_reward(p, f"<answer>{wrong_nums}</answer>") == 0.0
+    for p in make_problems("arith", 100, seed=3):
+        ans = int(p.answer)
+        assert math_reward(p, p.response.replace(f"\\boxed{{{ans}}}", f"\\boxed{{{ans + 1}}}")) == 0.0
+        assert math_reward(p, p.response.replace("\\boxed", "")) == 0.0
+        assert math_reward(p, p.response + f" Wait, \\boxed{{{ans - 1}}}") == 0.0    # the last box counts
+
+
+def test_countdown_checker_rejects_cheats(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("the checker must not eval/exec")
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    p = Problem("countdown", "", "50 + 25 + 7 - 3", {"numbers": [3, 7, 25, 50], "target": 79})
+    q = Problem("countdown", "", "40 + 10 * (3 - 2)", {"numbers": [2, 3, 10, 40], "target": 50})
+    ok = lambda prob, e: countdown_reward(prob, f"<answer>{e}</answer>", format_score=0.0)  # noqa: E731
+    assert ok(p, "50 + 25 + 7 - 3") == 1.0 and ok(p, "(50 + 25) + (7 - 3)") == 1.0
+    assert ok(q, "40 + 10 * (3 - 2)") == 1.0 and ok(q, "40 / 2 * 3 - 10") == 1.0   # fractions are exact
+    for cheat in ["50 + 25 + 7 - 3 + 3 - 3",             # 3 reused
+                  "50 + 29",                             # unlisted number
+                  "50 + 25 + 7 - 3 + 0",                 # unlisted 0
+                  "__import__('os').system('true')",     # code
+                  "(lambda: 79)()", "79", "50 + 25 + 7 - 3.0", "50 + 25 + 7 + -3 + 0", "2**3 + 71",
+                  "50 + 25 + 7 - 3; 1", "50 + 25 + (7 - 3) / 0", "((" * 200 + "1" + "))" * 200, ""]:
+        assert ok(p, cheat) == 0.0, cheat
+    assert ok(q, "40 + 10") == 0.0                       # numbers missing (each exactly once)
+    assert countdown_reward(p, "50 + 25 + 7 - 3") == 0.0   # no <answer> tag
+
+
+def test_math_reward_numeric_compare():
+    p = Problem("arith", "", "20", {})
+    for good in ["\\boxed{20}", "so \\boxed{ 20 }.", "\\boxed{20.0}", "\\boxed{\\frac{40}{2}}", "\\boxed{$20$}"]:
+        assert math_reward(p, good) == 1.0, good
+    for bad in ["20", "\\boxed{21}", "\\boxed{20} then \\boxed{3}", "\\boxed{twenty}", "\\boxed{20"]:
+        assert math_reward(p, bad) == 0.0, bad
+    with pytest.raises(ValueError):
+        reward(Problem("chess", "", "", {}), "")
+
+
+# ---- shards ----------------------------------------------------------------------------------------------------
+
+def test_prepare_roundtrip_uint32_atomic(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("First document.\n\fSecond one, with a blank line\n\nin it. \u00e9\u4e2d\n\f\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Third <|eot_id|> text"}) + "\n\n" +
+                                      json.dumps({"text": "Fourth", "id": 4}) + "\n")
+    docs = ["First document.", "Second one, with a blank line\n\nin it. \u00e9\u4e2d", "Third <|eot_id|> text",
+            "Fourth"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard_00099.bin").write_bytes(b"\0" * 8)                     # stale shard of an earlier run
+    paths = prepare([tmp_path / "a.txt", tmp_path / "b.jsonl"], out, tok, shard_tokens=16)
+    assert len(paths) > 2 and all(p.stat().st_size % 4 == 0 for p in paths)
+    ids = np.concatenate([np.fromfile(p, dtype=np.uint32) for p in paths])
+    assert tok.decode(ids.tolist()) == "".join(BOS + d + EOS for d in docs)
+    assert ids.tolist() == [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["n_tokens"] == len(ids) and meta["n_documents"] == 4 and meta["vocab_size"] == tok.n_words
+    assert sorted(f.name for f in out.iterdir()) == sorted([p.name for p in paths] + ["meta.json"])  # no temp files
+
+
+def test_prepare_errors_are_one_line(tmp_path, tok):
+    with pytest.raises(FileNotFoundError) as e:
+        prepare([tmp_path / "missing.txt"], tmp_path / "o", tok)
+    assert "missing.txt" in one_line(e)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError) as e:
+        prepare([tmp_path / "bad.jsonl"], tmp_path / "o", tok)
+    assert "bad.jsonl:2" in one_line(e)
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n\n{"text": \n')
+    with pytest.raises(ValueError) as e:
+        prepare([tmp_path / "broken.jsonl"], tmp_path / "o", tok)
+    assert "broken.jsonl:3" in one_line(e)
+    (tmp_path / "empty.txt").write_text("  \f\n")
+    with pytest.raises(ValueError) as e:
+        prepare([tmp_path / "empty.txt"], tmp_path / "o", tok)
+    assert "no documents" in one_line(e)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError) as e:
+        prepare([tmp_path / "x.csv"], tmp_path / "o", tok)
+    assert ".csv" in one_line(e)
+
+
+def test_prepare_embedded(tmp_path, tok):
+    out = prepare_embedded(tmp_path, tok, seed=0)
+    n = {s: sum(p.stat().st_size // 4 for p in paths) for s, paths in out.items()}
+    print(f"embedded corpus, byte tokenizer: {n}")
+    assert set(out) == {"train", "val"} and n["train"] > 1_000_000 and n["val"] > 20_000
+    val = np.fromfile(out["val"][0], dtype=np.uint32)
+    assert val[0] == tok.bos_id and val[-1] == tok.eos_id and (val == tok.bos_id).sum() == (val == tok.eos_id).sum()
+
+
+# ---- TokenLoader -----------------------------------------------------------------------------------------------
+
+def arange_shards(tmp_path, n, cut):
+    """A token stream 0..n-1 split into two shards at `cut`: a window's first token is its offset."""
+    a = np.arange(n, dtype=np.uint32)
+    (tmp_path / "shard_00000.bin").write_bytes(a[:cut].tobytes())
+    (tmp_path / "shard_00001.bin").write_bytes(a[cut:].tobytes())
+    return [tmp_path / "shard_00000.bin", tmp_path / "shard_00001.bin"]
+
+
+def epoch_windows(loader, n_batches):
+    return [w for _ in range(n_batches) for w in loader.next_batch()]
+
+
+def test_token_loader_windows_ranks_union(tmp_path):
+    T, B = 8, 3
+    paths = arange_shards(tmp_path, 24 * T + 1, cut=101)                 # 24 windows, one straddles the cut
+    single = TokenLoader(paths, B, T, seed=5)
+    assert single.n_windows == 24
+    ws = epoch_windows(single, 8)                                        # one epoch = 24 windows
+    assert all(w.shape == (T + 1,) and w.dtype == torch.long for w in ws)
+    assert all(torch.equal(w, torch.arange(w[0], w[0] + T + 1)) for w in ws)   # contiguous, stride T
+    starts = [int(w[0]) for w in ws]
+    assert sorted(starts) == list(range(0, 24 * T, T)) and starts != sorted(starts)   # each once, shuffled
+    assert [int(w[0]) for w in epoch_windows(single, 8)] != starts      # next epoch: new order
+    ranks = [[int(w[0]) for w in epoch_windows(TokenLoader(tmp_path, B, T, r, 2, seed=5), 4)]
+             for r in range(2)]
+    assert ranks[0] == starts[0::2] and ranks[1] == starts[1::2]         # rank r: positions r, r+W, ...
+    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(starts)
+
+
+def test_token_loader_resume(tmp_path):
+    paths = arange_shards(tmp_path, 30 * 8 + 5, cut=77)
+    a = TokenLoader(paths, 4, 8, rank=1, world_size=2, seed=3)
+    for _ in range(5):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))                       # survives a checkpoint
+    expected = [a.next_batch() for _ in range(10)]                       # crosses epoch boundaries (15/epoch)
+    b = TokenLoader(paths, 4, 8, rank=1, world_size=2, seed=3)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(expected, [b.next_batch() for _ in range(10)]))
+    with pytest.raises(ValueError):
+        TokenLoader(paths, 4, 16, rank=1, world_size=2, seed=3).load_state_dict(state)
+
+
+def test_token_loader_errors(tmp_path):
+    paths = arange_shards(tmp_path, 20, cut=7)
+    with pytest.raises(ValueError) as e:
+        TokenLoader(paths, 2, 16, rank=0, world_size=2)
+    assert "has 20 tokens, fewer than one window of seq_len+1 = 17 per rank" in one_line(e)
+    with pytest.raises(FileNotFoundError) as e:
+        TokenLoader([tmp_path / "nope.bin"], 2, 4)
+    assert "nope.bin" in one_line(e)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        TokenLoader([tmp_path / "empty.bin"], 2, 4)
+    assert "empty.bin" in one_line(e)
+
+
+# ---- SFT -------------------------------------------------------------------------------------------------------
+
+def test_encode_sft_mask_is_the_response(tok):
+    recs = task_sft_records("arith", "train", 4, seed=0) + [{"prompt": "Hi\n", "response": "Hello!"}]
+    L = 400
+    x, m = encode_sft(recs, tok, L - 1)
+    assert x.shape == m.shape == (5, L) and x.dtype == torch.long and m.dtype == torch.bool
+    for r, row, mask in zip(recs, x, m):
+        head = tok.encode(r["prompt"], bos=True, eos=False)
+        body = tok.encode(r["response"], bos=False, eos=True)
+        assert row[mask].tolist() == body                                # response + eos, nothing else
+        assert row[:len(head)].tolist() == head and not mask[:len(head)].any()
+        assert (row[len(head) + len(body):] == tok.eos_id).all()         # right padding with eos, unmasked
+    xc, mc = encode_sft(recs, tok, L - 1, chat=True)
+    fmt = ChatFormat(tok)
+    for r, row, mask in zip(recs, xc, mc):
+        head = fmt.encode_dialog_prompt([{"role": "user", "content": r["prompt"]}])
+        assert row[:len(head)].tolist() == head and not mask[:len(head)].any()
+        assert row[mask].tolist() == tok.encode(r["response"].strip(), bos=False, eos=False) + [tok.eot_id]
+    long = [{"prompt": "p" * 10, "response": "r" * 100}, {"prompt": "p" * 100, "response": "r"}]
+    with pytest.warns(UserWarning, match="2 of 3 SFT records .* truncated \\(1 dropped"):
+        xt, mt = encode_sft(long + recs[-1:], tok, 31)
+    assert xt.shape == (2, 32) and mt[0, 11:].all() and not mt[0, :11].any()
+
+
+def test_sft_loader_and_jsonl(tmp_path, tok):
+    x, m = encode_sft(task_sft_records("countdown", "train", 10, seed=0), tok, 511)
+    batches = lambda ld, k: [ld.next_batch() for _ in range(k)]          # noqa: E731
+    a = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
+    full = [b for ld in (SFTLoader(x, m, 5, seed=1),) for b in batches(ld, 2)]
+    order = torch.cat([t for t, _ in full])                              # one epoch of the single-rank order
+    got = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, 0, 2, seed=1), 1)])
+    assert torch.equal(got, order[0::2])
+    batches(a, 2)
+    state = a.state_dict()
+    b = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
+    b.load_state_dict(state)
+    for (t1, m1), (t2, m2) in zip(batches(a, 4), batches(b, 4)):
+        assert torch.equal(t1, t2) and torch.equal(m1, m2) and t1.shape == (3, 512)
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ValueError) as e:
+        load_sft_jsonl(f)
+    assert "sft.jsonl:2" in one_line(e)
+    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    assert load_sft_jsonl(f) == [{"prompt": "a", "response": "b"}]
+
+
+def test_cli_sample():
+    r = subprocess.run([sys.executable, "data.py", "sample", "--kind", "countdown", "-n", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- countdown") == 2 and r.stdout.count("</answer>\n") == 2
+    assert "reward(reference)=1.0" in r.stdout
