@@ -1,0 +1,492 @@
+"""CoLA assembled: base Llama + IDM + codebook + merge module (language world model) + policy
+(../shared/cola-spec.md section 2; the training stages of section 3 and RL of section 4 call these methods).
+
+    h_t   = Norm_f(base(x_{1:t}))                         base.hidden, frozen outside FTA
+    z_t   = f_inverse(h)_{t+1}                            idm_logits (look-ahead: read at position t+1, idm.py)
+    e_t   = C a_t                                         codebook, Linear(K -> d), column k of C
+    s_0   = h_t; s_i = s_{i-1} + W_down^i(silu(W_gate^i [s_{i-1}; e_t]) * W_up^i [s_{i-1}; e_t]),  i = 1, 2
+    logits_t = W_lm(Norm_f(s_2) - h_t)                    world_logits (base state subtracted, as released)
+    pi(a_t | x_{1:t}) = softmax(policy(h)_t)              policy_logits
+Generation: h_t -> a_t ~ pi -> x_{t+1} = argmax p_WM(. | h_t, a_t) -> append; two KV caches (base, policy).
+
+Checkpoints use the official release layout (Hugging Face style, IntentionForCausalLM wrapping IntentionModel_v1):
+HF Llama names for the base, plus model.action_layers.N.* (IDM blocks), model.action_norm, model.action_head,
+model.action_code_book, model.action_merge_layers.N.{gate_proj,up_proj,down_proj}, model.policy_layers.N.*,
+model.policy_norm, model.policy_head; config.json adds num_code, num_action_layer, num_dyna_layer,
+num_policy_layer and v = 1. A plain Llama directory (HF or Meta) loads too: base from the file, new modules random.
+
+Run it:
+    python cola.py --ckpt runs/cola/final --prompt "def " --mode policy               # sample actions from pi
+    python cola.py --ckpt runs/cola/final --prompt "def " --mode fixed --action 5     # one action throughout
+    python cola.py --ckpt /path/to/Llama-3.1-CoLA-10B --prompt "The" --mode random --device cuda --dtype bfloat16
+    python cola.py --ckpt /path/to/Llama-3.1-8B --prompt "Hi" --mode random           # plain Llama: random modules
+    python -m pytest -q tests/test_cola.py                                             # tests
+
+Deviations from the paper / official code:
+  - one-step look-ahead on T+1 tokens (the base runs on x_{1:T+1}; actions are z[:, 1:]) instead of the official
+    shift-left of T logits, where the last position keeps its own look-ahead-free logits;
+  - the subtracted base state is detached, Norm_f(s_2) - sg(h_t), as in the official training path: same values,
+    and with a trainable base (FTA) its gradient flows through s_0 = h_t only;
+  - batched generation uses Meta's shared-position scheme (no padding in attention) instead of HF left padding;
+  - config.json also stores cola_gumbel_tau, cola_beta and (when not the base's SwiGLU size) cola_merge_hidden;
+  - new-module init (idm.py): output projections use the stack's own depth; merge Linears, down_proj included,
+    use N(0, 2/(5d)) because they are not decoder blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from idm import IDM, idm_labels
+from model import (PRESETS, ModelArgs, Transformer, block_from_hf, block_to_hf, check_tensors, detect_layout,
+                   hf_config, load_llama_checkpoint, meta_to_hf, read_json, save_hf_checkpoint)
+from policy import Policy, sample_actions
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class CoLAArgs:
+    """The new modules on top of the base (defaults: the official Llama-3.1-CoLA release at 8B)."""
+    n_actions: int = 64                  # K, latent action codebook size (official num_code)
+    n_idm_layers: int = 4                # Llama blocks in f_inverse (official num_action_layer)
+    n_merge_layers: int = 2              # residual SwiGLU MLPs of the world model (official num_dyna_layer)
+    n_policy_layers: int = 8             # Llama blocks in pi (official num_policy_layer)
+    merge_hidden: int | None = None      # F of W_gate/W_up/W_down; None: the base's SwiGLU size (14336 at 8B)
+    gumbel_tau: float = 2.0              # tau of y = GumbelSoftmax(z, tau) in Stage A
+    beta: float = 0.001                  # beta of the entropy regulariser beta * mean_t sum_k y log y
+
+    def __post_init__(self):
+        if self.n_actions < 2 or min(self.n_idm_layers, self.n_merge_layers, self.n_policy_layers) < 0:
+            raise ValueError(f"CoLAArgs: need n_actions >= 2 and layer counts >= 0, got {self}")
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"CoLAArgs: gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+
+# Pair with model.PRESETS of the same name.
+COLA_PRESETS: dict[str, CoLAArgs] = {
+    "tiny": CoLAArgs(n_idm_layers=2, n_merge_layers=2, n_policy_layers=2),
+    "llama-3.1-8b": CoLAArgs(),
+}
+
+MODES = ("policy", "greedy", "fixed", "random", "forced")
+
+# Our single tensors -> official names (blocks and merge layers are renamed by prefix).
+OFFICIAL_NAMES = {"idm.norm.weight": "model.action_norm.weight", "idm.head.weight": "model.action_head.weight",
+                  "codebook.weight": "model.action_code_book.weight",
+                  "policy.norm.weight": "model.policy_norm.weight", "policy.head.weight": "model.policy_head.weight"}
+OFFICIAL_STACKS = [  # (our prefix, official prefix, config.json key, CoLAArgs field)
+    ("idm.layers.", "model.action_layers.", "num_action_layer", "n_idm_layers"),
+    ("merge.layers.", "model.action_merge_layers.", "num_dyna_layer", "n_merge_layers"),
+    ("policy.layers.", "model.policy_layers.", "num_policy_layer", "n_policy_layers"),
+]
+
+
+def check_actions(actions: torch.Tensor, K: int, where: str):
+    """One-line ValueError unless every action index lies in [0, K)."""
+    if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= K):
+        bad = actions[(actions < 0) | (actions >= K)].flatten()[0]
+        raise ValueError(f"{where}: action index {int(bad)} is outside [0, {K}) (K = n_actions = {K})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge module: the language world model's only new parameters besides the codebook
+
+
+class MergeMLP(nn.Module):
+    """W_down(silu(W_gate [s; e]) * W_up [s; e]): 2d -> F -> d, no bias, no norm (official LlamaMergeMLP)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(2 * dim, hidden, bias=False)                          # W_gate: 2d -> F
+        self.up_proj = nn.Linear(2 * dim, hidden, bias=False)                            # W_up:   2d -> F
+        self.down_proj = nn.Linear(hidden, dim, bias=False)                              # W_down: F -> d
+
+    def forward(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([s, e], dim=-1)                                                    # [B, T, 2D] [s; e]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))              # [B, T, F] -> [B, T, D]
+
+
+class MergeModule(nn.Module):
+    """s_0 = h; s_i = s_{i-1} + MergeMLP_i(s_{i-1}, e), i = 1..n. No attention: all context comes through h."""
+
+    def __init__(self, dim: int, hidden: int, n_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(MergeMLP(dim, hidden) for _ in range(n_layers))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        s = h                                                                            # [B, T, D] s_0 = h_t
+        for layer in self.layers:
+            s = s + layer(s, e)                                                          # [B, T, D] Eq: s_i
+        return s
+
+    def init_weights(self, std: float):
+        for layer in self.layers:
+            for lin in (layer.gate_proj, layer.up_proj, layer.down_proj):
+                nn.init.normal_(lin.weight, std=std)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class CoLA(nn.Module):
+    def __init__(self, base_args: ModelArgs, args: CoLAArgs):
+        super().__init__()
+        self.base_args, self.args = base_args, args
+        d, K = base_args.dim, args.n_actions
+        self.base = Transformer(base_args)                                               # Llama: h_t, Norm_f, W_lm
+        self.idm = IDM(base_args, args.n_idm_layers, K)                                  # f_inverse
+        self.codebook = nn.Linear(K, d, bias=False)                                      # C: e_t = C a_t, weight [D, K]
+        self.merge = MergeModule(d, args.merge_hidden or base_args.ffn_hidden, args.n_merge_layers)
+        self.policy = Policy(base_args, args.n_policy_layers, K)                         # pi
+        self.initialised_from_llama = False    # from_pretrained on a plain Llama sets it: new modules are random
+
+    # -- initialisation ------------------------------------------------------------------------------------------
+    def init_weights(self):
+        """Everything from scratch: the base's own rule, then the new modules per spec "Init"."""
+        self.base.init_weights()
+        self.init_new_modules()
+
+    def init_new_modules(self):
+        """IDM, codebook, merge, policy: Linear N(0, 2/(5d)), block output projections smaller (idm.py)."""
+        std = math.sqrt(2 / (5 * self.base_args.dim))
+        self.idm.init_weights()
+        nn.init.normal_(self.codebook.weight, std=std)
+        self.merge.init_weights(std)
+        self.policy.init_weights()
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Disjoint parameter lists covering the model (the codebook gets weight decay 0, spec sec. 3)."""
+        return {"base": list(self.base.parameters()), "idm": list(self.idm.parameters()),
+                "codebook": [self.codebook.weight], "merge": list(self.merge.parameters()),
+                "policy": list(self.policy.parameters())}
+
+    def num_params(self) -> dict[str, int]:
+        counts = {k: sum(p.numel() for p in ps) for k, ps in self.param_groups().items()}
+        return {**counts, "total": sum(counts.values())}
+
+    # -- the pieces, each one plain call ------------------------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """h = Norm_f(last block output): tokens [B, T] -> [B, T, D]. Wrap in no_grad while the base is frozen."""
+        return self.base.hidden(tokens, start_pos)
+
+    def idm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """z = f_inverse(h): h [B, T+1, D] -> z [B, T+1, K]; step t's action is z[:, t+1] (use z[:, 1:])."""
+        rope = self.base.rope(0, h.shape[1], h.device)                                   # [T+1, Dh/2, 2]
+        return self.idm(h, rope)                                                         # [B, T+1, K]
+
+    @torch.no_grad()
+    def idm_labels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Stage B targets k*_t = argmax z_{t+1}: tokens [B, T+1] -> [B, T] long (no Gumbel noise)."""
+        z = self.idm_logits(self.hidden(tokens))                                         # [B, T+1, K]
+        return idm_labels(z[:, 1:])                                                      # [B, T]
+
+    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """p_WM logits from states h [B, T, D] and action codes e [B, T, D] (e_t = C a_t) -> [B, T, V]."""
+        s = self.merge(h, e.to(self.codebook.weight.dtype))                              # [B, T, D] s_2
+        # Eq: logits = W_lm(Norm_f(s_2) - h_t); h_t detached here as in the official training path
+        return self.base.output(self.base.norm(s) - h.detach())                          # [B, T, V]
+
+    def world_logits(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D] (states x_{1:t}), actions [B, T] long -> logits of x_{t+1} [B, T, V]."""
+        check_actions(actions, self.args.n_actions, "world_logits")
+        e = F.embedding(actions, self.codebook.weight.t())                               # [B, T, D] e_t = C[:, a_t]
+        return self.world_logits_from_code(h, e)                                         # [B, T, V]
+
+    def world_logits_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, V]; gradient flows into a."""
+        e = self.codebook(a.to(self.codebook.weight.dtype))                              # [B, T, D] Eq: e_t = C a~_t
+        return self.world_logits_from_code(h, e)                                         # [B, T, V]
+
+    def world_logits_last(self, h_last: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """One decoding step: h_last [B, D], actions [B] -> [B, V] (world_logits on a length-1 sequence)."""
+        return self.world_logits(h_last[:, None], actions[:, None])[:, 0]                # [B, V]
+
+    def policy_logits(self, h: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """pi logits: h [B, T, D] at positions start_pos.. -> [B, T, K] (uses the policy's KV cache if set)."""
+        rope = self.base.rope(start_pos, h.shape[1], h.device)                           # [T, Dh/2, 2]
+        return self.policy(h, rope, start_pos)                                           # [B, T, K]
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, mode: str = "policy", action: int | None = None,
+                 forced_actions=None, temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0,
+                 eos: int | list[int] | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> dict:
+        """CoLA decoding (spec sec. 2): per step a_t from `mode`, then x_{t+1} = argmax p_WM(. | h_t, a_t).
+
+        mode: "policy" a_t ~ pi (temperature, top_k, top_p); "greedy" argmax pi; "fixed" a_t = action;
+        "random" uniform over K; "forced" a_t = forced_actions[b, n] for the n-th new token of row b
+        (forced_actions [B, N]; at most N new tokens). Returns dict(tokens, actions, logprobs), lists per prompt:
+        the new tokens (cut after the first eos), the action behind each one, and log pi(a_t | x_{1:t}) of that
+        action under the raw policy logits (temperature 1, no top-k), whatever the mode.
+        Rows share positions (model.Transformer.generate's scheme): decoding starts at the shortest prompt and a
+        row still inside its prompt keeps its prompt token and records no action.
+        """
+        K, device = self.args.n_actions, self.base.tok_embeddings.weight.device
+        B, lens = len(prompts), [len(p) for p in prompts]
+        if mode not in MODES:
+            raise ValueError(f"generate: mode {mode!r} is not one of {', '.join(MODES)}")
+        if B == 0 or min(lens) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if mode == "fixed":
+            try:
+                action = operator.index(action)      # ints, numpy ints, 0-d integer tensors
+            except TypeError:
+                raise ValueError(f"generate: mode 'fixed' needs action=<int in [0, {K})>, got {action!r}") from None
+            check_actions(torch.tensor([action]), K, "generate (fixed)")
+        if mode == "forced":
+            if forced_actions is None:
+                raise ValueError("generate: mode 'forced' needs forced_actions [B, N]")
+            forced = torch.as_tensor(forced_actions, dtype=torch.long, device=device)   # [B, N]
+            if forced.dim() != 2 or forced.shape[0] != B or forced.shape[1] == 0:
+                raise ValueError(f"generate: forced_actions must have shape [{B}, N >= 1], got "
+                                 f"{tuple(forced.shape)}")
+            check_actions(forced, K, "generate (forced)")
+            max_new_tokens = min(max_new_tokens, forced.shape[1])
+        if max(lens) > self.base_args.max_seq_len:
+            raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len "
+                             f"{self.base_args.max_seq_len}")
+        total = min(self.base_args.max_seq_len, max(lens) + max_new_tokens)
+        tokens = torch.full((B, total), -1, dtype=torch.long, device=device)            # [B, L]
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        in_prompt = tokens >= 0                                                          # [B, L]
+        acts = torch.full((B, total), -1, dtype=torch.long, device=device)              # [B, L] action behind x_t
+        logps = torch.zeros((B, total), dtype=torch.float32, device=device)             # [B, L]
+        lens_t = torch.tensor(lens, device=device)                                       # [B]
+        stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), dtype=torch.long,
+                            device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)                           # [B]
+        if use_cache:
+            self.base.setup_cache(B, total)
+            self.policy.setup_cache(B, total, self.codebook.weight.dtype, device)
+        try:
+            prev = 0
+            for cur in range(min(lens), total):
+                # states x_{1:cur} -> h_t (t = cur - 1) and pi(. | x_{1:t})
+                if use_cache:
+                    h = self.hidden(tokens[:, prev:cur], prev)                           # [B, cur-prev, D]
+                    pi_logits = self.policy_logits(h, prev)[:, -1].float()               # [B, K]
+                else:
+                    h = self.hidden(tokens[:, :cur])                                     # [B, cur, D]
+                    pi_logits = self.policy_logits(h)[:, -1].float()                     # [B, K]
+                if mode == "policy":
+                    a = sample_actions(pi_logits, temperature, top_k, top_p, generator)  # [B]
+                elif mode == "greedy":
+                    a = pi_logits.argmax(-1)                                             # [B]
+                elif mode == "fixed":
+                    a = torch.full((B,), action, dtype=torch.long, device=device)        # [B]
+                elif mode == "random":
+                    a = torch.randint(K, (B,), generator=generator, device=device)       # [B]
+                else:  # forced: the n-th new token of row b uses forced[b, n]
+                    n = (cur - lens_t).clamp(0, forced.shape[1] - 1)                     # [B]
+                    a = forced.gather(1, n[:, None])[:, 0]                               # [B]
+                nxt = self.world_logits_last(h[:, -1], a).float().argmax(-1)             # [B] x_{t+1}, greedy
+                new = ~in_prompt[:, cur]                                                 # [B] rows past their prompt
+                tokens[:, cur] = torch.where(new, nxt, tokens[:, cur])
+                acts[:, cur] = torch.where(new, a, -1)
+                logps[:, cur] = F.log_softmax(pi_logits, -1).gather(-1, a[:, None])[:, 0]   # [B] log pi(a_t|x_{1:t})
+                done |= new & torch.isin(nxt, stop)
+                prev = cur
+                if bool(done.all()):
+                    break
+        finally:
+            if use_cache:
+                self.base.clear_cache()
+                self.policy.clear_cache()
+        out = {"tokens": [], "actions": [], "logprobs": []}
+        stops = set(stop.tolist())
+        for i, n0 in enumerate(lens):
+            new = [t for t in tokens[i, n0:].tolist() if t >= 0][:max_new_tokens]
+            cut = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))
+            out["tokens"].append(new[:cut])
+            out["actions"].append(acts[i, n0:n0 + cut].tolist())
+            out["logprobs"].append(logps[i, n0:n0 + cut].tolist())
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def new_modules_to_hf(self, state: dict) -> dict:
+        """Our IDM / codebook / merge / policy tensors -> official names (q/k permuted like HF Llama blocks)."""
+        out = {}
+        for ours, theirs, _, _ in OFFICIAL_STACKS:
+            if ours == "merge.layers.":   # plain MLPs: same suffixes, no permutation
+                out.update({theirs + k[len(ours):]: v for k, v in state.items() if k.startswith(ours)})
+            else:
+                out.update(block_to_hf(ours, theirs, state, self.base_args))
+        out.update({theirs: state[ours] for ours, theirs in OFFICIAL_NAMES.items()})
+        return out
+
+    def new_modules_from_hf(self, rest: dict) -> dict:
+        """Inverse of new_modules_to_hf (official names -> ours, q/k un-permuted)."""
+        out = {}
+        for ours, theirs, _, _ in OFFICIAL_STACKS:
+            if ours == "merge.layers.":
+                out.update({ours + k[len(theirs):]: v for k, v in rest.items() if k.startswith(theirs)})
+            else:
+                out.update(block_from_hf(theirs, ours, rest, self.base_args))
+        out.update({ours: rest[theirs] for ours, theirs in OFFICIAL_NAMES.items()})
+        return out
+
+    def config_json(self) -> dict:
+        a = self.args
+        extra = {"architectures": ["IntentionForCausalLM"], "v": 1, "num_code": a.n_actions,
+                 "num_action_layer": a.n_idm_layers, "num_dyna_layer": a.n_merge_layers,
+                 "num_policy_layer": a.n_policy_layers, "cola_gumbel_tau": a.gumbel_tau, "cola_beta": a.beta}
+        if a.merge_hidden is not None and a.merge_hidden != self.base_args.ffn_hidden:
+            extra["cola_merge_hidden"] = a.merge_hidden
+        return hf_config(self.base_args, **extra)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
+        """The official release layout: config.json + (sharded) safetensors, each file written atomically."""
+        state = self.state_dict()
+        base = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+        tensors = {**meta_to_hf(base, self.base_args), **self.new_modules_to_hf(state)}
+        save_hf_checkpoint(path, self.config_json(), tensors, max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", cola_args: CoLAArgs | None = None,
+                        max_seq_len: int | None = None) -> "CoLA":
+        """Load a CoLA checkpoint (official layout) or start CoLA from a plain Llama directory (HF or Meta).
+
+        CoLA checkpoint: sizes come from config.json; cola_args, if given, must agree on them (its gumbel_tau and
+        beta are used). Plain Llama: base loaded, IDM/codebook/merge/policy freshly initialised (global torch RNG)
+        with cola_args, else COLA_PRESETS of the model.PRESETS entry with the same shape, else CoLAArgs().
+        Built on the meta device and filled by assignment: every tensor is read once, never copied twice.
+        """
+        path = Path(path)
+        base_args, state, rest = load_llama_checkpoint(path, dtype)
+        rest = {k: v for k, v in rest.items() if not k.endswith("rotary_emb.inv_freq")}
+        if max_seq_len is not None:
+            base_args.max_seq_len = max_seq_len
+        cfg = read_json(path / "config.json") if detect_layout(path) == "hf" else {}
+        is_cola = "num_code" in cfg
+        if is_cola:
+            cola_args = cola_args_from_config(cfg, cola_args, path / "config.json")
+        elif rest:
+            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r}; config.json has no num_code, so "
+                             f"this is not a CoLA checkpoint")
+        elif cola_args is None:
+            cola_args = default_cola_args(base_args)
+        with torch.device("meta"):
+            model = cls(base_args, cola_args)
+        model.base.load_state_dict_strict(state, source=str(path))
+        if is_cola:
+            model.load_new_modules(rest, str(path))
+        else:
+            for m in (model.idm, model.codebook, model.merge, model.policy):
+                m.to_empty(device="cpu")
+            model.init_new_modules()
+            for m in (model.idm, model.codebook, model.merge, model.policy):
+                m.to(dtype)
+        model.initialised_from_llama = not is_cola
+        return model.to(device)
+
+    def load_new_modules(self, rest: dict, source: str):
+        """Check the official action_* / policy_* tensors against the config, then assign them."""
+        K = self.args.n_actions
+        for name, axis in (("model.action_head.weight", 0), ("model.policy_head.weight", 0),
+                           ("model.action_code_book.weight", 1)):
+            if name in rest and rest[name].dim() == 2 and rest[name].shape[axis] != K:
+                raise ValueError(f"{source}: tensor {name!r} of shape {tuple(rest[name].shape)} holds "
+                                 f"{rest[name].shape[axis]} actions but config.json num_code is {K}")
+        for _, theirs, key, field in OFFICIAL_STACKS:
+            want = getattr(self.args, field)
+            found = len({k[len(theirs):].split(".", 1)[0] for k in rest if k.startswith(theirs)})
+            if found != want:
+                raise ValueError(f"{source}: config.json says {key} {want} but the checkpoint holds {found} "
+                                 f"{theirs}N blocks" + (" (module missing)" if found == 0 else ""))
+        expected = {k: v.shape for k, v in self.new_modules_to_hf(self.state_dict()).items()}
+        check_tensors(rest, expected, source)
+        self.load_state_dict(self.new_modules_from_hf(rest), strict=False, assign=True)
+
+
+def cola_args_from_config(cfg: dict, given: CoLAArgs | None, source) -> CoLAArgs:
+    """CoLAArgs from an official config.json (num_code, num_action_layer, num_dyna_layer, num_policy_layer)."""
+    try:
+        args = CoLAArgs(n_actions=int(cfg["num_code"]), n_idm_layers=int(cfg["num_action_layer"]),
+                        n_merge_layers=int(cfg["num_dyna_layer"]), n_policy_layers=int(cfg["num_policy_layer"]),
+                        merge_hidden=cfg.get("cola_merge_hidden"), gumbel_tau=float(cfg.get("cola_gumbel_tau", 2.0)),
+                        beta=float(cfg.get("cola_beta", 0.001)))
+    except KeyError as e:
+        raise ValueError(f"{source}: missing field {e.args[0]!r} of a CoLA config") from None
+    if given is not None:
+        for field, key in (("n_actions", "num_code"), ("n_idm_layers", "num_action_layer"),
+                           ("n_merge_layers", "num_dyna_layer"), ("n_policy_layers", "num_policy_layer")):
+            if getattr(given, field) != getattr(args, field):
+                raise ValueError(f"{source}: cola_args.{field} {getattr(given, field)} disagrees with config.json "
+                                 f"{key} {getattr(args, field)}")
+        args.gumbel_tau, args.beta = given.gumbel_tau, given.beta
+    return args
+
+
+def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
+    """COLA_PRESETS entry whose model.PRESETS twin has this base's shape; else the paper's CoLAArgs()."""
+    shape = lambda a: (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size)   # noqa: E731
+    for name, a in PRESETS.items():
+        if name in COLA_PRESETS and shape(a) == shape(base_args):
+            return CoLAArgs(**asdict(COLA_PRESETS[name]))
+    return CoLAArgs()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: load a checkpoint, generate under latent actions, print text and actions side by side
+
+
+def main():
+    from tokenizer import Tokenizer
+    p = argparse.ArgumentParser(description="Generate with CoLA: latent actions choose, the world model writes.")
+    p.add_argument("--ckpt", required=True, help="CoLA checkpoint (official layout), or a plain Llama directory "
+                   "(HF or Meta): then the CoLA modules are freshly initialised")
+    p.add_argument("--cola-preset", default=None, choices=sorted(COLA_PRESETS),
+                   help="module sizes when --ckpt is a plain Llama (default: matched by base size)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: found in --ckpt, else bytes)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--mode", default="policy", choices=["policy", "greedy", "fixed", "random"])
+    p.add_argument("--action", type=int, default=None, help="the action for --mode fixed")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="policy temperature (spec: 1); 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    if a.mode == "fixed" and a.action is None:
+        raise SystemExit("--mode fixed needs --action N")
+    torch.manual_seed(a.seed)   # fresh modules of a plain Llama are initialised from the global RNG
+    tok = Tokenizer.find(a.ckpt, a.tokenizer)
+    try:
+        model = CoLA.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device,
+                                     cola_args=COLA_PRESETS[a.cola_preset] if a.cola_preset else None)
+        if model.base_args.vocab_size < tok.n_words:
+            raise ValueError(f"tokenizer has {tok.n_words} tokens but the model's vocab_size is "
+                             f"{model.base_args.vocab_size}")
+        if model.initialised_from_llama:
+            print(f"note: {a.ckpt} is a plain Llama; IDM, codebook, merge and policy are random ({model.args})")
+        gen = torch.Generator(device=a.device).manual_seed(a.seed)
+        prompts = [tok.encode(s, bos=True, eos=False) for s in a.prompt]
+        out = model.generate(prompts, a.max_new_tokens, mode=a.mode, action=a.action, temperature=a.temperature,
+                             top_k=a.top_k, top_p=a.top_p, eos=tok.stop_tokens, generator=gen)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for s, toks, acts, lps in zip(a.prompt, out["tokens"], out["actions"], out["logprobs"]):
+        print(s + tok.decode([t for t in toks if t not in tok.stop_tokens]))
+        print(f"{'step':>4} {'action':>6} {'log pi':>7} {'id':>6}  token")
+        for i, (t, act, lp) in enumerate(zip(toks, acts, lps)):
+            print(f"{i:>4} {act:>6} {lp:>7.2f} {t:>6}  {tok.decode([t])!r}")
+        print("-" * 80)
+
+
+if __name__ == "__main__":
+    main()

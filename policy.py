@@ -1,0 +1,58 @@
+"""The CoLA policy pi(a_t | x_{1:t}) over K = 64 latent actions (../shared/cola-spec.md, sections 2-4).
+
+pi reads the base state h (frozen) through 8 fresh causal Llama blocks, an RMSNorm and Linear(d -> K). It is the
+only module RL trains (sec. 4); Stage B behaviour-clones it on the IDM's argmax labels (sec. 3). At inference it
+keeps its own KV cache next to the base's. Sampling (sec. 2): logits / tau (tau 1), top-k 40, multinomial;
+greedy = argmax. The RL log-prob is log pi(a_t | x_{1:t}) under the raw logits (temperature 1, no top-k).
+
+Position convention (see idm.py): pi's output at position t (states x_{1:t}) chooses the action of the transition
+x_{1:t} -> x_{t+1}, the same step whose IDM label is read at position t+1.
+
+Run its tests:
+    python -m pytest -q tests/test_cola.py
+
+Deviations from the paper / official code:
+  - none in the maths. Sampling reuses model.sample (temperature, then top-k, then Meta's top-p); the RL
+    log-prob ignores temperature and top-k: it is the distribution RL trains, log_softmax of the raw logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from idm import ActionStack
+from model import clear_kv_cache, sample, setup_kv_cache
+
+
+class Policy(ActionStack):
+    """pi: h [B, T, D] -> logits [B, T, K]; causal, so position t sees x_{1:t} only."""
+
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """h [B, T, D] at positions start_pos.., rope [T, Dh/2, 2] -> logits [B, T, K] (KV cache when set up)."""
+        return super().forward(h, rope, start_pos)
+
+    def setup_cache(self, batch: int, max_len: int, dtype, device):
+        setup_kv_cache(self.layers, batch, max_len, dtype, device)
+
+    def clear_cache(self):
+        clear_kv_cache(self.layers)
+
+
+def sample_actions(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """a_t ~ pi: logits [B, K] -> actions [B] long. temperature 0 = greedy (argmax)."""
+    return sample(logits.float(), temperature, top_p, top_k, generator=generator)
+
+
+def action_log_probs(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a_t | x_{1:t}) for RL: logits [B, T, K], actions [B, T], mask [B, T] (True = counts) -> [B, T].
+
+    Masked positions return 0 and may hold any action value (padding such as -1 is fine).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)                                         # [B, T, K]
+    if mask is None:
+        return logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)                 # [B, T]
+    mask = mask.bool()
+    safe = torch.where(mask, actions.long(), 0)                                          # [B, T]
+    out = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)                                # [B, T]
+    return torch.where(mask, out, 0.0)                                                   # [B, T]
