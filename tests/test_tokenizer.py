@@ -1,0 +1,210 @@
+"""Tests for tokenizer.py: Meta's Llama 3 tokenizer on tiktoken and the embedded byte-level default.
+
+Every file the tokenizer reads is built here (no download): a tiny tokenizer.model with 256 single bytes plus a few
+merges, and the same ranks as a Hugging Face tokenizer.json, so merges, id offsets and both readers are checked
+against hand-computed ids and against the `tokenizers` library itself.
+
+Run:  python -m pytest -q tests/test_tokenizer.py
+"""
+import base64
+import json
+import random
+
+import pytest
+import tokenizers        # Hugging Face's tokenizer library, installed with transformers (requirements-dev.txt)
+
+from tokenizer import PAT_STR, ChatFormat, Tokenizer
+
+# Meta's Llama-3.1 special-token offsets (llama-ecosystem.md 3.3): id = number of base tokens + index.
+OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|finetune_right_pad_id|>": 4, "<|step_id|>": 5,
+           "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9,
+           "<|python_tag|>": 10, "<|reserved_special_token_2|>": 11, "<|reserved_special_token_246|>": 255}
+
+TEXTS = ["Hello world!", "hello world", "café hello\n\n  wow", "It's 12345 ÉTÉ\t\r\n", "naïve 東京 🦙🦙 e\u0301",
+         "<|eot_id|> is text here"]
+
+
+def random_unicode(n: int, seed: int = 0) -> str:
+    """n random code points from the whole range, without surrogates (not encodable in UTF-8)."""
+    rng = random.Random(seed)
+    cps = [rng.choice([rng.randrange(1, 0x80), rng.randrange(0x80, 0x800), rng.randrange(0x800, 0xD800),
+                       rng.randrange(0xE000, 0x110000)]) for _ in range(n)]
+    return "".join(map(chr, cps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded byte-level default
+
+
+def test_embedded_default_ids():
+    tok = Tokenizer()
+    assert tok.n_words == 512
+    for name, offset in OFFSETS.items():
+        assert tok.special_tokens[name] == 256 + offset, name
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (256, 257, 265, 264, 260)
+    assert sorted(tok.stop_tokens) == [257, 264, 265]
+    assert len(tok.special_tokens) == 256 and max(tok.special_tokens.values()) == 511
+    # Bytes are their own ids: "Hi" -> [72, 105].
+    assert tok.encode("Hi", bos=True, eos=True) == [256, 72, 105, 257]
+
+
+@pytest.mark.parametrize("text", TEXTS + [random_unicode(3000, seed) for seed in range(3)])
+def test_embedded_round_trip(text):
+    tok = Tokenizer()
+    ids = tok.encode(text, bos=False, eos=False)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_special_text_is_plain_text_unless_allowed():
+    tok = Tokenizer()
+    text = "<|start_header_id|>user<|end_header_id|>"
+    assert tok.encode(text, bos=False, eos=False) == list(text.encode())
+    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [262] + list(b"user") + [263]
+    assert tok.encode(text, bos=False, eos=False, allowed_special={"<|end_header_id|>"}) == \
+        list(b"<|start_header_id|>user") + [263]
+    assert tok.decode([262, 265]) == "<|start_header_id|><|eot_id|>"
+
+
+@pytest.mark.parametrize("text", ["a" * 30_000, " " * 30_000, "x" * 60_000 + " " * 26_000 + "é" * 30_000])
+def test_long_runs_encode_and_round_trip(text):
+    tok = Tokenizer()
+    ids = tok.encode(text, bos=False, eos=False)
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
+
+
+def test_chat_format_structure():
+    tok = Tokenizer()
+    dialog = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "  Hi!\n"}]
+    ids = ChatFormat(tok).encode_dialog_prompt(dialog)
+
+    def header(role):
+        return [262] + list(role.encode()) + [263] + list(b"\n\n")     # start_header role end_header \n\n
+
+    expected = [256] + header("system") + list(b"You are helpful.") + [265] \
+        + header("user") + list(b"Hi!") + [265] + header("assistant")   # content stripped, assistant open
+    assert ids == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny tokenizer.model and the same ranks as tokenizer.json
+
+
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet, written out here: printable Latin-1 bytes stand for themselves, the other 68 bytes
+    map to chr(256), chr(257), ... in byte order (space -> 'Ġ' = chr(288), newline -> 'Ċ' = chr(266))."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+# Single bytes in reversed order (rank 255 - b: the ranks are not the byte values, as in Meta's file), then merges
+# in priority order. "\xc3\xa9" is é: a merge of two bytes that are not text on their own.
+MERGES = [(b"h", b"e"), (b"l", b"l"), (b"ll", b"o"), (b" ", b"w"), (b"he", b"llo"), (b"\xc3", b"\xa9")]
+N_BASE = 256 + len(MERGES)
+
+
+def tiny_ranks() -> dict[bytes, int]:
+    ranks = {bytes([b]): 255 - b for b in range(256)}
+    for a, b in MERGES:
+        ranks[a + b] = len(ranks)
+    return ranks
+
+
+def byte_ids(s: bytes) -> list[int]:
+    return [255 - b for b in s]
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in tiny_ranks().items()]
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.fixture
+def tiny_json_file(tmp_path):
+    """The same ranks as a Hugging Face byte-level BPE tokenizer.json (llama-ecosystem.md 3.6)."""
+    alphabet = gpt2_bytes_to_unicode()
+
+    def s(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    pre = [{"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre}, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {s(t): r for t, r in tiny_ranks().items()},
+                      "merges": [[s(a), s(b)] for a, b in MERGES]}}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+    return path
+
+
+def test_tokenizer_model_applies_merges(tiny_model_file):
+    tok = Tokenizer(tiny_model_file)
+    enc = lambda s: tok.encode(s, bos=False, eos=False)   # noqa: E731
+    # "hello" -> he|l|l|o -> he|ll|o -> he|llo -> hello; " world" -> " w"|o|r|l|d
+    assert enc("hello world") == [260, 259] + byte_ids(b"orld")
+    assert enc("café") == byte_ids(b"caf") + [261]
+    assert enc("Hello") == byte_ids(b"H") + byte_ids(b"e") + [258]     # "He" is no merge: capitals differ
+    assert enc("l" * 30_000) == [257] * 15_000                          # runs cut at 25000 chars, even pieces
+    for text in TEXTS + [random_unicode(2000)]:
+        assert tok.decode(enc(text)) == text
+
+
+def test_tokenizer_model_special_ids_follow_the_ranks(tiny_model_file):
+    tok = Tokenizer(tiny_model_file)
+    assert tok.n_words == N_BASE + 256
+    for name, offset in OFFSETS.items():
+        assert tok.special_tokens[name] == N_BASE + offset, name
+    assert tok.encode("<|eot_id|>", bos=True, eos=False, allowed_special="all") == [N_BASE, N_BASE + 9]
+    assert tok.encode("hello", bos=True, eos=True) == [N_BASE, 260, N_BASE + 1]
+
+
+def test_tokenizer_json_gives_the_same_ids(tiny_model_file, tiny_json_file):
+    from_model, from_json = Tokenizer(tiny_model_file), Tokenizer(tiny_json_file)
+    assert from_json.n_words == from_model.n_words
+    assert from_json.special_tokens == from_model.special_tokens
+    texts = TEXTS + [random_unicode(2000, seed=7)]
+    for text in texts:
+        assert from_json.encode(text, bos=True, eos=False) == from_model.encode(text, bos=True, eos=False), text
+    # The file is a real tokenizer.json: Hugging Face's own library reads it and agrees.
+    hf = tokenizers.Tokenizer.from_file(str(tiny_json_file))
+    for text in texts:
+        assert hf.encode(text).ids == from_json.encode(text, bos=False, eos=False), text
+
+
+def test_find_in_checkpoint_directory(tmp_path, tiny_model_file):
+    (tmp_path / "hf" / "original").mkdir(parents=True)
+    tiny_model_file.rename(tmp_path / "hf" / "original" / "tokenizer.model")   # HF repos keep Meta's file here
+    assert Tokenizer.find(tmp_path / "hf").n_words == N_BASE + 256
+    (tmp_path / "empty").mkdir()
+    assert Tokenizer.find(tmp_path / "empty").n_words == 512
+
+
+@pytest.mark.parametrize("bad_line", ["aGVsbG8=", "!!not-base64!! 300", "aGVsbG8= three", "aGk= 1 2"])
+def test_malformed_tokenizer_model_line(tiny_model_file, bad_line):
+    lines = tiny_model_file.read_text().splitlines()
+    lines.insert(2, bad_line)
+    tiny_model_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"tokenizer.model: line 3 is not '<base64 token> <rank>'") as e:
+        Tokenizer(tiny_model_file)
+    msg = str(e.value)
+    assert str(tiny_model_file) in msg and "\n" not in msg
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found") as e:
+        Tokenizer(tmp_path / "tokenizer.model")
+    assert "\n" not in str(e.value)
