@@ -1,0 +1,590 @@
+"""train.py tests: every stage end to end, kill-and-resume exactness, crash safety, user-facing errors, loss maths.
+
+Tiers (style.md rule 9):
+  smoke    every stage as a subprocess (`python train.py --stage ...`), chained through --init, a few steps each,
+           and the whole pipeline at its smallest scale;
+  resume   a run SIGKILLed after a checkpoint and rerun with the same command logs exactly the loss curve of an
+           uninterrupted run (pretrain: Gumbel RNG restored; fta-i: killed inside phase 1 and at the phase boundary);
+  crash    a failure while ckpt.pt is being written, or a NaN loss, keeps the last good checkpoint loadable;
+  errors   each predictable mistake (bad flag, wrong --init, missing data, too-long --seq-len ...) stops with a
+           message that names it;
+  unit     lr schedule, masked CE against a hand computation, optimizer groups, which parameters each loss trains.
+
+All on CPU at toy sizes (seq_len 64 for LM stages, 256 for task stages, a handful of steps); no timing assertions.
+
+    python -m pytest -q tests/test_train.py
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cola
+import model as model_py
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+K = cola.COLA_PRESETS["tiny"].n_actions          # 64
+
+# Toy shapes. LM stages read windows of the embedded corpus; task stages read a small jsonl of short records written
+# below (the embedded Countdown / arithmetic prompts are ~220 tokens; the pipeline test runs those).
+LM = ["--seq-len", "64", "--micro-batch", "4", "--global-batch", "8", "--eval-batches", "2", "--log-every", "1"]
+TASK = ["--seq-len", "48", "--micro-batch", "4", "--global-batch", "8", "--eval-batches", "2", "--log-every", "1"]
+LM_STEPS, TASK_STEPS = 3, 2
+
+# One thread per training process: on 2 shared cores, two OpenMP threads next to a busy neighbour spin-wait and run
+# ~10x slower; one thread is as fast on a quiet machine at these sizes. Every run of a comparison uses the same env.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> list:
+    """TASK flags plus --sft-data / --sft-val: 24 + 8 short prompt/response records (<= 40 byte tokens each)."""
+    d = tmp_path_factory.mktemp("task")
+    for name, lo, n in (("train", 0, 24), ("val", 50, 8)):
+        recs = [{"prompt": f"Q: {a} + {a + 3} =", "response": f" {2 * a + 3}. Done."} for a in range(lo, lo + n)]
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return TASK + ["--sft-data", d / "train.jsonl", "--sft-val", d / "val.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def cmd(stage, out_dir, *args):
+    return [sys.executable, str(TRAIN), "--stage", stage, "--out-dir", str(out_dir), *map(str, args)]
+
+
+def run_ok(argv, timeout=300) -> subprocess.CompletedProcess:
+    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert p.returncode == 0, f"{' '.join(argv)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; a half-written last line (a run being killed) is skipped."""
+    f = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_rows(run_dir) if "step" in r]
+
+
+def load_ckpt(run_dir: Path) -> dict:
+    return torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=False)
+
+
+def numbers(obj):
+    """Every int/float inside a nested dict/list."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Smoke: every stage, chained through --init, once per module
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, task) -> Path:
+    """base -> pretrain -> bc -> fta-i, fta-p; sft from base; the VQ ablation from base. Returns the parent dir."""
+    root = tmp_path_factory.mktemp("chain")
+    lm = LM + ["--steps", LM_STEPS, "--ckpt-every", 2]
+    task = task + ["--steps", TASK_STEPS, "--ckpt-every", 1]
+    run_ok(cmd("base", root / "base", *lm))
+    run_ok(cmd("pretrain", root / "pretrain", "--init", root / "base/final", *lm))
+    run_ok(cmd("pretrain", root / "vq", "--init", root / "base/final", "--quantizer", "vq", *lm))
+    run_ok(cmd("bc", root / "bc", "--init", root / "pretrain/final", *lm))
+    run_ok(cmd("fta-i", root / "fta-i", "--init", root / "bc/final", *task))
+    run_ok(cmd("fta-p", root / "fta-p", "--init", root / "bc/final", *task))
+    run_ok(cmd("sft", root / "sft", "--init", root / "base/final", *task))
+    return root
+
+
+# run dir -> (stage, optimizer steps it logs: fta-i runs its two phases of --steps each)
+SMOKE = {"base": ("base", LM_STEPS), "pretrain": ("pretrain", LM_STEPS), "vq": ("pretrain", LM_STEPS),
+         "bc": ("bc", LM_STEPS), "fta-i": ("fta-i", 2 * TASK_STEPS), "fta-p": ("fta-p", TASK_STEPS),
+         "sft": ("sft", TASK_STEPS)}
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_smoke_stage_writes_run_dir(chain, name):
+    stage, total = SMOKE[name]
+    d = chain / name
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["stage"] == stage and cfg["out_dir"] == str(d)
+
+    rows = read_rows(d)
+    steps = [r["step"] for r in rows if "step" in r]
+    assert steps == list(range(1, total + 1)), f"{name}: logged steps {steps}"
+    for r in rows[:-1]:
+        assert "step" in r and math.isfinite(r["ce"]) and math.isfinite(r["grad_norm"]) and r["lr"] > 0
+    ev = rows[-1].get("eval")
+    assert ev is not None, f"{name}: last metrics row is not the final eval: {rows[-1]}"
+    assert ev["stage"] == stage
+    vals = list(numbers(ev))
+    assert vals and all(math.isfinite(v) for v in vals), ev
+    assert set(ev["after"]["lm_val"]) >= ({"lm"} if stage in ("base", "sft") or name == "vq" else
+                                          {"lm", "wm_idm", "wm_policy", "policy_acc"})
+    if stage in ("fta-i", "fta-p", "sft"):
+        assert "task_val" in ev["after"]
+
+    ck = load_ckpt(d)
+    assert ck["stage"] == stage and ck["step"] == total
+    if name == "vq":
+        assert not (d / "final").exists(), "the VQ ablation exports nothing"
+    else:
+        fcfg = json.loads((d / "final/config.json").read_text())
+        assert fcfg["train_stage"] == stage
+        assert list((d / "final").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["pretrain", "vq"])
+def test_smoke_pretrain_codebook_usage(chain, name):
+    cb = read_rows(chain / name)[-1]["eval"]["codebook"]
+    assert 1 <= cb["alive"] <= K and 0 < cb["top_share"] <= 1
+    for r in step_rows(chain / name):          # per-step usage of the (noisy / nearest) assignments
+        assert 1 <= r["alive"] <= K
+
+
+def test_smoke_frozen_parts_stay_frozen(chain):
+    """Stage A and B never touch the base (same held-out LM loss, bit for bit); Stage B keeps IDM + merge (same
+    world-model loss under IDM actions); FTA-I / FTA-P do change the base."""
+    ev = {n: read_rows(chain / n)[-1]["eval"] for n in ("pretrain", "vq", "bc", "fta-i", "sft")}
+    for n in ("pretrain", "vq", "bc"):
+        assert ev[n]["after"]["lm_val"]["lm"] == ev[n]["before"]["lm_val"]["lm"], n
+    assert ev["bc"]["after"]["lm_val"]["wm_idm"] == ev["bc"]["before"]["lm_val"]["wm_idm"]
+    assert ev["fta-i"]["after"]["lm_val"]["lm"] != ev["fta-i"]["before"]["lm_val"]["lm"]
+    assert ev["sft"]["after"]["lm_val"]["lm"] != ev["sft"]["before"]["lm_val"]["lm"]
+    phases = [r["phase"] for r in step_rows(chain / "fta-i")]
+    assert phases == ["fta-i/base"] * TASK_STEPS + ["fta-i/bc"] * TASK_STEPS
+
+
+def test_pipeline_smallest_scale(tmp_path):
+    """--scale 0.001 rounds every stage to 1 step (the smallest the pipeline runs); results.md has the table."""
+    out = tmp_path / "runs"
+    run_ok([sys.executable, str(TRAIN), "--stage", "pipeline", "--scale", "0.001", "--out-dir", str(out)],
+           timeout=600)
+    table = (out / "results.md").read_text()
+    assert "| measurement" in table and "| value | paper / target |" in table
+    for row in ("Stage A: alive actions (direct assignment)", "Stage A: alive actions (VQ ablation)"):
+        line = next((l for l in table.splitlines() if row in l), None)
+        assert line is not None, f"no row {row!r} in\n{table}"
+        alive, of = line.split("|")[2].split("/")
+        assert 1 <= int(alive) <= K and int(of) == K
+    for name in ("base", "pretrain", "pretrain-vq", "bc", "fta-i", "fta-p", "sft"):
+        assert (out / name / "ckpt.pt").exists() and read_rows(out / name)[-1].get("eval"), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: SIGKILL after a checkpoint, rerun the same command, get the uninterrupted loss curve
+
+
+def kill_after_step(argv, run_dir: Path, step: int, timeout=120) -> None:
+    """Start argv, wait until metrics.jsonl has logged `step` (so the checkpoint before it is on disk), SIGKILL."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        try:
+            deadline = time.monotonic() + timeout
+            while not any(r["step"] >= step for r in step_rows(run_dir)):
+                if proc.poll() is not None:
+                    pytest.fail(f"run exited ({proc.returncode}) before step {step}; see {log.name}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no step {step} in {run_dir}/metrics.jsonl after {timeout} s")
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.fail(f"run finished ({proc.returncode}) before it could be killed: make it longer")
+
+
+def comparable(rows):
+    """Step rows without the wall-clock field."""
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
+
+def resumed_run(argv_ref, argv, ref_dir, run_dir, kill_step):
+    """(reference rows, resumed rows, checkpoint the resume started from, rerun stdout)."""
+    if not ref_dir.exists():
+        run_ok(argv_ref)
+    kill_after_step(argv, run_dir, kill_step)
+    killed_rows = step_rows(run_dir)
+    ck = load_ckpt(run_dir)
+    assert ck["step"] < max(r["step"] for r in killed_rows), "nothing logged after the checkpoint: no trim tested"
+    p = run_ok(argv)
+    assert f"at step {ck['step']}" in p.stdout, p.stdout[-2000:]
+    return step_rows(ref_dir), step_rows(run_dir), ck, p.stdout
+
+
+PRE_N, PRE_EVERY = 12, 4
+
+
+@pytest.fixture(scope="module")
+def pretrain_resume(chain, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-pretrain")
+    args = ["--init", chain / "base/final", "--dtype", "float32", "--steps", PRE_N, "--ckpt-every", PRE_EVERY,
+            *LM]
+    ref, run = root / "ref", root / "killed"
+    out = resumed_run(cmd("pretrain", ref, *args), cmd("pretrain", run, *args), ref, run, PRE_EVERY + 1)
+    return (*out, ref, run)
+
+
+def test_resume_pretrain_same_losses(pretrain_resume):
+    """Gumbel noise, data order, AdamW state and model come back: every logged row equals the uninterrupted one."""
+    ref_rows, rows, ck, _, _, _ = pretrain_resume
+    assert ck["step"] >= PRE_EVERY and ck["step"] % PRE_EVERY == 0
+    ref = {r["step"]: r for r in comparable(ref_rows)}
+    assert sorted(ref) == list(range(1, PRE_N + 1))
+    got = comparable(rows)
+    assert [r["step"] for r in got if r["step"] > ck["step"]] == list(range(ck["step"] + 1, PRE_N + 1))
+    for r in got:
+        assert r == ref[r["step"]], f"step {r['step']}: resumed {r} != uninterrupted {ref[r['step']]}"
+    assert [r["ce"] for r in got if r["step"] > ck["step"]] == [ref[s]["ce"] for s in range(ck["step"] + 1,
+                                                                                          PRE_N + 1)]
+
+
+def test_resume_pretrain_same_final_weights(pretrain_resume):
+    from safetensors.torch import load_file
+    *_, ref, run = pretrain_resume
+    a, b = load_file(ref / "final/model.safetensors"), load_file(run / "final/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_pretrain_every_step_logged_once(pretrain_resume):
+    _, rows, ck, _, _, _ = pretrain_resume
+    assert [r["step"] for r in rows] == list(range(1, PRE_N + 1)), f"resumed from step {ck['step']}"
+
+
+FTA_N = 4          # steps per phase: phase 1 (base under IDM actions) = steps 1..4, phase 2 (policy BC) = 5..8
+
+
+@pytest.fixture(scope="module")
+def fta_resume(chain, task, tmp_path_factory):
+    """Two kills, one reference: killed inside phase 1 (--ckpt-every 2, resumes from step 2 with phase-1 AdamW
+    state) and right after the boundary checkpoint (--ckpt-every FTA_N, resumes at step 4 = start of phase 2). The
+    reference uses --ckpt-every FTA_N; checkpoint frequency does not enter the maths."""
+    root = tmp_path_factory.mktemp("resume-fta-i")
+    base = ["--init", chain / "bc/final", "--dtype", "float32", "--steps", FTA_N, *task]
+    ref = root / "ref"
+    argv_ref = cmd("fta-i", ref, *base, "--ckpt-every", FTA_N)
+    inside = resumed_run(argv_ref, cmd("fta-i", root / "inside", *base, "--ckpt-every", 2), ref, root / "inside", 3)
+    boundary = resumed_run(argv_ref, cmd("fta-i", root / "boundary", *base, "--ckpt-every", FTA_N), ref,
+                           root / "boundary", FTA_N + 1)
+    return {"inside": inside, "boundary": boundary}
+
+
+def _check_fta(out, where):
+    ref_rows, rows, ck, _ = out
+    if where == "inside":
+        assert ck["step"] < FTA_N and ck["phase"] == 0 and ck["optim"] is not None, \
+            f"kill landed at checkpoint step {ck['step']}, not inside phase 1"
+    else:
+        assert ck["step"] == FTA_N and ck["phase"] == 1 and ck["optim"] is None, \
+            f"kill landed at checkpoint step {ck['step']}, not at the phase boundary"
+    ref = {r["step"]: r for r in comparable(ref_rows)}
+    assert sorted(ref) == list(range(1, 2 * FTA_N + 1))
+    got = comparable(rows)
+    assert [r["step"] for r in got if r["step"] > ck["step"]] == list(range(ck["step"] + 1, 2 * FTA_N + 1))
+    for r in got:
+        assert r == ref[r["step"]], f"step {r['step']}: resumed {r} != uninterrupted {ref[r['step']]}"
+    return rows
+
+
+@pytest.mark.parametrize("where", ["inside", "boundary"])
+def test_resume_fta_i_same_losses(fta_resume, where):
+    _check_fta(fta_resume[where], where)
+
+
+@pytest.mark.parametrize("where", ["inside", "boundary"])
+def test_resume_fta_i_every_step_logged_once(fta_resume, where):
+    rows = fta_resume[where][1]
+    assert [r["step"] for r in rows] == list(range(1, 2 * FTA_N + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Crash safety
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    train.save_checkpoint(tmp_path, {"step": 1, "w": torch.arange(1000)})
+    written = []
+
+    def broken_save(obj, f, *a, **k):              # a disk that fills up halfway through the file
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        written.append(Path(f))
+        raise OSError("No space left on device")
+    monkeypatch.setattr(train.torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert written, "save_checkpoint did not go through torch.save"
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.arange(1000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "a temporary file was left behind"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)                        # the embedded corpus cache is data/cache under the cwd
+    real, calls = train.base_loss, []
+
+    def nan_on_third(model, x, mask=None):
+        loss, m = real(model, x, mask)
+        calls.append(1)
+        return (loss * float("nan"), m) if len(calls) == 3 else (loss, m)
+    monkeypatch.setattr(train, "base_loss", nan_on_third)
+    out = tmp_path / "base"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "base", "--out-dir", str(out), "--steps", "6", "--ckpt-every", "1", "--log-every",
+                    "1", "--seq-len", "32", "--micro-batch", "2", "--global-batch", "2", "--eval-batches", "1"])
+    msg = str(e.value.code)
+    assert "loss is nan at step 2" in msg and "step 2) is kept" in msg, msg
+    assert load_ckpt(out)["step"] == 2
+    assert [r["step"] for r in read_rows(out)] == [1, 2]
+    assert not (out / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors a user can make: each stops with a message that names the mistake
+
+
+def exit_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    code = e.value.code
+    return capsys.readouterr().err if isinstance(code, int) else str(code)
+
+
+def test_error_unknown_stage(capsys):
+    msg = exit_message(["--stage", "nope"], capsys)
+    assert "invalid choice: 'nope'" in msg and all(s in msg for s in train.STAGES + ["pipeline"]), msg
+
+
+def test_error_missing_stage(capsys):
+    msg = exit_message(["--steps", "3"], capsys)
+    assert "--stage is required" in msg and "fta-i" in msg, msg
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def _bad(tmp_path, chain):
+    """name -> (argv, expected text). Tiny shapes so the few that get as far as the data stay fast."""
+    small = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "2", "--eval-batches", "1", "--steps", "2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(chain / "pretrain/ckpt.pt", foreign / "ckpt.pt")
+    return {
+        "init from the wrong stage": (["--stage", "bc", "--init", chain / "base/final"], "written by stage 'base'"),
+        "init directory missing": (["--stage", "pretrain", "--init", tmp_path / "nowhere"], "directory not found"),
+        "init missing": (["--stage", "pretrain"], "--init is required for stage pretrain"),
+        "empty data dir": (["--stage", "base", "--data", empty], "no .bin token shards"),
+        "seq-len too long": (["--stage", "base", "--seq-len", "600"], "exceed the model's max_seq_len 512"),
+        "global batch not a multiple": (["--stage", "base", *small, "--global-batch", "6", "--micro-batch", "4"],
+                                        "--global-batch 6 is not a positive multiple of --micro-batch 4"),
+        "out dir of another stage": (["--stage", "base", *small, "--out-dir", foreign],
+                                     "checkpoint of stage 'pretrain'"),
+        "unknown quantizer": (["--stage", "pretrain", "--init", chain / "base/final", "--quantizer", "fsq"],
+                              "--quantizer 'fsq': expected direct or vq"),
+        "unknown dtype": (["--stage", "base", *small, "--dtype", "float16"], "expected bfloat16 or float32"),
+        "unknown preset": (["--stage", "base", "--preset", "nope"], "--preset 'nope'"),
+    }
+
+
+BAD = ["init from the wrong stage", "init directory missing", "init missing", "empty data dir", "seq-len too long",
+       "global batch not a multiple", "out dir of another stage", "unknown quantizer", "unknown dtype",
+       "unknown preset"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_error_bad_input(case, chain, tmp_path, capsys, in_repo):
+    argv, expected = _bad(tmp_path, chain)[case]
+    if "--out-dir" not in argv:
+        argv = argv + ["--out-dir", tmp_path / "run"]
+    out = Path(argv[argv.index("--out-dir") + 1])
+    before = (out / "ckpt.pt").read_bytes() if (out / "ckpt.pt").exists() else None
+    msg = exit_message(argv, capsys)
+    assert expected in msg, msg
+    if case == "out dir of another stage":
+        assert "use another --out-dir" in msg
+    assert not (out / "metrics.jsonl").exists(), "an invalid run logged metrics"
+    assert ((out / "ckpt.pt").read_bytes() if (out / "ckpt.pt").exists() else None) == before
+
+
+def test_error_foreign_out_dir_left_untouched(chain, tmp_path, capsys, in_repo):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(chain / "pretrain", foreign)
+    before = {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()}
+    msg = exit_message(["--stage", "base", "--out-dir", foreign, "--seq-len", "32", "--micro-batch", "2",
+                        "--global-batch", "2", "--eval-batches", "1"], capsys)
+    assert "checkpoint of stage 'pretrain'" in msg
+    assert {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()} == before
+
+
+def test_error_batch_flags_checked_before_work(tmp_path, capsys, in_repo, monkeypatch):
+    def no_eval(*a, **k):
+        raise AssertionError("evaluate() ran before the batch flags were validated")
+    monkeypatch.setattr(train, "evaluate", no_eval)
+    msg = exit_message(["--stage", "base", "--out-dir", tmp_path / "run", "--global-batch", "6", "--micro-batch",
+                        "4", "--seq-len", "32", "--eval-batches", "1"], capsys)
+    assert "not a positive multiple of --micro-batch" in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unit maths
+
+
+def test_lr_at_warmup_and_cosine():
+    cfg = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=100)
+    assert train.lr_at(0, cfg) == pytest.approx(1e-3 / 10)
+    assert train.lr_at(9, cfg) == pytest.approx(1e-3)            # warmup reaches lr on its last step
+    assert train.lr_at(10, cfg) == pytest.approx(1e-3)           # cosine starts at lr
+    assert train.lr_at(55, cfg) == pytest.approx((1e-3 + 1e-4) / 2)   # half way down
+    assert train.lr_at(100, cfg) == pytest.approx(1e-4)
+    assert train.lr_at(250, cfg) == pytest.approx(1e-4)          # stays at the floor
+    warm = [train.lr_at(s, cfg) for s in range(10)]
+    assert all(a < b for a, b in zip(warm, warm[1:]))
+    decay = [train.lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert min(decay) >= 1e-4 - 1e-15
+    # warmup -1 (FTA default): 3% of the phase's steps, at least 1
+    assert train._phase_schedule(train.FinetuneArgs(), 200).warmup_steps == 6
+    assert train._phase_schedule(train.FinetuneArgs(), 5).warmup_steps == 1
+
+
+def test_masked_ce_matches_hand_computation():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    ce = [[-math.log(math.exp(logits[b, t, targets[b, t]].item()) / sum(math.exp(v) for v in logits[b, t].tolist()))
+           for t in range(3)] for b in range(2)]
+    want = (ce[0][0] + ce[0][2] + ce[1][2]) / 3
+    assert train.masked_ce(logits, targets, mask).item() == pytest.approx(want, rel=1e-5)
+    assert train.masked_ce(logits, targets).item() == pytest.approx(sum(map(sum, ce)) / 6, rel=1e-5)
+    assert train.masked_ce(logits, targets, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0   # no NaN
+
+
+@pytest.fixture(scope="module")
+def tiny_cola():
+    torch.manual_seed(0)
+    m = cola.CoLA(model_py.PRESETS["tiny"], cola.COLA_PRESETS["tiny"])
+    m.init_weights()
+    return m.train()
+
+
+def test_make_optimizer_codebook_alone_without_weight_decay(tiny_cola):
+    g = tiny_cola.param_groups()
+    no_decay = {id(p) for p in g["codebook"]}
+    cfg = train.PretrainArgs(weight_decay=0.05)
+    params = g["idm"] + g["codebook"] + g["merge"]
+    opt = train.make_optimizer(params, cfg, no_decay)
+    wd = {pg["weight_decay"]: [id(p) for p in pg["params"]] for pg in opt.param_groups}
+    assert sorted(wd) == [0.0, 0.05]
+    assert wd[0.0] == [id(tiny_cola.codebook.weight)]
+    assert set(wd[0.05]) == {id(p) for p in g["idm"] + g["merge"]} and len(wd[0.05]) == len(g["idm"] + g["merge"])
+    # without the codebook: one group, all decayed
+    opt = train.make_optimizer(g["policy"], cfg, no_decay)
+    assert [pg["weight_decay"] for pg in opt.param_groups] == [0.05]
+    assert len(opt.param_groups[0]["params"]) == len(g["policy"])
+
+
+def grads_of(model, x, loss_fn, trainable):
+    train.set_trainable(model, trainable)
+    model.zero_grad(set_to_none=True)
+    loss, _ = loss_fn(model, x)
+    loss.backward()
+    g = model.param_groups()
+    return {name: [p.grad for p in ps] for name, ps in g.items()}
+
+
+def _has(grads):
+    return all(gr is not None for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
+
+
+def _none(grads):
+    return all(gr is None for gr in grads)
+
+
+def test_pretrain_loss_trains_idm_codebook_merge_only(tiny_cola):
+    torch.manual_seed(1)
+    x = torch.randint(0, 512, (2, 17))
+    g = tiny_cola.param_groups()
+    cfg = train.PretrainArgs()
+    fn = lambda m, b: train.pretrain_loss(m, b, cfg)
+    grads = grads_of(tiny_cola, x, fn, g["idm"] + g["codebook"] + g["merge"])       # as train.py does
+    assert _has(grads["idm"]) and _has(grads["codebook"]) and _has(grads["merge"])
+    assert _none(grads["base"]) and _none(grads["policy"])
+    # even with everything trainable the base's embeddings and blocks get nothing (h = sg(base(x)) in the loss);
+    # only Norm_f and W_lm, which the world model reuses on top of the merge module, would
+    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+    tiny_cola.zero_grad(set_to_none=True)
+    train.pretrain_loss(tiny_cola, x, cfg)[0].backward()
+    got = sorted(n for n, p in tiny_cola.base.named_parameters() if p.grad is not None)
+    assert got == ["norm.weight", "output.weight"]
+    assert all(p.grad is None for p in tiny_cola.policy.parameters())
+    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_bc_loss_trains_policy_only(tiny_cola):
+    torch.manual_seed(2)
+    x = torch.randint(0, 512, (2, 17))
+    g = tiny_cola.param_groups()
+    grads = grads_of(tiny_cola, x, train.bc_loss, g["policy"])
+    assert _has(grads["policy"]) and _none(grads["idm"]) and _none(grads["base"])
+    grads = grads_of(tiny_cola, x, train.bc_loss, list(tiny_cola.parameters()))     # labels and h under no_grad
+    assert _has(grads["policy"])
+    for name in ("idm", "base", "codebook", "merge"):
+        assert _none(grads[name]), name
+    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_fta_losses_train_the_base(tiny_cola):
+    torch.manual_seed(3)
+    x = torch.randint(0, 512, (2, 17))
+    mask = torch.zeros(2, 17, dtype=torch.bool)
+    mask[:, 9:] = True
+    g = tiny_cola.param_groups()
+    grads = grads_of(tiny_cola, x, lambda m, b: train.fta_i_loss(m, b, mask), g["base"])    # FTA-I phase 1
+    assert _has(grads["base"]) and _none(grads["idm"]) and _none(grads["policy"])
+    grads = grads_of(tiny_cola, x, lambda m, b: train.fta_p_loss(m, b, mask), list(tiny_cola.parameters()))
+    assert _has(grads["base"]) and _none(grads["policy"])        # greedy actions: no gradient through pi
+    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
