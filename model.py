@@ -352,7 +352,8 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             expected.pop("output.weight", None)
             state.pop("output.weight", None)
-        check_tensors(state, expected, source)
+        layout = detect_layout(Path(source)) if Path(source).is_dir() else "meta"
+        check_tensors(state, expected, source, hf_name if layout == "hf" else (lambda k: k))
         self.load_state_dict(state, strict=False, assign=True)
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -562,19 +563,29 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     return args
 
 
-def check_tensors(state: dict, expected: dict, source: str):
-    """One-line errors for missing, unexpected or mis-shaped tensors."""
+def hf_name(key: str) -> str:
+    """Our (Meta) name of a base tensor -> its name in a Hugging Face file, for error messages."""
+    if key in HF_TOP:
+        return HF_TOP[key]
+    if key.startswith("layers."):
+        _, n, suffix = key.split(".", 2)
+        return f"model.layers.{n}.{HF_NAMES.get(suffix, suffix)}"
+    return key
+
+
+def check_tensors(state: dict, expected: dict, source: str, name=lambda k: k):
+    """One-line errors for missing, unexpected or mis-shaped tensors; name() spells a key as the file does."""
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{source}: checkpoint is missing tensor {missing[0]!r}"
+        raise ValueError(f"{source}: checkpoint is missing tensor {name(missing[0])!r}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [k for k in state if k not in expected]
     if extra:
-        raise ValueError(f"{source}: unexpected tensor {extra[0]!r}"
+        raise ValueError(f"{source}: unexpected tensor {name(extra[0])!r}"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, config expects "
+            raise ValueError(f"{source}: tensor {name(k)!r} has shape {tuple(state[k].shape)}, config expects "
                              f"{tuple(shape)}")
 
 

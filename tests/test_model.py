@@ -316,11 +316,12 @@ def test_truncated_safetensors(tmp_path, keep):
 
 @pytest.mark.parametrize("field,value,match", [
     # hidden_size 128 -> 96 (head_dim removed so it is derived): the embedding no longer fits
-    ("hidden_size", 96, r"'tok_embeddings.weight' has shape \(256, 128\), config expects \(256, 96\)"),
-    ("intermediate_size", 256, r"'layers.0.feed_forward.w1.weight' has shape \(352, 128\), config expects "
+    # errors name tensors as the HF file spells them
+    ("hidden_size", 96, r"'model.embed_tokens.weight' has shape \(256, 128\), config expects \(256, 96\)"),
+    ("intermediate_size", 256, r"'model.layers.0.mlp.gate_proj.weight' has shape \(352, 128\), config expects "
                                r"\(256, 128\)"),
-    ("num_hidden_layers", 3, r"missing tensor 'layers.2.attention.wq.weight'"),
-    ("num_hidden_layers", 1, r"unexpected tensor 'layers.1."),
+    ("num_hidden_layers", 3, r"missing tensor 'model.layers.2.self_attn.q_proj.weight'"),
+    ("num_hidden_layers", 1, r"unexpected tensor 'model.layers.1."),
 ])
 def test_config_disagrees_with_tensors(tmp_path, field, value, match):
     random_model().save_pretrained(tmp_path)
