@@ -41,7 +41,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -526,7 +526,7 @@ def train_phases(model, phases: list[Phase], cfg, run_dir: Path, device, no_deca
     amp = autocast(cfg, device)
     accum = cfg.global_batch // cfg.micro_batch
     total = sum(ph.steps for ph in phases)
-    step, start_phase, resumed = 0, 0, None
+    step, resumed = 0, None
     ckpt = run_dir / "ckpt.pt"
     if cfg.resume and ckpt.exists():
         resumed = torch.load(ckpt, map_location=device, weights_only=False)   # checked by check_flags
