@@ -588,3 +588,28 @@ def test_fta_losses_train_the_base(tiny_cola):
     grads = grads_of(tiny_cola, x, lambda m, b: train.fta_p_loss(m, b, mask), list(tiny_cola.parameters()))
     assert _has(grads["base"]) and _none(grads["policy"])        # greedy actions: no gradient through pi
     train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    """Recomputing blocks in backward changes memory, not maths: same loss, same gradients, same parameter names."""
+    import copy
+    torch.manual_seed(0)
+    m = model_py.Transformer(model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                                multiple_of=16, max_seq_len=64))
+    m.init_weights()
+    ac = copy.deepcopy(m)
+    calls = []
+    ff = ac.layers[0].feed_forward        # count calls (forward hooks do not fire during recomputation)
+    ff_forward = ff.forward
+    ff.forward = lambda *a, **k: (calls.append(1), ff_forward(*a, **k))[1]
+    train.enable_activation_checkpointing(ac.layers)
+    x = torch.randint(0, 64, (2, 17))
+    (l1, _), (l2, _) = train.base_loss(m, x), train.base_loss(ac, x)
+    l1.backward()
+    assert len(calls) == 1
+    l2.backward()
+    assert len(calls) == 2, "the block was not recomputed in backward"
+    assert torch.equal(l1, l2)
+    assert list(m.state_dict()) == list(ac.state_dict())
+    for (n, p), (_, q) in zip(m.named_parameters(), ac.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
