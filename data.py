@@ -28,9 +28,9 @@ Formats (choices made here):
   - Shards: out_dir/shard_00000.bin ... (raw uint32 token ids, numpy tofile) and out_dir/meta.json; every file is
     written under a temporary name and renamed into place (os.replace), so a reader never sees half a shard.
   - Windows: stride seq_len with a one-token overlap: window i = stream[i*T : i*T + T + 1], so every token after
-    the first is a target exactly once per epoch. Window order is a permutation seeded by (seed, epoch); rank r of
-    W takes positions r, r+W, ... of it; the last (n_windows mod W) positions of each epoch's order are dropped so
-    that every rank runs the same number of steps.
+    the first is a target exactly once per epoch. Window order is a permutation seeded by (seed, epoch), epochs
+    end to end; each optimizer step takes the next global-batch positions and rank r of W reads the r-th
+    contiguous W-th of them (EpochOrder), so the data of a step does not depend on the world size.
   - SFT records longer than seq_len + 1 tokens are truncated on the right (one warning per call with the count);
     a record whose prompt alone fills the window has no response token left and is dropped (counted too).
   - Splits: a document or problem is "val" when the blake2b hash of its text (of its prompt, for problems) falls
@@ -604,45 +604,58 @@ def list_shards(paths) -> list[Path]:
 # Loaders: deterministic, rank-sharded, resumable orders
 
 class EpochOrder:
-    """An endless, resumable order over n items: each epoch a permutation seeded by (seed, epoch); rank r of W
-    takes positions r, r+W, ... of it, n // W items per rank (the remainder of each epoch's order is dropped)."""
+    """An endless, resumable order over n items that is the same for every world size.
 
-    def __init__(self, n: int, rank: int, world_size: int, seed: int):
+    The global stream is perm_0 ++ perm_1 ++ ... where perm_e is a permutation of range(n) seeded by (seed, e).
+    One optimizer step consumes the next `global_batch` positions of it. Rank r of W reads the contiguous slice
+    [r * c, (r + 1) * c) of them (c = global_batch / W), in calls of take(micro batch). So a step's items, and how
+    they group into micro batches, do not depend on W. The state is one global position, and a run resumes on
+    another world size at the same place.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, global_batch: int, micro: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"data: rank {rank} is not in [0, world_size={world_size})")
+        if micro <= 0 or global_batch % (world_size * micro):
+            raise ValueError(f"data: global batch {global_batch} is not a multiple of world size {world_size} x "
+                             f"micro batch {micro}")
         self.n, self.rank, self.world_size, self.seed = n, rank, world_size, seed
-        self.per_rank = n // world_size
-        self.epoch, self.index = 0, 0                          # position: the next item is mine()[index]
-        self._cached = (None, None)
+        self.global_batch, self.micro, self.chunk = global_batch, micro, global_batch // world_size
+        self.step_start, self.offset = 0, 0     # global position of this step's first item; items taken of my chunk
+        self._perms = {}
 
-    def mine(self) -> np.ndarray:
-        if self._cached[0] != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-            self._cached = (self.epoch, perm[: self.per_rank * self.world_size][self.rank::self.world_size])
-        return self._cached[1]
+    def perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}     # keep at most two epochs
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
 
-    def take(self, k: int) -> np.ndarray:
-        out = []
-        while len(out) < k:                                    # a batch may straddle two epochs
-            m = min(k - len(out), self.per_rank - self.index)
-            out.extend(self.mine()[self.index:self.index + m].tolist())
-            self.index += m
-            if self.index == self.per_rank:
-                self.epoch, self.index = self.epoch + 1, 0
-        return np.asarray(out, dtype=np.int64)
+    def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next k items of this rank -> (items [k], their global stream positions [k])."""
+        if k != self.micro:
+            raise ValueError(f"data: take({k}) but this order serves micro batches of {self.micro}")
+        pos = self.step_start + self.rank * self.chunk + self.offset + np.arange(k)
+        self.offset += k
+        if self.offset == self.chunk:
+            self.step_start, self.offset = self.step_start + self.global_batch, 0
+        items = np.array([self.perm(int(p) // self.n)[int(p) % self.n] for p in pos], dtype=np.int64)
+        return items, pos
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "n": self.n, "world_size": self.world_size,
-                "seed": self.seed}
+        return {"step_start": self.step_start, "offset": self.offset, "world_size": self.world_size,
+                "global_batch": self.global_batch, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, d: dict, what: str):
         if d["n"] != self.n or d["seed"] != self.seed:
             raise ValueError(f"data: cannot resume {what}: saved for {d['n']} items with seed {d['seed']}, "
                              f"now {self.n} items with seed {self.seed} (the data or the seed changed)")
-        # a new world size keeps the epoch and the share of it already consumed
-        self.epoch, self.index = d["epoch"], min(d["index"] * d["world_size"] // self.world_size, self.per_rank)
-        if self.index == self.per_rank:
-            self.epoch, self.index = self.epoch + 1, 0
+        if d["global_batch"] != self.global_batch:
+            raise ValueError(f"data: cannot resume {what}: saved with global batch {d['global_batch']}, now "
+                             f"{self.global_batch}")
+        if d["offset"] and d["world_size"] != self.world_size:
+            raise ValueError(f"data: cannot resume {what} on world size {self.world_size} in the middle of a "
+                             f"step saved on world size {d['world_size']}")
+        self.step_start, self.offset = d["step_start"], d["offset"]
 
 
 class TokenLoader:
@@ -650,7 +663,8 @@ class TokenLoader:
     Window i = stream[i*T : i*T + T + 1] (stride T, one token of overlap); train.py takes x = w[:, :-1],
     y = w[:, 1:]."""
 
-    def __init__(self, paths, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, paths, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 global_batch: int | None = None):
         self.paths = list_shards(paths)
         if not self.paths:
             raise ValueError("data: TokenLoader got no shard files")
@@ -666,12 +680,14 @@ class TokenLoader:
         self.n_tokens = int(self.starts[-1])
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_windows = max(self.n_tokens - 1, 0) // seq_len
-        if self.n_windows < world_size:
+        if self.n_windows == 0:
             names = ", ".join(map(str, self.paths))
             raise ValueError(f"data: {names} has {self.n_tokens} tokens, fewer than one window of seq_len+1 = "
-                             f"{seq_len + 1} per rank (world size {world_size})")
-        self.order = EpochOrder(self.n_windows, rank, world_size, seed)
-        self.steps_per_epoch = self.order.per_rank / batch_size        # may be fractional
+                             f"{seq_len + 1}")
+        global_batch = global_batch or batch_size * world_size
+        self.order = EpochOrder(self.n_windows, rank, world_size, seed, global_batch, batch_size)
+        self.steps_per_epoch = self.n_windows / global_batch           # may be fractional
+        self.ids = None                   # global stream positions of the last batch's rows (seed per-row noise)
 
     def window(self, i: int) -> np.ndarray:
         """Tokens [T+1] of window i, read across a shard boundary if needed."""
@@ -685,7 +701,7 @@ class TokenLoader:
         return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
 
     def next_batch(self) -> torch.Tensor:
-        idx = self.order.take(self.batch_size)
+        idx, self.ids = self.order.take(self.batch_size)
         w = np.stack([self.window(int(i)) for i in idx]).astype(np.int64)  # [B, T+1]
         return torch.from_numpy(w)
 
@@ -760,18 +776,21 @@ class SFTLoader:
     resumable, with the same order rules as TokenLoader."""
 
     def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, global_batch: int | None = None):
         if tokens.dim() != 2 or tokens.shape != mask.shape:
             raise ValueError(f"data: SFTLoader needs tokens and mask of the same shape [N, T+1], got "
                              f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
-        if len(tokens) < world_size:
-            raise ValueError(f"data: {len(tokens)} SFT records, fewer than one per rank (world size {world_size})")
+        if len(tokens) == 0:
+            raise ValueError("data: SFTLoader got no records")
         self.tokens, self.mask, self.batch_size = tokens, mask.bool(), batch_size
-        self.order = EpochOrder(len(tokens), rank, world_size, seed)
-        self.steps_per_epoch = self.order.per_rank / batch_size
+        global_batch = global_batch or batch_size * world_size
+        self.order = EpochOrder(len(tokens), rank, world_size, seed, global_batch, batch_size)
+        self.steps_per_epoch = len(tokens) / global_batch
+        self.ids = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.order.take(self.batch_size))
+        idx, self.ids = self.order.take(self.batch_size)
+        idx = torch.from_numpy(idx)
         return self.tokens[idx], self.mask[idx]                            # [B, T+1], [B, T+1]
 
     def __iter__(self):

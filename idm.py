@@ -78,8 +78,9 @@ class IDM(ActionStack):
 # Direct action assignment (spec sec. 2) and the Stage A regulariser (spec sec. 3)
 
 
-def gumbel_softmax_st(z: torch.Tensor, tau: float, generator: torch.Generator | None = None):
-    """Straight-through Gumbel-softmax over the last axis of z [..., K].
+def gumbel_softmax_st(z: torch.Tensor, tau: float, generator: torch.Generator | None = None,
+                      u: torch.Tensor | None = None):
+    """Straight-through Gumbel-softmax over the last axis of z [..., K] (u: the U(0, 1) noise, drawn if None).
 
     Returns (a_st [..., K] one-hot forward / soft gradient, y [..., K] relaxed sample (float32),
     k [...] long hard sample). k = argmax(z + g) is an exact draw from softmax(z) whatever tau is: tau only
@@ -89,7 +90,8 @@ def gumbel_softmax_st(z: torch.Tensor, tau: float, generator: torch.Generator | 
     if tau <= 0:
         raise ValueError(f"gumbel_softmax_st: tau must be > 0, got {tau}")
     zf = z.float()                                                                       # [..., K]
-    u = torch.rand(zf.shape, generator=generator, device=z.device)                       # [..., K] U(0, 1)
+    if u is None:
+        u = torch.rand(zf.shape, generator=generator, device=z.device)                   # [..., K] U(0, 1)
     g = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))                  # [..., K] Gumbel(0, 1)
     y = F.softmax((zf + g) / tau, dim=-1)                                                # [..., K] Eq: y = GS(z, tau)
     k = (zf + g).argmax(-1)                                                              # [...]    Eq: k = argmax y

@@ -1,7 +1,7 @@
 """train.py: every training stage of CoLA (cola-spec section 3, Algorithms 1 and 2) in one script.
 
-Stages (each starts from the previous stage's export with --init, writes config.json, metrics.jsonl, a resumable
-ckpt.pt and an export final/ into its run directory):
+Stages (each starts from the previous stage's export with --init, writes config.json, metrics.jsonl, resumable
+checkpoints/step-N/ and an export final/ into its run directory):
     base      train the tiny base Llama from scratch on the embedded corpus (at 8B you load Meta's weights instead)
     pretrain  Stage A (Algorithm 1): base frozen; IDM + codebook + merge with world-model CE + beta * sum y log y
               (--quantizer vq: the nearest-neighbour VQ ablation that the paper reports collapsing)
@@ -19,9 +19,14 @@ Run it (CPU, embedded data, no download):
     python train.py --stage fta-i --init runs/bc/final
     python train.py --stage pretrain --preset llama-3.1-8b --init /path/Llama-3.1-8B --data data/shards
     python train.py --stage pretrain --help                # every flag of a stage, with its paper symbol
+    torchrun --nproc_per_node=8 train.py --stage pretrain --preset llama-3.1-8b --init /path/Llama-3.1-8B ...
 
-Killed runs resume: rerunning the same command with the same --out-dir picks up ckpt.pt (model, optimizer, step,
-data position, RNG states) and continues the identical loss curve.
+Several processes (torchrun; parallel.py): data parallel with parameters, gradients and AdamW state sharded by
+FSDP2; per-step losses equal one process's at the same --global-batch. Killed runs resume: rerunning the same
+command with the same --out-dir picks up the newest checkpoints/step-N/ (model, optimizer, step, data position; a
+torch.distributed.checkpoint directory, loadable on any number of processes) and continues the identical loss
+curve. Every random draw of training (data order, Gumbel noise) is a function of --seed and the position of a
+sequence in the data stream, not of a generator's state, so it does not depend on the world size or on resuming.
 
 Deviations from the paper / official code:
   - data: stdlib docstrings + synthetic Countdown / arithmetic tasks (data.py) instead of SlimPajama etc.;
@@ -55,9 +60,11 @@ import torch.nn.functional as F
 
 from cola import COLA_PRESETS, CoLA, CoLAArgs
 from idm import codebook_usage, entropy_regulariser, gumbel_softmax_st
-from model import PRESETS, Transformer, atomic_write
+from model import PRESETS, Transformer, args_from_hf_config, atomic_write, detect_layout, read_json
+from parallel import Root, World
 from tokenizer import Tokenizer
 import data
+import parallel
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 
@@ -79,8 +86,9 @@ class Common:
     val_data: str = arg("", "held-out token shards (default: the embedded corpus' val split)")
     tokenizer: str = arg("", "tokenizer.model / tokenizer.json (default: found in --init, else embedded)")
     steps: int = arg(190_735, "optimizer steps (8B: 200B tokens / (512 x 2048))")
-    global_batch: int = arg(512, "sequences per optimizer step (paper: 512)")
-    micro_batch: int = arg(4, "sequences per forward/backward (paper: 4); accumulation = global / micro")
+    global_batch: int = arg(512, "sequences per optimizer step, all processes together (paper: 512)")
+    micro_batch: int = arg(4, "sequences per forward/backward and process (paper: 4); gradient accumulation = "
+                              "global / (micro x processes)")
     seq_len: int = arg(2048, "T, tokens per sequence (paper: 2048)")
     lr: float = arg(1e-4, "peak AdamW learning rate (paper: 1e-4)")
     min_lr: float = arg(4e-5, "cosine decay floor (official release: 4e-5)")
@@ -91,12 +99,14 @@ class Common:
     grad_clip: float = arg(1.0, "max gradient norm (paper: 1.0)")
     dtype: str = arg("bfloat16", "autocast dtype: bfloat16 or float32 (no autocast)")
     activation_checkpointing: bool = arg(False, "recompute each block in backward to save memory")
+    cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed for init, data order and Gumbel noise")
     ckpt_every: int = arg(1000, "steps between resumable checkpoints (ckpt.pt)")
     log_every: int = arg(10, "steps between metrics.jsonl lines")
     eval_batches: int = arg(20, "held-out micro batches for the final evaluation")
-    resume: bool = arg(True, "continue from <out_dir>/ckpt.pt if it exists")
+    resume: bool = arg(True, "continue from the newest <out_dir>/checkpoints/step-N if there is one")
+    stop_at: int = arg(0, "save a checkpoint and exit after this step (time-limited jobs); rerun to continue")
 
 
 @dataclass
@@ -232,19 +242,15 @@ def enable_activation_checkpointing(blocks):
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def row_uniforms(ids, shape: tuple, seed: int, device) -> torch.Tensor:
+    """U(0, 1) noise [B, *shape], row i from its own generator seeded by (seed, ids[i]), the row's position in the
+    data stream: the same numbers for a sequence whatever the world size, micro batch or resume point."""
+    rows = []
+    for i in ids:
+        mixed = int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0])   # 32 bits: all the CPU RNG reads
+        g = torch.Generator(device=device).manual_seed(mixed)
+        rows.append(torch.rand(shape, generator=g, device=device))
+    return torch.stack(rows)
 
 
 def checkpoint_stage(path: Path) -> str:
@@ -278,12 +284,16 @@ def base_loss(model: Transformer, x, mask=None):
     return loss, {"ce": loss.item()}
 
 
-def pretrain_loss(model: CoLA, x, cfg: PretrainArgs):
-    """Stage A. Eq: L = mean_t CE(p_WM(x_{t+1} | h_t, a~_t)) + beta * mean_t sum_k y_{t,k} log y_{t,k}."""
+def pretrain_loss(model: CoLA, x, cfg: PretrainArgs, ids=None):
+    """Stage A. Eq: L = mean_t CE(p_WM(x_{t+1} | h_t, a~_t)) + beta * mean_t sum_k y_{t,k} log y_{t,k}.
+
+    ids [B]: the rows' data-stream positions, which seed their Gumbel noise (row_uniforms); None: global RNG.
+    """
     with torch.no_grad():                          # base frozen: h_t = sg(Norm_f(...))
         h = model.hidden(x)                                                                  # [B, T+1, D]
     z = model.idm_logits(h)[:, 1:]                 # one-step look-ahead: a_t read at t+1       [B, T, K]
-    a_st, y, k = gumbel_softmax_st(z, cfg.gumbel_tau)   # Eq: a~ = onehot(k) - sg(y) + y         [B, T, K]
+    u = None if ids is None else row_uniforms(ids, z.shape[1:], cfg.seed, z.device)         # [B, T, K]
+    a_st, y, k = gumbel_softmax_st(z, cfg.gumbel_tau, u=u)   # Eq: a~ = onehot(k) - sg(y) + y    [B, T, K]
     logits = model.world_logits_onehot(h[:, :-1], a_st)                                      # [B, T, V]
     ce = masked_ce(logits, x[:, 1:])
     reg = entropy_regulariser(y, cfg.beta)         # = -beta * mean entropy(y)
@@ -297,7 +307,7 @@ def nearest_code(z_e: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return dist.argmin(-1)                                                                   # [B, T]
 
 
-def vq_pretrain_loss(model: CoLA, x, cfg: PretrainArgs):
+def vq_pretrain_loss(model: CoLA, x, cfg: PretrainArgs, ids=None):
     """Ablation: nearest-neighbour VQ instead of direct assignment (VQ-VAE straight-through + commitment).
 
     z_e = encoder output (IDM blocks, norm, head d -> d); k = argmin_k ||z_e - C_k||; e = C_k;
@@ -356,36 +366,44 @@ def fta_p_loss(model: CoLA, x, mask):
 # Evaluation on held-out data
 
 
+def eval_batch(model, x, mask, lm_only: bool):
+    """Held-out losses of one batch x [B, T+1] (mask [B, T] or None) -> (metrics, IDM actions [B, T] or None)."""
+    if isinstance(model, Transformer) or lm_only:
+        lm = model if isinstance(model, Transformer) else model.base
+        return {"lm": masked_ce(lm(x[:, :-1]), x[:, 1:], mask).item()}, None
+    h = model.hidden(x)                                                                      # [B, T+1, D]
+    k = model.idm_logits(h)[:, 1:].argmax(-1)                                                # [B, T]
+    a = model.policy_logits(h[:, :-1]).argmax(-1)                                            # [B, T]
+    hit = (a == k).float() if mask is None else (a == k).float()[mask]
+    return {"lm": masked_ce(model.base.output(h[:, :-1]), x[:, 1:], mask).item(),
+            "wm_idm": masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], mask).item(),
+            "wm_policy": masked_ce(model.world_logits(h[:, :-1], a), x[:, 1:], mask).item(),
+            "policy_acc": hit.mean().item()}, k
+
+
 @torch.no_grad()
-def evaluate(model, batches, amp, mask_batches=None) -> dict:
+def evaluate(root: Root, batches, amp, mask_batches=None, lm_only: bool = False) -> dict:
     """Mean held-out losses over batches of windows [B, T+1] (optionally with response masks).
 
     For CoLA: the base LM's loss, the world model's loss with IDM argmax actions and with greedy policy actions,
-    policy accuracy against the IDM labels, and the number of distinct IDM actions used.
+    policy accuracy against the IDM labels, and the number of distinct IDM actions used. lm_only: the base LM's
+    loss only. Under torchrun every rank evaluates the same batches (the sharded model needs all of them).
     """
-    model.eval()
+    root.eval()
     sums, used = {}, set()
     for i, x in enumerate(batches):
         mask = None if mask_batches is None else mask_batches[i][:, 1:]
         with amp:
-            if isinstance(model, Transformer):
-                out = {"lm": masked_ce(model(x[:, :-1]), x[:, 1:], mask).item()}
-            else:
-                h = model.hidden(x)                                                          # [B, T+1, D]
-                k = model.idm_logits(h)[:, 1:].argmax(-1)                                    # [B, T]
-                a = model.policy_logits(h[:, :-1]).argmax(-1)                                # [B, T]
-                hit = (a == k).float() if mask is None else (a == k).float()[mask]
-                out = {"lm": masked_ce(model.base.output(h[:, :-1]), x[:, 1:], mask).item(),
-                       "wm_idm": masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], mask).item(),
-                       "wm_policy": masked_ce(model.world_logits(h[:, :-1], a), x[:, 1:], mask).item(),
-                       "policy_acc": hit.mean().item()}
-                used.update(k.unique().tolist())
+            out, k = root(eval_batch, x, mask, lm_only)
+        if k is not None:
+            used.update(k.unique().tolist())
         for key, v in out.items():
             sums[key] = sums.get(key, 0.0) + v
     result = {k: v / len(batches) for k, v in sums.items()}
     if used:
         result["idm_actions_used"] = len(used)
-    model.train()
+    parallel.reshard(root)
+    root.train()
     return result
 
 
@@ -424,10 +442,93 @@ def build_model(stage: str, cfg, device, tok: Tokenizer):
     if model_vocab(model) < tok.n_words:
         raise SystemExit(f"tokenizer has {tok.n_words} tokens but {init} has vocab_size {model_vocab(model)}")
     if stage == "pretrain" and cfg.quantizer == "vq":
-        d = model.base.args.dim
-        model.idm.head = nn.Linear(d, d, bias=False, device=device)   # encoder output z_e in code space
-        nn.init.normal_(model.idm.head.weight, std=math.sqrt(2 / (5 * d)))
+        vq_encoder_head(model)
+        nn.init.normal_(model.idm.head.weight, std=math.sqrt(2 / (5 * model.base.args.dim)))
     return model
+
+
+def vq_encoder_head(model: CoLA):
+    """The VQ ablation's IDM ends in Linear(d -> d): an encoder output z_e in code space instead of K logits."""
+    w = model.idm.head.weight
+    d = model.base.args.dim
+    model.idm.head = nn.Linear(d, d, bias=False, device=w.device, dtype=w.dtype)
+
+
+# Which parameter groups (CoLA.param_groups) each stage trains, in any of its phases; the rest is frozen.
+TRAINS = {"pretrain": {"idm", "codebook", "merge"}, "bc": {"policy"}, "fta-i": {"base", "policy"},
+          "fta-p": {"base"}}
+
+
+def set_trainable(model, stage: str):
+    """requires_grad once per stage (FSDP reads it when it first runs): a plain Llama trains everything."""
+    if isinstance(model, Transformer):
+        model.requires_grad_(True)
+        return
+    for name, params in model.param_groups().items():
+        for p in params:
+            p.requires_grad_(name in TRAINS[stage])
+
+
+def model_spec(model) -> tuple:
+    """The shapes of a built model, small and picklable: rank 0 sends them to the other ranks."""
+    return ("llama", model.args) if isinstance(model, Transformer) else ("cola", model.base_args, model.args)
+
+
+def model_from_spec(spec: tuple, stage: str, cfg):
+    """An uninitialised model of these shapes on the current default device (use under torch.device("meta"))."""
+    if spec[0] == "llama":
+        return Transformer(spec[1])
+    model = CoLA(spec[1], spec[2])
+    if stage == "pretrain" and cfg.quantizer == "vq":
+        vq_encoder_head(model)
+    return model
+
+
+def build_root(stage: str, cfg, device, tok: Tokenizer, world: World) -> Root:
+    """The model of a stage, wrapped in the Root every computation runs through (parallel.Root).
+
+    One process: build_model on the device. Under torchrun (cola-spec section 3 at 8B; llama-ecosystem.md 4.2):
+    rank 0 builds the model on CPU exactly as one process would (checkpoint read from its mmap'd files, new modules
+    initialised with the same seed), the other ranks receive its shapes; every rank builds the same model on the
+    meta device, shards it with FSDP2, allocates its shards (to_empty) and receives rank 0's tensors, broadcast and
+    sharded one by one. So no rank but 0 ever holds the whole model, and a run starts from bit-identical weights
+    whatever the world size (random init of DTensors would give other numbers per world size).
+    """
+    if not world.launched:
+        model = build_model(stage, cfg, device, tok)
+        set_trainable(model, stage)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(blocks_of(model))
+        return Root(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    full, spec = None, None
+    if world.main:
+        try:
+            full = build_model(stage, cfg, torch.device("cpu"), tok)
+            spec = model_spec(full)
+        except SystemExit as e:
+            spec = str(e.code)
+    spec = parallel.broadcast_object(world, spec)
+    if isinstance(spec, str):
+        raise SystemExit(spec)
+    with torch.device("meta"):
+        model = model_from_spec(spec, stage, cfg)
+    bf16 = cfg.dtype == "bfloat16"
+    for m in (model, full):
+        if m is not None:
+            set_trainable(m, stage)
+            if bf16 and isinstance(m, CoLA):         # frozen modules: bf16, no gradient, no optimizer state
+                for name in set(m.param_groups()) - TRAINS[stage]:
+                    getattr(m, name).to(torch.bfloat16)
+    if cfg.activation_checkpointing:                 # before fully_shard (llama-ecosystem.md 4.4)
+        enable_activation_checkpointing(blocks_of(model))
+    root = Root(model)
+    parallel.apply_fsdp(root, init_device_mesh(device.type, (world.size,)), torch.bfloat16 if bf16 else None,
+                        cfg.cpu_offload)
+    root.to_empty(device="cpu" if cfg.cpu_offload else device)
+    parallel.load_full_state(root, None if full is None else {"model." + k: v for k, v in full.state_dict().items()},
+                             world)
+    return root
 
 
 def model_vocab(model) -> int:
@@ -506,17 +607,6 @@ def make_optimizer(params, cfg, no_decay: set):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
 
 
-def set_trainable(model, params):
-    keep = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-
-
-def save_checkpoint(run_dir: Path, state: dict):
-    """Atomic: ckpt.pt is replaced only by a complete file, so a crash mid-write keeps the previous one."""
-    atomic_write(run_dir / "ckpt.pt", lambda tmp: torch.save(state, tmp))
-
-
 def log_metrics(run_dir: Path, row: dict):
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -530,74 +620,88 @@ def trim_metrics(run_dir: Path, step: int):
         atomic_write(f, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))
 
 
-def train_phases(model, phases: list[Phase], cfg, run_dir: Path, device, no_decay: set, stage: str):
+def train_phases(root: Root, phases: list[Phase], cfg, run_dir: Path, device, no_decay: set, stage: str,
+                 world: World) -> bool:
+    """Run the phases from the newest checkpoint on; False if --stop-at ended the run before the last step.
+
+    One optimizer step = global_batch sequences = (global_batch / (micro_batch x world size)) micro batches on each
+    rank, each loss a mean over its micro batch, so the gradient (FSDP averages it over the ranks) is the mean of
+    the per-micro-batch gradients: what one process computes with the same global batch.
+    """
     from tqdm import tqdm
     amp = autocast(cfg, device)
-    accum = cfg.global_batch // cfg.micro_batch
+    accum = cfg.global_batch // (cfg.micro_batch * world.size)
     total = sum(ph.steps for ph in phases)
     step, resumed = 0, None
-    ckpt = run_dir / "ckpt.pt"
-    if cfg.resume and ckpt.exists():
-        resumed = torch.load(ckpt, map_location=device, weights_only=False)   # checked by check_flags
-        model.load_state_dict(resumed["model"])
+    latest = parallel.latest_checkpoint(run_dir) if cfg.resume else None
+    if latest is not None:                          # checked by check_flags: same stage and flags
+        resumed = parallel.read_train_state(latest)
+        parallel.load_checkpoint(latest, root, None, world)
         step = resumed["step"]
-        trim_metrics(run_dir, step)
-        print(f"resuming {stage} from {ckpt} at step {step}")
+        if world.main:
+            trim_metrics(run_dir, step)
+            print(f"resuming {stage} from {latest} at step {step} (written by {resumed['world_size']} "
+                  f"process(es), now {world.size})")
     good = step
-    bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True, disable=None if world.main else True)
     offset = 0
     for pi, ph in enumerate(phases):
         if step >= offset + ph.steps:
             offset += ph.steps
             continue
-        set_trainable(model, ph.params)
         opt = make_optimizer(ph.params, cfg, no_decay)
         phase_cfg = _phase_schedule(cfg, ph.steps)
         if resumed is not None and resumed["phase"] == pi:
-            if resumed["optim"] is not None:        # None: saved at the very end of the previous phase
-                opt.load_state_dict(resumed["optim"])
+            if resumed["has_optim"]:                # False: saved at the very end of the previous phase
+                parallel.load_checkpoint(latest, root, opt, world)
             ph.loader.load_state_dict(resumed["loader"])
-            set_rng_state(resumed["rng"])
-        model.train()
+        root.train()
         t0, tokens = time.time(), 0
         while step < offset + ph.steps:
             lr = lr_at(step - offset, phase_cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            metrics = {}
+            metrics = {"loss": 0.0}
             for _ in range(accum):
                 batch = ph.loader.next_batch()
                 with amp:
-                    loss, m = ph.loss_fn(batch)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise SystemExit(f"{stage}: loss is {loss.item()} at step {step} ({ph.name}); stopped. "
-                                     f"The last good checkpoint ({ckpt if good else 'none'}, step {good}) is kept.")
+                    loss, m = root(ph.loss_fn, batch)
                 (loss / accum).backward()
-                for k, v in m.items():
+                for k, v in {"loss": loss.item(), **m}.items():
                     metrics[k] = metrics.get(k, 0.0) + v / accum
                 x = batch[0] if isinstance(batch, tuple) else batch
-                tokens += x.shape[0] * (x.shape[1] - 1)
-            gnorm = torch.nn.utils.clip_grad_norm_(ph.params, cfg.grad_clip)
+                tokens += x.shape[0] * (x.shape[1] - 1) * world.size
+            metrics = parallel.mean_over_ranks(world, metrics)
+            if not math.isfinite(metrics["loss"]):      # the same verdict on every rank
+                bar.close()
+                raise SystemExit(f"{stage}: loss is {metrics['loss']} at step {step} ({ph.name}); stopped. The last "
+                                 f"good checkpoint ({latest if good else 'none'}, step {good}) is kept.")
+            gnorm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(ph.params, cfg.grad_clip)).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             tps = tokens / max(time.time() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()} | {"lr": f"{lr:.2g}", "tok/s": f"{tps:.0f}"})
-            if step % cfg.log_every == 0 or step == offset + ph.steps:
-                log_metrics(run_dir, {"step": step, "phase": ph.name, "lr": lr, "grad_norm": gnorm.item(),
-                                      "tok_per_s": round(tps, 1), **metrics})
-            if step % cfg.ckpt_every == 0 or step == offset + ph.steps:
-                phase_over = step == offset + ph.steps
-                save_checkpoint(run_dir, {"stage": stage, "step": step, "phase": pi + 1 if phase_over else pi,
-                                          "model": model.state_dict(), "optim": None if phase_over else
-                                          opt.state_dict(), "loader": ph.loader.state_dict(), "rng": rng_state(),
-                                          "config": asdict(cfg)})
+            phase_over = step == offset + ph.steps
+            if world.main and (step % cfg.log_every == 0 or phase_over):
+                row = {"step": step, "phase": ph.name, "lr": lr, "grad_norm": gnorm, "tok_per_s": round(tps, 1)}
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                log_metrics(run_dir, {**row, **metrics})
+            stopping = step == cfg.stop_at
+            if step % cfg.ckpt_every == 0 or phase_over or stopping:
+                state = {"stage": stage, "step": step, "phase": pi + 1 if phase_over else pi,
+                         "loader": ph.loader.state_dict(), "config": asdict(cfg)}
+                latest = parallel.save_checkpoint(run_dir, root, None if phase_over else opt, state, world)
                 good = step
+            if stopping and step < total:
+                bar.close()
+                return False
         offset += ph.steps
         resumed = None
     bar.close()
+    return True
 
 
 def _phase_schedule(cfg, steps: int):
@@ -610,55 +714,86 @@ def _phase_schedule(cfg, steps: int):
 # One stage, end to end
 
 
-def check_flags(stage: str, cfg):
+def init_shape(path: Path) -> tuple[int, int] | None:
+    """(dim, n_layers) from a checkpoint directory's config.json / params.json, without reading any tensor."""
+    try:
+        if detect_layout(path) == "hf":
+            a = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+            return a.dim, a.n_layers
+        p = read_json(path / "params.json")
+        return int(p["dim"]), int(p["n_layers"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None                # build_model reports what is wrong with the directory
+
+
+def check_flags(stage: str, cfg, world: World = World()):
     """Mistakes that need no model or data, reported before anything is loaded or written."""
-    if cfg.micro_batch <= 0 or cfg.global_batch % cfg.micro_batch:
+    if cfg.micro_batch <= 0 or cfg.global_batch % (cfg.micro_batch * world.size):
+        procs = f" x {world.size} processes" if world.size > 1 else ""
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a positive multiple of --micro-batch "
-                         f"{cfg.micro_batch}")
+                         f"{cfg.micro_batch}{procs}")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise SystemExit(f"--dtype {cfg.dtype!r}: expected bfloat16 or float32")
     if stage == "pretrain" and cfg.quantizer not in ("direct", "vq"):
         raise SystemExit(f"--quantizer {cfg.quantizer!r}: expected direct or vq")
-    ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    if cfg.cpu_offload and not world.launched:
+        raise SystemExit("--cpu-offload shards and offloads with FSDP: launch with torchrun (--nproc_per_node=1 "
+                         "works too)")
+    if cfg.init and stage != "base":
+        shape, want = init_shape(Path(cfg.init)), PRESETS[cfg.preset]
+        if shape is not None and shape != (want.dim, want.n_layers):
+            match = [n for n, a in PRESETS.items() if (a.dim, a.n_layers) == shape]
+            raise SystemExit(f"--init {cfg.init}: a model of dim {shape[0]} with {shape[1]} layers, but --preset "
+                             f"{cfg.preset} has dim {want.dim} with {want.n_layers} layers"
+                             + (f"; use --preset {match[0]}" if match else ""))
+    latest = parallel.latest_checkpoint(Path(cfg.out_dir)) if cfg.resume else None
+    if latest is not None:
+        saved = parallel.read_train_state(latest)
         if saved["stage"] != stage:
-            raise SystemExit(f"{ckpt}: checkpoint of stage {saved['stage']!r}, not {stage!r}; use another "
+            raise SystemExit(f"{latest}: checkpoint of stage {saved['stage']!r}, not {stage!r}; use another "
                              f"--out-dir")
-        ignore = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches"}
+        ignore = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
+                  "cpu_offload", "activation_checkpointing"}
         now = asdict(cfg)
         if now.get("steps") == 0:          # fine-tuning steps derived from --epochs: the saved value is resolved
             ignore.add("steps")
         for k, v in saved["config"].items():
             if k not in ignore and now.get(k) != v:
-                raise SystemExit(f"{ckpt}: was written with --{k.replace('_', '-')} {v}, this run has {now.get(k)}; "
-                                 f"resume with the same flags or use another --out-dir")
+                raise SystemExit(f"{latest}: was written with --{k.replace('_', '-')} {v}, this run has "
+                                 f"{now.get(k)}; resume with the same flags or use another --out-dir")
 
 
-def run_stage(stage: str, cfg) -> dict:
-    check_flags(stage, cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
+    """One stage end to end: the result (evaluations before and after), or None if --stop-at ended it early."""
+    check_flags(stage, cfg, world)
+    device = parallel.init_process_group(world, cfg.device)
     run_dir = Path(cfg.out_dir)
     tok = Tokenizer.find(cfg.init or None, cfg.tokenizer or None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_model(stage, cfg, device, tok)
+    root = build_root(stage, cfg, device, tok, world)
+    model = root.model
     if cfg.seq_len + 1 > max_seq_len(model):
         raise SystemExit(f"--seq-len {cfg.seq_len}: windows of {cfg.seq_len + 1} tokens exceed the model's "
                          f"max_seq_len {max_seq_len(model)}")
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(blocks_of(model))
     amp = autocast(cfg, device)
 
-    # -- data ----------------------------------------------------------------------------------------------------
+    # -- data: rank 0 tokenizes the embedded corpus once, the others then read its shards ----------------------
+    finetune = isinstance(cfg, FinetuneArgs)
+    if world.main:
+        lm_shards(cfg, tok)
+        if finetune:
+            general_text_shards(cfg, tok)
+    parallel.barrier(world)
     train_paths, val_paths = lm_shards(cfg, tok)
     lm_val = data.TokenLoader(val_paths, cfg.micro_batch, cfg.seq_len, seed=1234)
     lm_val_batches = [lm_val.next_batch().to(device) for _ in range(cfg.eval_batches)]
     task_val = general_val = None
-    if isinstance(cfg, FinetuneArgs):
+    split = dict(rank=world.rank, world_size=world.size, global_batch=cfg.global_batch)
+    if finetune:
         tokens, mask = sft_tensors(cfg, tok, "train")
-        loader = DeviceLoader(data.SFTLoader(tokens, mask, cfg.micro_batch, seed=cfg.seed), device)
+        loader = DeviceLoader(data.SFTLoader(tokens, mask, cfg.micro_batch, seed=cfg.seed, **split), device)
         if cfg.steps <= 0:
             cfg.steps = max(1, round(cfg.epochs * len(tokens) / cfg.global_batch))
         vt, vm = sft_tensors(cfg, tok, "val")
@@ -668,58 +803,70 @@ def run_stage(stage: str, cfg) -> dict:
         general = data.TokenLoader(general_text_shards(cfg, tok), cfg.micro_batch, cfg.seq_len, seed=1234)
         general_val = [general.next_batch().to(device) for _ in range(cfg.eval_batches)]
     else:
-        loader = DeviceLoader(data.TokenLoader(train_paths, cfg.micro_batch, cfg.seq_len, seed=cfg.seed), device)
+        loader = DeviceLoader(data.TokenLoader(train_paths, cfg.micro_batch, cfg.seq_len, seed=cfg.seed, **split),
+                              device)
 
-    # -- the run directory: resolved config (steps included), stale temporary files of a killed run removed ------
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in run_dir.glob(".*.tmp*"):
-        tmp.unlink()
-    resolved = {"stage": stage, **asdict(cfg), "n_params": sum(p.numel() for p in model.parameters())}
-    atomic_write(run_dir / "config.json", lambda t: t.write_text(json.dumps(resolved, indent=2)))
-    print(json.dumps(resolved))
+    # -- the run directory: resolved config (steps included), leftovers of a killed run removed ------------------
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in run_dir.glob(".*.tmp*"):
+            tmp.unlink()
+        parallel.remove_incomplete_checkpoints(run_dir)
+        resolved = {"stage": stage, **asdict(cfg), "n_params": sum(p.numel() for p in model.parameters()),
+                    "world_size": world.size}
+        atomic_write(run_dir / "config.json", lambda t: t.write_text(json.dumps(resolved, indent=2)))
+        print(json.dumps(resolved))
+    parallel.barrier(world)
 
     # The VQ ablation's IDM emits code vectors, not action logits: evaluate its (frozen) base only.
-    eval_model = model.base if stage == "pretrain" and cfg.quantizer == "vq" else model
-    before = {"lm_val": evaluate(eval_model, lm_val_batches, amp)}
+    vq = stage == "pretrain" and cfg.quantizer == "vq"
+    before = {"lm_val": evaluate(root, lm_val_batches, amp, lm_only=vq)}
     if task_val:
-        before["task_val"] = evaluate(model, task_val[0], amp, task_val[1])
-        before["general_val"] = evaluate(model, general_val, amp)
+        before["task_val"] = evaluate(root, task_val[0], amp, task_val[1])
+        before["general_val"] = evaluate(root, general_val, amp)
 
-    # -- phases --------------------------------------------------------------------------------------------------
+    # -- phases: each loss_fn(model, batch) runs as root(loss_fn, batch) ---------------------------------------
     no_decay = set()
     if stage == "base":
-        phases = [Phase("lm", list(model.parameters()), lambda x: base_loss(model, x), loader, cfg.steps)]
+        phases = [Phase("lm", list(model.parameters()), lambda m, x: base_loss(m, x), loader, cfg.steps)]
     elif stage == "sft":
-        phases = [Phase("sft", list(model.parameters()), lambda b: base_loss(model, *b), loader, cfg.steps)]
+        phases = [Phase("sft", list(model.parameters()), lambda m, b: base_loss(m, *b), loader, cfg.steps)]
     else:
         groups = model.param_groups()
         no_decay = {id(p) for p in groups["codebook"]}
         if stage == "pretrain":
-            fn = vq_pretrain_loss if cfg.quantizer == "vq" else pretrain_loss
+            fn = vq_pretrain_loss if vq else pretrain_loss
             params = groups["idm"] + groups["codebook"] + groups["merge"]
-            phases = [Phase("stage-a", params, lambda x: fn(model, x, cfg), loader, cfg.steps)]
+            phases = [Phase("stage-a", params, lambda m, x: fn(m, x, cfg, loader.ids), loader, cfg.steps)]
         elif stage == "bc":
-            phases = [Phase("stage-b", groups["policy"], lambda x: bc_loss(model, x), loader, cfg.steps)]
+            phases = [Phase("stage-b", groups["policy"], lambda m, x: bc_loss(m, x), loader, cfg.steps)]
         elif stage == "fta-i":
-            phases = [Phase("fta-i/base", groups["base"], lambda b: fta_i_loss(model, *b), loader, cfg.steps),
-                      Phase("fta-i/bc", groups["policy"], lambda b: bc_loss(model, *b), loader, cfg.steps)]
+            phases = [Phase("fta-i/base", groups["base"], lambda m, b: fta_i_loss(m, *b), loader, cfg.steps),
+                      Phase("fta-i/bc", groups["policy"], lambda m, b: bc_loss(m, *b), loader, cfg.steps)]
         else:
-            phases = [Phase("fta-p", groups["base"], lambda b: fta_p_loss(model, *b), loader, cfg.steps)]
+            phases = [Phase("fta-p", groups["base"], lambda m, b: fta_p_loss(m, *b), loader, cfg.steps)]
     t0 = time.time()
-    train_phases(model, phases, cfg, run_dir, device, no_decay, stage)
+    finished = train_phases(root, phases, cfg, run_dir, device, no_decay, stage, world)
     seconds = time.time() - t0
+    if not finished:
+        if world.main:
+            print(f"{stage}: stopped after step {cfg.stop_at} (--stop-at); its checkpoint is in {run_dir}/"
+                  f"checkpoints. Run the same command without --stop-at to continue.")
+        return None
 
     # -- final evaluation and export ---------------------------------------------------------------------------
-    after = {"lm_val": evaluate(eval_model, lm_val_batches, amp)}
+    after = {"lm_val": evaluate(root, lm_val_batches, amp, lm_only=vq)}
     if task_val:
-        after["task_val"] = evaluate(model, task_val[0], amp, task_val[1])
-        after["general_val"] = evaluate(model, general_val, amp)
-    result = {"stage": stage, "train_seconds": round(seconds, 1), "before": before, "after": after}
+        after["task_val"] = evaluate(root, task_val[0], amp, task_val[1])
+        after["general_val"] = evaluate(root, general_val, amp)
+    result = {"stage": stage, "train_seconds": round(seconds, 1), "world_size": world.size, "before": before,
+              "after": after}
     if stage == "pretrain":
-        result["codebook"] = final_codebook_usage(model, lm_val_batches, amp, cfg)
-    log_metrics(run_dir, {"eval": result})
-    export(model, run_dir / "final", stage, cfg)
-    print(json.dumps(result, indent=2))
+        result["codebook"] = final_codebook_usage(root, lm_val_batches, amp, cfg)
+    export(root, run_dir, stage, cfg, world)
+    if world.main:
+        log_metrics(run_dir, {"eval": result})
+        print(json.dumps(result, indent=2))
     return result
 
 
@@ -732,6 +879,11 @@ class DeviceLoader:
     def next_batch(self):
         b = self.loader.next_batch()
         return tuple(t.to(self.device) for t in b) if isinstance(b, tuple) else b.to(self.device)
+
+    @property
+    def ids(self):
+        """The data-stream positions of the last batch's rows."""
+        return self.loader.ids
 
     def state_dict(self):
         return self.loader.state_dict()
@@ -747,28 +899,47 @@ def blocks_of(model):
 
 
 @torch.no_grad()
-def final_codebook_usage(model: CoLA, batches, amp, cfg) -> dict:
+def final_codebook_usage(root: Root, batches, amp, cfg) -> dict:
     """Alive actions and the most-used share over the held-out windows (argmax / nearest code, no noise)."""
+    def assign(model, x):
+        z = model.idm_logits(model.hidden(x))[:, 1:].float()                                 # [B, T, K|D]
+        if cfg.quantizer == "vq":
+            return nearest_code(z, model.codebook.weight.float())                            # [B, T]
+        return z.argmax(-1)                                                                  # [B, T]
     ks = []
     for x in batches:
         with amp:
-            z = model.idm_logits(model.hidden(x))[:, 1:].float()                            # [B, T, K|D]
-        if cfg.quantizer == "vq":
-            ks.append(nearest_code(z, model.codebook.weight.float()))                        # [B, T]
-        else:
-            ks.append(z.argmax(-1))
-    return codebook_usage(torch.cat([k.flatten() for k in ks]), model.args.n_actions)
+            ks.append(root(assign, x))
+    parallel.reshard(root)
+    return codebook_usage(torch.cat([k.flatten() for k in ks]), root.model.args.n_actions)
 
 
-def export(model, path: Path, stage: str, cfg):
-    """final/: the model in the HF (base) or official CoLA layout, tagged with the stage that wrote it."""
+def export(root: Root, run_dir: Path, stage: str, cfg, world: World):
+    """final/: the model in the HF (plain Llama) or official CoLA layout, tagged with the stage that wrote it; for
+    the stages that train a CoLA's base (fta-i, fta-p) also final-llama/, that base alone in the HF Llama layout.
+
+    Under torchrun the full tensors are gathered on rank 0 (a collective), which writes the files.
+    """
     if stage == "pretrain" and cfg.quantizer == "vq":
         return      # the ablation's IDM head has another shape: nothing downstream loads it
-    model.save_pretrained(path)
-    cfg_file = path / "config.json"
-    c = json.loads(cfg_file.read_text())
-    c["train_stage"] = stage
-    atomic_write(cfg_file, lambda t: t.write_text(json.dumps(c, indent=2)))
+    state = parallel.full_state_dict(root, world)
+    if world.main:
+        model = root.model
+        if world.launched:                       # a plain copy of the sharded model, from the gathered tensors
+            with torch.device("meta"):
+                model = model_from_spec(model_spec(root.model), stage, cfg)
+            model.load_state_dict(state, assign=True)
+            base = model if isinstance(model, Transformer) else model.base
+            if base.args.tie_embeddings:
+                base.output.weight = base.tok_embeddings.weight
+        model.save_pretrained(run_dir / "final")
+        cfg_file = run_dir / "final" / "config.json"
+        c = json.loads(cfg_file.read_text())
+        c["train_stage"] = stage
+        atomic_write(cfg_file, lambda t: t.write_text(json.dumps(c, indent=2)))
+        if stage in ("fta-i", "fta-p"):
+            model.base.save_pretrained(run_dir / "final-llama")
+    parallel.barrier(world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -839,11 +1010,24 @@ def results_table(r: dict, seconds: float) -> str:
 
 
 def main(argv=None):
+    world = parallel.world_from_env()
     stage, cfg = parse_args(argv)
-    if stage == "pipeline":
-        run_pipeline(cfg)
-    else:
-        run_stage(stage, cfg)
+    try:
+        if stage == "pipeline":
+            if world.launched:
+                raise SystemExit("--stage pipeline runs the tiny preset in one process: start it with python, "
+                                 "not torchrun")
+            run_pipeline(cfg)
+        else:
+            run_stage(stage, cfg, world)
+            parallel.barrier(world)             # every rank done before any tears the process group down
+    except SystemExit as e:
+        if world.rank != 0 and isinstance(e.code, str):
+            raise SystemExit(1) from None       # rank 0 prints the message, once
+        raise
+    finally:
+        if parallel.dist.is_initialized():
+            parallel.dist.destroy_process_group()
 
 
 if __name__ == "__main__":

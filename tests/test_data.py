@@ -204,10 +204,17 @@ def test_token_loader_windows_ranks_union(tmp_path):
     starts = [int(w[0]) for w in ws]
     assert sorted(starts) == list(range(0, 24 * T, T)) and starts != sorted(starts)   # each once, shuffled
     assert [int(w[0]) for w in epoch_windows(single, 8)] != starts      # next epoch: new order
-    ranks = [[int(w[0]) for w in epoch_windows(TokenLoader(tmp_path, B, T, r, 2, seed=5), 4)]
-             for r in range(2)]
-    assert ranks[0] == starts[0::2] and ranks[1] == starts[1::2]         # rank r: positions r, r+W, ...
-    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(starts)
+    # Global batch 6 = 2 ranks x micro 3: each step's 6 windows are the single-process step's, micro batch for
+    # micro batch (rank 0 the first 3, rank 1 the next 3), and the stream positions say which rows they are.
+    one = TokenLoader(paths, B, T, seed=5, global_batch=6)
+    two = [TokenLoader(tmp_path, B, T, r, 2, seed=5, global_batch=6) for r in range(2)]
+    for step in range(10):                                               # crosses epoch boundaries
+        for r in range(2):
+            want = one.next_batch()
+            assert torch.equal(two[r].next_batch(), want)
+            assert two[r].ids.tolist() == one.ids.tolist() == list(range(6 * step + 3 * r, 6 * step + 3 * r + 3))
+    with pytest.raises(ValueError, match="global batch 8 is not a multiple of world size 2 x micro batch 3"):
+        TokenLoader(paths, B, T, 0, 2, global_batch=8)
 
 
 def test_token_loader_resume(tmp_path):
@@ -216,19 +223,26 @@ def test_token_loader_resume(tmp_path):
     for _ in range(5):
         a.next_batch()
     state = json.loads(json.dumps(a.state_dict()))                       # survives a checkpoint
-    expected = [a.next_batch() for _ in range(10)]                       # crosses epoch boundaries (15/epoch)
+    expected = [a.next_batch() for _ in range(10)]                       # crosses epoch boundaries (30/epoch)
     b = TokenLoader(paths, 4, 8, rank=1, world_size=2, seed=3)
     b.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(expected, [b.next_batch() for _ in range(10)]))
+    # the same state resumes on one rank: it reads both ranks' rows of the next steps, in the same order
+    c = TokenLoader(paths, 4, 8, seed=3, global_batch=8)
+    c.load_state_dict(state)
+    both = [c.next_batch() for _ in range(20)]
+    assert all(torch.equal(x, y) for x, y in zip(expected, both[1::2]))
     with pytest.raises(ValueError):
         TokenLoader(paths, 4, 16, rank=1, world_size=2, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="global batch 8, now 4"):
+        TokenLoader(paths, 4, 8, seed=3).load_state_dict(state)
 
 
 def test_token_loader_errors(tmp_path):
     paths = arange_shards(tmp_path, 20, cut=7)
     with pytest.raises(ValueError) as e:
-        TokenLoader(paths, 2, 16, rank=0, world_size=2)
-    assert "has 20 tokens, fewer than one window of seq_len+1 = 17 per rank" in one_line(e)
+        TokenLoader(paths, 2, 32, rank=0, world_size=2)
+    assert "has 20 tokens, fewer than one window of seq_len+1 = 33" in one_line(e)
     with pytest.raises(FileNotFoundError) as e:
         TokenLoader([tmp_path / "nope.bin"], 2, 4)
     assert "nope.bin" in one_line(e)
@@ -267,10 +281,9 @@ def test_sft_loader_and_jsonl(tmp_path, tok):
     x, m = encode_sft(task_sft_records("countdown", "train", 10, seed=0), tok, 511)
     batches = lambda ld, k: [ld.next_batch() for _ in range(k)]          # noqa: E731
     a = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
-    full = [b for ld in (SFTLoader(x, m, 5, seed=1),) for b in batches(ld, 2)]
-    order = torch.cat([t for t, _ in full])                              # one epoch of the single-rank order
-    got = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, 0, 2, seed=1), 1)])
-    assert torch.equal(got, order[0::2])
+    order = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, seed=1), 2)])   # one epoch, single rank
+    got = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, 1, 2, seed=1), 1)])
+    assert torch.equal(got, order[5:10])                                 # rank 1: the second half of step 0
     batches(a, 2)
     state = a.state_dict()
     b = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)

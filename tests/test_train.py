@@ -4,8 +4,9 @@ Tiers (style.md rule 9):
   smoke    every stage as a subprocess (`python train.py --stage ...`), chained through --init, a few steps each,
            and the whole pipeline at its smallest scale;
   resume   a run SIGKILLed after a checkpoint and rerun with the same command logs exactly the loss curve of an
-           uninterrupted run (pretrain: Gumbel RNG restored; fta-i: killed inside phase 1 and at the phase boundary);
-  crash    a failure while ckpt.pt is being written, or a NaN loss, keeps the last good checkpoint loadable;
+           uninterrupted run (pretrain: Gumbel noise seeded per sequence; fta-i: killed inside phase 1 and at the
+           phase boundary);
+  crash    a failure while a checkpoint is being written, or a NaN loss, keeps the last good checkpoint loadable;
   errors   each predictable mistake (bad flag, wrong --init, missing data, too-long --seq-len ...) stops with a
            message that names it;
   unit     lr schedule, masked CE against a hand computation, optimizer groups, which parameters each loss trains.
@@ -17,7 +18,6 @@ All on CPU at toy sizes (seq_len 64 for LM stages, 256 for task stages, a handfu
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -30,22 +30,12 @@ import torch
 
 import cola
 import model as model_py
+import parallel
 import train
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
+from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, TRAIN, cmd, read_rows, run_ok, step_rows
+
 K = cola.COLA_PRESETS["tiny"].n_actions          # 64
-
-# Toy shapes. LM stages read windows of the embedded corpus; task stages read a small jsonl of short records written
-# below (the embedded Countdown / arithmetic prompts are ~220 tokens; the pipeline test runs those).
-LM = ["--seq-len", "64", "--micro-batch", "4", "--global-batch", "8", "--eval-batches", "2", "--log-every", "1"]
-TASK = ["--seq-len", "48", "--micro-batch", "4", "--global-batch", "8", "--eval-batches", "2", "--log-every", "1"]
-LM_STEPS, TASK_STEPS = 3, 2
-
-# One thread per training process: on 2 shared cores, two OpenMP threads next to a busy neighbour spin-wait and run
-# ~10x slower; one thread is as fast on a quiet machine at these sizes. Every run of a comparison uses the same env.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -55,49 +45,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> list:
-    """TASK flags plus --sft-data / --sft-val: 24 + 8 short prompt/response records (<= 40 byte tokens each)."""
-    d = tmp_path_factory.mktemp("task")
-    for name, lo, n in (("train", 0, 24), ("val", 50, 8)):
-        recs = [{"prompt": f"Q: {a} + {a + 3} =", "response": f" {2 * a + 3}. Done."} for a in range(lo, lo + n)]
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return TASK + ["--sft-data", d / "train.jsonl", "--sft-val", d / "val.jsonl"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def cmd(stage, out_dir, *args):
-    return [sys.executable, str(TRAIN), "--stage", stage, "--out-dir", str(out_dir), *map(str, args)]
-
-
-def run_ok(argv, timeout=300) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
-    assert p.returncode == 0, f"{' '.join(argv)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a half-written last line (a run being killed) is skipped."""
-    f = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if f.exists():
-        for line in f.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
-
-
-def step_rows(run_dir: Path) -> list[dict]:
-    return [r for r in read_rows(run_dir) if "step" in r]
-
-
 def load_ckpt(run_dir: Path) -> dict:
-    return torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=False)
+    """train.json of the newest complete checkpoint (stage, step, phase, has_optim, loader, config)."""
+    latest = parallel.latest_checkpoint(run_dir)
+    assert latest is not None, f"no complete checkpoint in {run_dir}"
+    return parallel.read_train_state(latest)
+
+
+def checkpoint_files(run_dir: Path) -> dict:
+    """Every file under run_dir/checkpoints -> its bytes (to check that a failed run wrote nothing there)."""
+    d = Path(run_dir) / "checkpoints"
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else {}
 
 
 def numbers(obj):
@@ -114,22 +76,6 @@ def numbers(obj):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Smoke: every stage, chained through --init, once per module
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, task) -> Path:
-    """base -> pretrain -> bc -> fta-i, fta-p; sft from base; the VQ ablation from base. Returns the parent dir."""
-    root = tmp_path_factory.mktemp("chain")
-    lm = LM + ["--steps", LM_STEPS, "--ckpt-every", 2]
-    task = task + ["--steps", TASK_STEPS, "--ckpt-every", 1]
-    run_ok(cmd("base", root / "base", *lm))
-    run_ok(cmd("pretrain", root / "pretrain", "--init", root / "base/final", *lm))
-    run_ok(cmd("pretrain", root / "vq", "--init", root / "base/final", "--quantizer", "vq", *lm))
-    run_ok(cmd("bc", root / "bc", "--init", root / "pretrain/final", *lm))
-    run_ok(cmd("fta-i", root / "fta-i", "--init", root / "bc/final", *task))
-    run_ok(cmd("fta-p", root / "fta-p", "--init", root / "bc/final", *task))
-    run_ok(cmd("sft", root / "sft", "--init", root / "base/final", *task))
-    return root
 
 
 # run dir -> (stage, optimizer steps it logs: fta-i runs its two phases of --steps each)
@@ -204,7 +150,7 @@ def test_pipeline_smallest_scale(tmp_path):
         alive, of = line.split("|")[2].split("/")
         assert 1 <= int(alive) <= K and int(of) == K
     for name in ("base", "pretrain", "pretrain-vq", "bc", "fta-i", "fta-p", "sft"):
-        assert (out / name / "ckpt.pt").exists() and read_rows(out / name)[-1].get("eval"), name
+        assert load_ckpt(out / name)["stage"] and read_rows(out / name)[-1].get("eval"), name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,10 +258,10 @@ def fta_resume(chain, task, tmp_path_factory):
 def _check_fta(out, where):
     ref_rows, rows, ck, _ = out
     if where == "inside":
-        assert ck["step"] < FTA_N and ck["phase"] == 0 and ck["optim"] is not None, \
+        assert ck["step"] < FTA_N and ck["phase"] == 0 and ck["has_optim"], \
             f"kill landed at checkpoint step {ck['step']}, not inside phase 1"
     else:
-        assert ck["step"] == FTA_N and ck["phase"] == 1 and ck["optim"] is None, \
+        assert ck["step"] == FTA_N and ck["phase"] == 1 and not ck["has_optim"], \
             f"kill landed at checkpoint step {ck['step']}, not at the phase boundary"
     ref = {r["step"]: r for r in comparable(ref_rows)}
     assert sorted(ref) == list(range(1, 2 * FTA_N + 1))
@@ -342,21 +288,29 @@ def test_resume_fta_i_every_step_logged_once(fta_resume, where):
 
 
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
-    train.save_checkpoint(tmp_path, {"step": 1, "w": torch.arange(1000)})
-    written = []
+    import torch.distributed.checkpoint as dcp
+    net = parallel.Root(torch.nn.Linear(8, 4, bias=False))
+    with torch.no_grad():
+        net.model.weight.copy_(torch.arange(32.0).view(4, 8))
+    parallel.save_checkpoint(tmp_path, net, None, {"step": 1}, parallel.World())
+    real = dcp.save
 
-    def broken_save(obj, f, *a, **k):              # a disk that fills up halfway through the file
-        Path(f).write_bytes(b"PK\x03\x04 half a zip")
-        written.append(Path(f))
+    def broken_save(state, checkpoint_id, **k):    # a disk that fills up halfway through the shards
+        Path(checkpoint_id).mkdir(parents=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
         raise OSError("No space left on device")
-    monkeypatch.setattr(train.torch, "save", broken_save)
+    monkeypatch.setattr(dcp, "save", broken_save)
+    with torch.no_grad():
+        net.model.weight.zero_()
     with pytest.raises(OSError, match="No space left"):
-        train.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1000)})
-    monkeypatch.undo()
-    assert written, "save_checkpoint did not go through torch.save"
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ck["step"] == 1 and torch.equal(ck["w"], torch.arange(1000))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "a temporary file was left behind"
+        parallel.save_checkpoint(tmp_path, net, None, {"step": 2}, parallel.World())
+    monkeypatch.setattr(dcp, "save", real)
+    assert load_ckpt(tmp_path)["step"] == 1                 # the half-written step-2 is not "complete"
+    parallel.load_checkpoint(parallel.latest_checkpoint(tmp_path), net)
+    assert torch.equal(net.model.weight, torch.arange(32.0).view(4, 8))
+    parallel.remove_incomplete_checkpoints(tmp_path)        # what the next run does first
+    assert [d.name for d in parallel.checkpoint_dirs(tmp_path)] == ["step-0000001"]
+    assert not list(tmp_path.rglob(".*.tmp*")), "a temporary file was left behind"
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -412,7 +366,7 @@ def _bad(tmp_path, chain):
     empty.mkdir()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    shutil.copy(chain / "pretrain/ckpt.pt", foreign / "ckpt.pt")
+    shutil.copytree(chain / "pretrain/checkpoints", foreign / "checkpoints")
     return {
         "init from the wrong stage": (["--stage", "bc", "--init", chain / "base/final"], "written by stage 'base'"),
         "init directory missing": (["--stage", "pretrain", "--init", tmp_path / "nowhere"], "directory not found"),
@@ -441,23 +395,23 @@ def test_error_bad_input(case, chain, tmp_path, capsys, in_repo):
     if "--out-dir" not in argv:
         argv = argv + ["--out-dir", tmp_path / "run"]
     out = Path(argv[argv.index("--out-dir") + 1])
-    before = (out / "ckpt.pt").read_bytes() if (out / "ckpt.pt").exists() else None
+    before = checkpoint_files(out)
     msg = exit_message(argv, capsys)
     assert expected in msg, msg
     if case == "out dir of another stage":
         assert "use another --out-dir" in msg
     assert not (out / "metrics.jsonl").exists(), "an invalid run logged metrics"
-    assert ((out / "ckpt.pt").read_bytes() if (out / "ckpt.pt").exists() else None) == before
+    assert checkpoint_files(out) == before
 
 
 def test_error_foreign_out_dir_left_untouched(chain, tmp_path, capsys, in_repo):
     foreign = tmp_path / "foreign"
     shutil.copytree(chain / "pretrain", foreign)
-    before = {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()}
+    before = {str(p): p.read_bytes() for p in foreign.rglob("*") if p.is_file()}
     msg = exit_message(["--stage", "base", "--out-dir", foreign, "--seq-len", "32", "--micro-batch", "2",
                         "--global-batch", "2", "--eval-batches", "1"], capsys)
     assert "checkpoint of stage 'pretrain'" in msg
-    assert {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()} == before
+    assert {str(p): p.read_bytes() for p in foreign.rglob("*") if p.is_file()} == before
 
 
 def test_error_batch_flags_checked_before_work(tmp_path, capsys, in_repo, monkeypatch):
@@ -527,8 +481,15 @@ def test_make_optimizer_codebook_alone_without_weight_decay(tiny_cola):
     assert len(opt.param_groups[0]["params"]) == len(g["policy"])
 
 
+def only(model, params):
+    """requires_grad on exactly these parameters."""
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
 def grads_of(model, x, loss_fn, trainable):
-    train.set_trainable(model, trainable)
+    only(model, trainable)
     model.zero_grad(set_to_none=True)
     loss, _ = loss_fn(model, x)
     loss.backward()
@@ -550,18 +511,18 @@ def test_pretrain_loss_trains_idm_codebook_merge_only(tiny_cola):
     g = tiny_cola.param_groups()
     cfg = train.PretrainArgs()
     fn = lambda m, b: train.pretrain_loss(m, b, cfg)
-    grads = grads_of(tiny_cola, x, fn, g["idm"] + g["codebook"] + g["merge"])       # as train.py does
+    grads = grads_of(tiny_cola, x, fn, g["idm"] + g["codebook"] + g["merge"])       # as Stage A trains
     assert _has(grads["idm"]) and _has(grads["codebook"]) and _has(grads["merge"])
     assert _none(grads["base"]) and _none(grads["policy"])
     # even with everything trainable the base's embeddings and blocks get nothing (h = sg(base(x)) in the loss);
     # only Norm_f and W_lm, which the world model reuses on top of the merge module, would
-    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+    only(tiny_cola, list(tiny_cola.parameters()))
     tiny_cola.zero_grad(set_to_none=True)
     train.pretrain_loss(tiny_cola, x, cfg)[0].backward()
     got = sorted(n for n, p in tiny_cola.base.named_parameters() if p.grad is not None)
     assert got == ["norm.weight", "output.weight"]
     assert all(p.grad is None for p in tiny_cola.policy.parameters())
-    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+    only(tiny_cola, list(tiny_cola.parameters()))
 
 
 def test_bc_loss_trains_policy_only(tiny_cola):
@@ -574,7 +535,7 @@ def test_bc_loss_trains_policy_only(tiny_cola):
     assert _has(grads["policy"])
     for name in ("idm", "base", "codebook", "merge"):
         assert _none(grads[name]), name
-    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+    only(tiny_cola, list(tiny_cola.parameters()))
 
 
 def test_fta_losses_train_the_base(tiny_cola):
@@ -587,7 +548,7 @@ def test_fta_losses_train_the_base(tiny_cola):
     assert _has(grads["base"]) and _none(grads["idm"]) and _none(grads["policy"])
     grads = grads_of(tiny_cola, x, lambda m, b: train.fta_p_loss(m, b, mask), list(tiny_cola.parameters()))
     assert _has(grads["base"]) and _none(grads["policy"])        # greedy actions: no gradient through pi
-    train.set_trainable(tiny_cola, list(tiny_cola.parameters()))
+    only(tiny_cola, list(tiny_cola.parameters()))
 
 
 def test_activation_checkpointing_same_loss_and_grads():
@@ -613,3 +574,21 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert list(m.state_dict()) == list(ac.state_dict())
     for (n, p), (_, q) in zip(m.named_parameters(), ac.named_parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_set_trainable_per_stage(tiny_cola):
+    """requires_grad is set once per stage, to the union of its phases' parameter groups (FSDP reads it once)."""
+    for stage, names in train.TRAINS.items():
+        train.set_trainable(tiny_cola, stage)
+        for name, ps in tiny_cola.param_groups().items():
+            assert all(p.requires_grad == (name in names) for p in ps), (stage, name)
+    only(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_gumbel_noise_belongs_to_the_row_not_the_batch():
+    """A sequence gets the same noise in any micro batch, on any rank: it is seeded by its data-stream position."""
+    a = train.row_uniforms([5, 9], (3, 4), seed=1, device="cpu")
+    b = train.row_uniforms([9], (3, 4), seed=1, device="cpu")
+    assert a.shape == (2, 3, 4) and torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+    assert not torch.equal(train.row_uniforms([9], (3, 4), seed=2, device="cpu")[0], b[0])
+    assert 0 <= a.min() and a.max() < 1

@@ -1,0 +1,267 @@
+"""parallel.py: data parallelism with sharded parameters (PyTorch FSDP2) and sharded checkpoints for train.py.
+
+One process (`python train.py ...`) and N processes (`torchrun --nproc_per_node=N train.py ...`) run the same
+training code. What differs lives here:
+
+    World / world_from_env   who am I: torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    init_process_group       NCCL on GPUs (plus gloo for CPU tensors), gloo on CPU
+    Root                     the FSDP root: every computation on the model runs as root(fn, *args)
+    apply_fsdp               fully_shard each Llama block (base, IDM, policy), the merge module, then the root
+    load_full_state          rank 0's full state dict broadcast into the sharded model, tensor by tensor
+    save_checkpoint / load_checkpoint / latest_checkpoint
+                             torch.distributed.checkpoint (DCP) directories, resumable on any world size
+    full_state_dict          the whole model gathered on rank 0 (for the safetensors export)
+    mean_over_ranks, barrier
+
+Sharding (cola-spec section 3 at 8B, the paper's "8 x 80 GB" setting): parameters, gradients and AdamW state are
+split over the ranks (ZeRO-3). Each FSDP unit is all-gathered just before its forward and freed after it, and
+gathered again for backward; gradients are reduce-scattered. Frozen modules hold no gradient and no optimizer
+state and, when training in bfloat16, are stored in bfloat16 (half the bytes).
+
+Model files (model.py, idm.py, policy.py, cola.py) know nothing of torch.distributed.
+
+Checked facts this follows: ../shared/llama-ecosystem.md section 4 (FSDP2 and DCP in torch 2.13, on CPU with gloo
+too). Deviations from torchtitan's apply_fsdp: the root is a thin wrapper whose forward takes the computation to run
+(CoLA's training calls several model methods, not one forward); no separate embedding unit; gradients are averaged
+by FSDP (divide by world size) and losses are per-micro-batch means, which is how one process computes them too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Who am I
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    launched: bool = False          # started by torchrun (a process group exists, even with one process)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """torchrun's variables -> World; none of them set -> one process. Reads only, so it runs before any work."""
+    present = [v for v in RENDEZVOUS if v in os.environ]
+    if not present:
+        return World()
+    missing = [v for v in RENDEZVOUS if v not in os.environ]
+    if missing:
+        raise SystemExit(f"environment variable {missing[0]} is not set but {present[0]} is: launch with torchrun "
+                         f"(it sets {', '.join(RENDEZVOUS)}), or unset them all to run one process")
+    try:
+        rank, size, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise SystemExit("environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
+                         + ", ".join(f"{v}={os.environ[v]!r}" for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
+    if not (size >= 1 and 0 <= rank < size and local >= 0):
+        raise SystemExit(f"environment variable RANK={rank} is not in [0, WORLD_SIZE={size})")
+    return World(rank, size, local, launched=True)
+
+
+def init_process_group(world: World, device_flag: str) -> torch.device:
+    """The training device; under torchrun also the process group (NCCL + gloo on GPUs, gloo on CPU)."""
+    use_cuda = device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device_flag}: CUDA is not available on this machine")
+    if not world.launched:
+        return torch.device(device_flag or ("cuda" if use_cuda else "cpu"))
+    if use_cuda:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def barrier(world: World):
+    if world.launched:
+        dist.barrier()
+
+
+def mean_over_ranks(world: World, values: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks (every rank saw the same number of micro batches)."""
+    if not world.launched or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(world: World, obj):
+    """Rank 0's picklable object on every rank."""
+    if not world.launched:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharding
+
+
+class Root(nn.Module):
+    """root(fn, *args) = fn(model, *args).
+
+    FSDP2 gathers a unit's parameters in the forward hooks of that unit's module. The training losses call several
+    methods of CoLA (hidden, idm_logits, world_logits, policy_logits), which bypass those hooks, so everything runs
+    through this module's forward instead: its hooks gather the root-level parameters (embeddings, Norm_f, W_lm,
+    the codebook C, the IDM and policy norms and heads), and the blocks gather their own as they are called.
+    One process uses the same wrapper, so parameter names (and checkpoints) do not depend on the world size.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded one by one: each Llama block of the base, the IDM and the policy, and the merge module."""
+    if hasattr(model, "base"):                                  # CoLA
+        units = list(model.base.layers) + list(model.idm.layers) + [model.merge] + list(model.policy.layers)
+    else:                                                       # a plain Transformer
+        units = list(model.layers)
+    return [m for m in units if any(True for _ in m.parameters())]
+
+
+def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: bool = False):
+    """fully_shard every unit, then the root (bottom-up; each call is one all-gather / reduce-scatter group).
+
+    param_dtype bfloat16: parameters are gathered and computed in bf16, gradients reduced in fp32, the sharded
+    master weights stay in the dtype they have (fp32 for trained modules). Requires_grad must be final before
+    this call (FSDP reads it when it first runs). cpu_offload keeps the shards, gradients and AdamW state in host
+    memory; the optimizer step then runs on the CPU.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    for unit in fsdp_units(root.model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
+
+
+def reshard(root: Root):
+    """Free the root's gathered parameters (FSDP keeps the root's gathered after a forward without backward, and
+    the module then holds the gathered tensors, not the sharded parameters the optimizer steps)."""
+    if hasattr(root, "reshard"):
+        root.reshard()
+
+
+def load_full_state(root: Root, full: dict | None, world: World):
+    """Fill a sharded model from rank 0's full state dict ({} elsewhere): broadcast and sharded tensor by tensor,
+    so no other rank ever holds the whole model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(root, full if world.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_state_dict(root: Root, world: World) -> dict:
+    """The model's full tensors (names without the "model." prefix) on rank 0, on CPU; {} on the other ranks.
+    A collective under torchrun: every rank must call it."""
+    if not world.launched:
+        return root.model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a DTensor's full value (e.g. a gradient norm), or t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: <run_dir>/checkpoints/step-NNNNNNN/ = DCP files (model, AdamW) + train.json, written last
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose train.json exists: it is written after every rank's shards)."""
+    done = [d for d in checkpoint_dirs(run_dir) if (d / "train.json").exists()]
+    return done[-1] if done else None
+
+
+def read_train_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "train.json").read_text())
+
+
+def remove_incomplete_checkpoints(run_dir: Path):
+    """Directories of a save that a crash interrupted (no train.json). Rank 0, before training starts."""
+    for d in checkpoint_dirs(run_dir):
+        if not (d / "train.json").exists():
+            shutil.rmtree(d)
+
+
+def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, world: World) -> Path:
+    """Every rank writes its shards; then rank 0 writes train.json (atomically) and removes older checkpoints.
+
+    A crash at any moment leaves the previous checkpoint complete: it is deleted only after the new one is.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from model import atomic_write
+    path = Path(run_dir) / "checkpoints" / f"step-{train_state['step']:07d}"
+    if optimizer is None:
+        state = {"model": get_model_state_dict(root)}
+    else:
+        msd, osd = get_state_dict(root, optimizer)
+        state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():             # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=path, no_dist=not world.launched)
+    barrier(world)
+    if world.main:
+        atomic_write(path / "train.json", lambda t: t.write_text(json.dumps(
+            {**train_state, "has_optim": optimizer is not None, "world_size": world.size}, indent=1)))
+        for old in checkpoint_dirs(run_dir):
+            if old != path:
+                shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World()):
+    """Model (and, if given, optimizer) state from a DCP checkpoint, resharded to this world size in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(root)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched)
+        set_model_state_dict(root, state["model"])
+    else:
+        msd, osd = get_state_dict(root, optimizer)
+        state = {"model": msd, "optim": osd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched)
+        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
