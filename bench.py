@@ -16,6 +16,7 @@ Run:
     python bench.py --no-hf                          # ours only (transformers is optional)
     python bench.py --threads 1                      # steadier on a CPU shared with other jobs
     python bench.py --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
+    python bench.py --memory-plan                    # per-GPU bytes of each stage at 8B on 8 GPUs (arithmetic)
 On a GPU the same commands run there (--device cuda); timings synchronise the device.
 
 FLOP counting (Kaplan et al. 2020, PaLM appendix B), per trained token:
@@ -62,6 +63,10 @@ p.add_argument("--no-hf", action="store_true", help="skip the transformers compa
 p.add_argument("--load-rss", action="store_true", help="only measure peak RSS of from_pretrained (see docstring)")
 p.add_argument("--rss-preset", default="llama-3.2-1b", choices=sorted(PRESETS), help="shapes for --load-rss")
 p.add_argument("--tmp", default=tempfile.gettempdir(), help="where --load-rss writes its checkpoints")
+p.add_argument("--memory-plan", action="store_true", help="only print the per-GPU memory plan of every training "
+               "stage under FSDP (arithmetic, see memory_plan)")
+p.add_argument("--gpus", type=int, default=8, help="--memory-plan: GPUs the state is sharded over")
+p.add_argument("--micro-batch", type=int, default=4, help="--memory-plan: sequences per GPU per forward")
 
 
 def sync(device):
@@ -351,9 +356,84 @@ def load_rss(a):
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Memory plan of each training stage under FSDP (bytes per GPU; arithmetic from the real module sizes, not measured)
+
+
+def block_activation_bytes(a: ModelArgs) -> int:
+    """Bytes per token a Llama block keeps for backward in bf16, flash attention (no T x T scores): the inputs of
+    both RMSNorms and of wq/wk/wv and w1/w3 (4 x D), q, k, v after RoPE and the attention output (2 D + 2 D_kv),
+    and on the SwiGLU side w1's and w3's outputs, silu's output and their product (4 x F)."""
+    d_kv = a.n_kv_heads * (a.dim // a.n_heads)
+    return 2 * (4 * a.dim + 2 * a.dim + 2 * d_kv + 4 * a.ffn_hidden)
+
+
+def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
+    """Per-GPU bytes of every stage at micro batch x seq tokens, state sharded over `gpus` (ZeRO-3, train.py under
+    torchrun, bf16 mixed precision).
+
+    state       trained parameters 16 B each (fp32 weight, fp32 gradient, AdamW m and v), frozen ones 2 B (bf16),
+                divided by the number of GPUs;
+    buffers     what FSDP gathers in bf16: the root group (embeddings, W_lm, norms, heads, C) for the whole step, the
+                current and the prefetched block; plus the root's fp32 gradients before they are reduce-scattered
+                when the base trains (its embeddings and W_lm);
+    activations the blocks gradients flow through keep block_activation_bytes per token (with activation
+                checkpointing only their 2 D input, plus one block recomputed); each merge layer its [s; e] input
+                and 4 F; the loss over V classes keeps bf16 logits, their fp32 copy and the fp32 log-softmax
+                (10 V bytes per token).
+    Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), the frozen base's forward under
+    no_grad (one block's working set at a time).
+    """
+    from cola import COLA_PRESETS, CoLA
+    from train import TRAINS
+    with torch.device("meta"):
+        m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
+    a, n = m.base_args, {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
+    c = m.args
+    tokens = micro * seq
+    blk = block_activation_bytes(a)
+    merge = 2 * (2 * a.dim + 4 * (c.merge_hidden or a.ffn_hidden))
+    ce_vocab = 10 * a.vocab_size
+    block_params = sum(p.numel() for p in m.base.layers[0].parameters())
+    root = sum(p.numel() for p in m.parameters()) - sum(p.numel() for u in
+                                                        list(m.base.layers) + list(m.idm.layers) +
+                                                        list(m.policy.layers) + [m.merge] for p in u.parameters())
+    # stage -> (trained groups, blocks with gradient flowing through, merge layers with gradient, loss classes)
+    stages = {
+        "pretrain": (TRAINS["pretrain"], c.n_idm_layers, c.n_merge_layers, a.vocab_size),
+        "bc": (TRAINS["bc"], c.n_policy_layers, 0, c.n_actions),
+        "fta-i (phase 1)": (TRAINS["fta-i"], a.n_layers + c.n_idm_layers, c.n_merge_layers, a.vocab_size),
+        "fta-p": (TRAINS["fta-p"], a.n_layers, c.n_merge_layers, a.vocab_size),
+        "sft": ({"base"}, a.n_layers, 0, a.vocab_size),
+    }
+    G = 2**30
+    rows = []
+    for name, (trained, n_blocks, n_merge, classes) in stages.items():
+        groups = {"base"} if name == "sft" else set(n)
+        t = sum(n[g] for g in groups & trained)
+        f = sum(n[g] for g in groups - trained)
+        state = (16 * t + 2 * f) / gpus
+        buffers = 2 * root + 2 * 2 * block_params + (4 * root if "base" in trained else 0)
+        loss = tokens * 10 * classes
+        act = tokens * (n_blocks * blk + n_merge * merge) + loss
+        act_ac = tokens * (n_blocks * 2 * a.dim + blk + n_merge * merge) + loss
+        rows.append((name, t, f, state / G, buffers / G, act / G, act_ac / G, (state + buffers + act) / G,
+                     (state + buffers + act_ac) / G))
+    head = (f"| stage | trained | frozen | state | FSDP buffers | activations | activations (AC) | total | "
+            f"total (AC) |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r[0]} | {r[1] / 1e9:.2f} B | {r[2] / 1e9:.2f} B | " + " | ".join(f"{v:.1f}" for v in r[3:]) + " |"
+             for r in rows]
+    note = (f"GiB per GPU: preset {preset}, {gpus} GPUs, micro batch {micro} x {seq} tokens; "
+            f"the loss over V = {a.vocab_size} alone {tokens * ce_vocab / G:.1f} GiB")
+    return "\n".join([note, head, *lines])
+
+
 if __name__ == "__main__":
     a = p.parse_args()
-    if a.load_rss:
+    if a.memory_plan:
+        print(memory_plan(a.preset if a.preset != "tiny" else "llama-3.1-8b", a.gpus, a.micro_batch,
+                          a.seq if a.seq != 256 else 2048))
+    elif a.load_rss:
         load_rss(a)
     else:
         throughput(a)

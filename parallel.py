@@ -102,9 +102,7 @@ def mean_over_ranks(world: World, values: dict[str, float]) -> dict[str, float]:
     if not world.launched or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)      # a CPU tensor: gloo reduces it
     dist.all_reduce(t)
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
 

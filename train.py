@@ -169,6 +169,12 @@ TINY = {
 }
 COMMON_TINY = dict(ckpt_every=100, log_every=10, eval_batches=8)
 
+# The 8B-sized presets: stages that train the 8B base recompute each block in backward. Without it their
+# activations at micro batch 4 x 2048 alone take 51-58 GiB per GPU and the total exceeds an 80 GB GPU
+# (`python bench.py --memory-plan`: fta-i 83, fta-p 75, sft 72 GiB before the CUDA context; 35-41 GiB with it).
+LARGE = {"fta-i": dict(activation_checkpointing=True), "fta-p": dict(activation_checkpointing=True),
+         "sft": dict(activation_checkpointing=True)}
+
 
 def parse_args(argv=None):
     """--stage picks the dataclass; its fields become flags; the preset fills defaults the user did not set."""
@@ -190,17 +196,19 @@ def parse_args(argv=None):
     cls = STAGE_ARGS[known.stage]
     if known.preset not in PRESETS:
         pre.error(f"--preset {known.preset!r}: expected one of {', '.join(PRESETS)}")
-    defaults = {**COMMON_TINY, **TINY[known.stage]} if known.preset == "tiny" else {}
+    defaults = {**COMMON_TINY, **TINY[known.stage]} if known.preset == "tiny" else LARGE.get(known.stage, {})
     p = argparse.ArgumentParser(prog=f"train.py --stage {known.stage}", description=cls.__doc__)
     p.add_argument("--stage", choices=STAGES)
     for f in fields(cls):
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")                 # argparse formats help with %
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default "
+                           f"{default})")
         else:
             typ = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=typ, default=default, help=f"{f.metadata['help']} (default {default})")
+            p.add_argument(flag, type=typ, default=default, help=f"{text} (default {default})")
     ns = p.parse_args(argv)
     cfg = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
     cfg.out_dir = cfg.out_dir or f"runs/{known.stage}"

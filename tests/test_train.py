@@ -344,6 +344,24 @@ def exit_message(argv, capsys) -> str:
     return capsys.readouterr().err if isinstance(code, int) else str(code)
 
 
+@pytest.mark.parametrize("stage", train.STAGES)
+def test_help_of_every_stage(stage, capsys):
+    """--help lists every flag with its default (a % in a help text once broke argparse's formatting)."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage", stage, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--global-batch" in out and "--stop-at" in out and "(default" in out
+
+
+def test_large_presets_checkpoint_activations_where_the_base_trains():
+    """At 8B, fta-i / fta-p / sft need activation checkpointing to fit 80 GB (bench.py --memory-plan)."""
+    for stage in train.STAGES:
+        _, cfg = train.parse_args(["--stage", stage, "--preset", "llama-3.1-8b"])
+        assert cfg.activation_checkpointing == (stage in ("fta-i", "fta-p", "sft")), stage
+        _, cfg = train.parse_args(["--stage", stage])
+        assert not cfg.activation_checkpointing, stage
+
+
 def test_error_unknown_stage(capsys):
     msg = exit_message(["--stage", "nope"], capsys)
     assert "invalid choice: 'nope'" in msg and all(s in msg for s in train.STAGES + ["pipeline"]), msg
