@@ -372,8 +372,9 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     """Per-GPU bytes of every stage at micro batch x seq tokens, state sharded over `gpus` (ZeRO-3, train.py under
     torchrun, bf16 mixed precision).
 
-    state       trained parameters 16 B each (fp32 weight, fp32 gradient, AdamW m and v), frozen ones 2 B (bf16),
-                divided by the number of GPUs;
+    state       trained parameters 16 B each (fp32 weight, fp32 gradient, AdamW m and v); a frozen base 2 B (the
+                official weights are bf16 values, kept in bf16: train.bf16_frozen_groups), frozen new modules 4 B
+                (trained in fp32 by an earlier stage, kept exact); all divided by the number of GPUs;
     buffers     what FSDP gathers in bf16: the root group (embeddings, W_lm, norms, heads, C) for the whole step, the
                 current and the prefetched block; plus the root's fp32 gradients before they are reduce-scattered
                 when the base trains (its embeddings and W_lm);
@@ -412,15 +413,15 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
         groups = {"base"} if name == "sft" else set(n)
         t = sum(n[g] for g in groups & trained)
         f = sum(n[g] for g in groups - trained)
-        state = (16 * t + 2 * f) / gpus
+        state = (16 * t + sum((2 if g == "base" else 4) * n[g] for g in groups - trained)) / gpus
         buffers = 2 * root + 2 * 2 * block_params + (4 * root if "base" in trained else 0)
         loss = tokens * 10 * classes
         act = tokens * (n_blocks * blk + n_merge * merge) + loss
         act_ac = tokens * (n_blocks * 2 * a.dim + blk + n_merge * merge) + loss
         rows.append((name, t, f, state / G, buffers / G, act / G, act_ac / G, (state + buffers + act) / G,
                      (state + buffers + act_ac) / G))
-    head = (f"| stage | trained | frozen | state | FSDP buffers | activations | activations (AC) | total | "
-            f"total (AC) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| stage | trained | frozen | state | FSDP buffers | activations | activations (AC) | total | "
+            "total (AC) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r[0]} | {r[1] / 1e9:.2f} B | {r[2] / 1e9:.2f} B | " + " | ".join(f"{v:.1f}" for v in r[3:]) + " |"
              for r in rows]
     note = (f"GiB per GPU: preset {preset}, {gpus} GPUs, micro batch {micro} x {seq} tokens; "

@@ -565,6 +565,20 @@ def write_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenizer,
     return paths
 
 
+def finished_shards(out_dir: Path, tokenizer: Tokenizer, source: str) -> list[Path] | None:
+    """The shards of out_dir if its meta.json records this source and tokenizer and every shard is there in full."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    paths = [out_dir / name for name in meta.get("shards", [])]
+    same = (meta.get("source"), meta.get("tokenizer"), meta.get("vocab_size")) == \
+        (source, tokenizer.model.name, tokenizer.n_words)
+    if not (same and paths and all(p.is_file() for p in paths)):
+        return None
+    return paths if sum(p.stat().st_size for p in paths) == 4 * meta["n_tokens"] else None
+
+
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer,
             shard_tokens: int = 50_000_000) -> list[Path]:
     """.txt / .jsonl files -> out_dir/shard_*.bin (uint32) + meta.json. Every input is checked before writing."""
@@ -578,10 +592,14 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer,
 
 
 def prepare_embedded(out_dir: str | Path, tokenizer: Tokenizer, seed: int = 0) -> dict[str, list[Path]]:
-    """The embedded corpus tokenized: out_dir/train/shard_*.bin and out_dir/val/shard_*.bin (+ meta.json each).
-    Under torchrun call it on rank 0 and barrier (concurrent calls are safe but wasted work)."""
-    return {split: write_shards(embedded_corpus(split, seed), Path(out_dir) / split, tokenizer,
-                                source=f"embedded:{split}:seed{seed}:v{DATA_VERSION}") for split in SPLITS}
+    """The embedded corpus tokenized: out_dir/train/shard_*.bin and out_dir/val/shard_*.bin (+ meta.json each),
+    once: later calls find the finished shards. Under torchrun call it on rank 0 first and barrier."""
+    out = {}
+    for split in SPLITS:
+        d, source = Path(out_dir) / split, f"embedded:{split}:seed{seed}:v{DATA_VERSION}"
+        out[split] = finished_shards(d, tokenizer, source) or write_shards(embedded_corpus(split, seed), d,
+                                                                           tokenizer, source=source)
+    return out
 
 
 def list_shards(paths) -> list[Path]:

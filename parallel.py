@@ -32,6 +32,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -82,13 +83,15 @@ def init_process_group(world: World, device_flag: str) -> torch.device:
         raise SystemExit(f"--device {device_flag}: CUDA is not available on this machine")
     if not world.launched:
         return torch.device(device_flag or ("cuda" if use_cuda else "cpu"))
+    # A long timeout: ranks wait in a collective while rank 0 alone writes an export (~70 GB at 8B after fta-i).
+    timeout = timedelta(hours=2)
     if use_cuda:
-        device = torch.device("cuda", world.local_rank)
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return device
 
 
@@ -114,6 +117,24 @@ def broadcast_object(world: World, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(world: World, fn):
+    """fn() on rank 0 only, the others waiting; an error there stops every rank (instead of leaving them waiting
+    in the next collective): rank 0 re-raises it, the others exit with its message."""
+    error = None
+    if world.main:
+        try:
+            result = fn()
+        except BaseException as e:          # noqa: B036 -- SystemExit and KeyboardInterrupt must reach the others
+            error = e
+    message = broadcast_object(world, None if error is None else (str(error.code) if isinstance(error, SystemExit)
+                                                                  else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise SystemExit(f"rank 0 failed: {message}")
+    return result if world.main else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,7 +177,10 @@ def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: b
     memory; the optimizer step then runs on the CPU.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # cast_forward_inputs=False: a block's inputs include the float32 RoPE table, which must stay float32 (bf16
+    # would round cos/sin and view_as_complex refuses it); activations are bf16 already since the weights are.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                              cast_forward_inputs=False)
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
     for unit in fsdp_units(root.model):
         fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
@@ -215,7 +239,7 @@ def remove_incomplete_checkpoints(run_dir: Path):
     """Directories of a save that a crash interrupted (no train.json). Rank 0, before training starts."""
     for d in checkpoint_dirs(run_dir):
         if not (d / "train.json").exists():
-            shutil.rmtree(d)
+            remove_checkpoint(d)
 
 
 def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, world: World) -> Path:
@@ -227,6 +251,9 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     from model import atomic_write
     path = Path(run_dir) / "checkpoints" / f"step-{train_state['step']:07d}"
+    if world.main and path.exists():            # a leftover of an earlier run: never mix its files with ours
+        remove_checkpoint(path)
+    barrier(world)
     if optimizer is None:
         state = {"model": get_model_state_dict(root)}
     else:
@@ -241,8 +268,14 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
             {**train_state, "has_optim": optimizer is not None, "world_size": world.size}, indent=1)))
         for old in checkpoint_dirs(run_dir):
             if old != path:
-                shutil.rmtree(old)
+                remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path: Path):
+    """train.json first, so that a crash midway leaves an incomplete directory, never a damaged complete one."""
+    (path / "train.json").unlink(missing_ok=True)
+    shutil.rmtree(path)
 
 
 def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World()):

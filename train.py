@@ -102,7 +102,7 @@ class Common:
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed for init, data order and Gumbel noise")
-    ckpt_every: int = arg(1000, "steps between resumable checkpoints (ckpt.pt)")
+    ckpt_every: int = arg(1000, "steps between resumable checkpoints (checkpoints/step-N)")
     log_every: int = arg(10, "steps between metrics.jsonl lines")
     eval_batches: int = arg(20, "held-out micro batches for the final evaluation")
     resume: bool = arg(True, "continue from the newest <out_dir>/checkpoints/step-N if there is one")
@@ -171,7 +171,7 @@ COMMON_TINY = dict(ckpt_every=100, log_every=10, eval_batches=8)
 
 # The 8B-sized presets: stages that train the 8B base recompute each block in backward. Without it their
 # activations at micro batch 4 x 2048 alone take 51-58 GiB per GPU and the total exceeds an 80 GB GPU
-# (`python bench.py --memory-plan`: fta-i 83, fta-p 75, sft 72 GiB before the CUDA context; 35-41 GiB with it).
+# (`python bench.py --memory-plan`: fta-i 84, fta-p 76, sft 72 GiB before the CUDA context; 35-41 GiB with it).
 LARGE = {"fta-i": dict(activation_checkpointing=True), "fta-p": dict(activation_checkpointing=True),
          "sft": dict(activation_checkpointing=True)}
 
@@ -492,6 +492,17 @@ def model_from_spec(spec: tuple, stage: str, cfg):
     return model
 
 
+def bf16_frozen_groups(model, stage: str) -> list[str]:
+    """The frozen parameter groups of a CoLA whose weights are all bf16 values already (the official 8B base is):
+    stored in bf16 under FSDP, they take half the memory and lose nothing. Groups that earlier stages trained in
+    float32 stay float32, so exports and later stages see exactly the weights one process would."""
+    if not isinstance(model, CoLA):
+        return []
+    exact = lambda p: torch.equal(p, p.to(torch.bfloat16).to(p.dtype))                      # noqa: E731
+    groups = model.param_groups()
+    return [name for name in sorted(set(groups) - TRAINS[stage]) if all(exact(p) for p in groups[name])]
+
+
 def build_root(stage: str, cfg, device, tok: Tokenizer, world: World) -> Root:
     """The model of a stage, wrapped in the Root every computation runs through (parallel.Root).
 
@@ -509,25 +520,17 @@ def build_root(stage: str, cfg, device, tok: Tokenizer, world: World) -> Root:
             enable_activation_checkpointing(blocks_of(model))
         return Root(model)
     from torch.distributed.device_mesh import init_device_mesh
-    full, spec = None, None
-    if world.main:
-        try:
-            full = build_model(stage, cfg, torch.device("cpu"), tok)
-            spec = model_spec(full)
-        except SystemExit as e:
-            spec = str(e.code)
-    spec = parallel.broadcast_object(world, spec)
-    if isinstance(spec, str):
-        raise SystemExit(spec)
+    full = parallel.on_main(world, lambda: build_model(stage, cfg, torch.device("cpu"), tok))
+    bf16 = cfg.dtype == "bfloat16"
+    spec, to_bf16 = parallel.broadcast_object(world, (model_spec(full), bf16_frozen_groups(full, stage) if bf16
+                                                      else []) if world.main else None)
     with torch.device("meta"):
         model = model_from_spec(spec, stage, cfg)
-    bf16 = cfg.dtype == "bfloat16"
     for m in (model, full):
         if m is not None:
-            set_trainable(m, stage)
-            if bf16 and isinstance(m, CoLA):         # frozen modules: bf16, no gradient, no optimizer state
-                for name in set(m.param_groups()) - TRAINS[stage]:
-                    getattr(m, name).to(torch.bfloat16)
+            set_trainable(m, stage)                  # frozen modules: no gradient, no optimizer state
+            for name in to_bf16:
+                getattr(m, name).to(torch.bfloat16)
     if cfg.activation_checkpointing:                 # before fully_shard (llama-ecosystem.md 4.4)
         enable_activation_checkpointing(blocks_of(model))
     root = Root(model)
@@ -574,8 +577,9 @@ def general_text_shards(cfg, tok: Tokenizer) -> list[Path]:
     """
     if cfg.val_data or cfg.data:
         return lm_shards(cfg, tok)[1]
-    docs = [d for d in data.stdlib_docs() if data.split_of(d) == "val"]
-    return data.write_shards(docs, embedded_cache(cfg, tok) / "general-val", tok, source="stdlib-docstrings:val")
+    out, source = embedded_cache(cfg, tok) / "general-val", f"stdlib-docstrings:val:v{data.DATA_VERSION}"
+    docs = (d for d in data.stdlib_docs() if data.split_of(d) == "val")
+    return data.finished_shards(out, tok, source) or data.write_shards(docs, out, tok, source=source)
 
 
 def sft_tensors(cfg: FinetuneArgs, tok: Tokenizer, split: str):
@@ -787,13 +791,9 @@ def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
                          f"max_seq_len {max_seq_len(model)}")
     amp = autocast(cfg, device)
 
-    # -- data: rank 0 tokenizes the embedded corpus once, the others then read its shards ----------------------
+    # -- data: rank 0 tokenizes the embedded corpus once, the others then find its shards ----------------------
     finetune = isinstance(cfg, FinetuneArgs)
-    if world.main:
-        lm_shards(cfg, tok)
-        if finetune:
-            general_text_shards(cfg, tok)
-    parallel.barrier(world)
+    parallel.on_main(world, lambda: (lm_shards(cfg, tok), finetune and general_text_shards(cfg, tok)))
     train_paths, val_paths = lm_shards(cfg, tok)
     lm_val = data.TokenLoader(val_paths, cfg.micro_batch, cfg.seq_len, seed=1234)
     lm_val_batches = [lm_val.next_batch().to(device) for _ in range(cfg.eval_batches)]
@@ -814,17 +814,23 @@ def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
         loader = DeviceLoader(data.TokenLoader(train_paths, cfg.micro_batch, cfg.seq_len, seed=cfg.seed, **split),
                               device)
 
-    # -- the run directory: resolved config (steps included), leftovers of a killed run removed ------------------
-    if world.main:
+    # -- the run directory: resolved config (steps included), leftovers of a killed run removed; a run that does
+    # not resume starts from an empty checkpoints/ and metrics.jsonl -------------------------------------------
+    resolved = {"stage": stage, **asdict(cfg), "n_params": sum(p.numel() for p in model.parameters()),
+                "world_size": world.size}
+
+    def prepare_run_dir():
         run_dir.mkdir(parents=True, exist_ok=True)
         for tmp in run_dir.glob(".*.tmp*"):
             tmp.unlink()
         parallel.remove_incomplete_checkpoints(run_dir)
-        resolved = {"stage": stage, **asdict(cfg), "n_params": sum(p.numel() for p in model.parameters()),
-                    "world_size": world.size}
+        if not (cfg.resume and parallel.latest_checkpoint(run_dir)):
+            for old in parallel.checkpoint_dirs(run_dir):
+                parallel.remove_checkpoint(old)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write(run_dir / "config.json", lambda t: t.write_text(json.dumps(resolved, indent=2)))
         print(json.dumps(resolved))
-    parallel.barrier(world)
+    parallel.on_main(world, prepare_run_dir)
 
     # The VQ ablation's IDM emits code vectors, not action logits: evaluate its (frozen) base only.
     vq = stage == "pretrain" and cfg.quantizer == "vq"
@@ -931,7 +937,8 @@ def export(root: Root, run_dir: Path, stage: str, cfg, world: World):
     if stage == "pretrain" and cfg.quantizer == "vq":
         return      # the ablation's IDM head has another shape: nothing downstream loads it
     state = parallel.full_state_dict(root, world)
-    if world.main:
+
+    def write():
         model = root.model
         if world.launched:                       # a plain copy of the sharded model, from the gathered tensors
             with torch.device("meta"):
@@ -947,7 +954,7 @@ def export(root: Root, run_dir: Path, stage: str, cfg, world: World):
         atomic_write(cfg_file, lambda t: t.write_text(json.dumps(c, indent=2)))
         if stage in ("fta-i", "fta-p"):
             model.base.save_pretrained(run_dir / "final-llama")
-    parallel.barrier(world)
+    parallel.on_main(world, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------

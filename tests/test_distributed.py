@@ -3,6 +3,8 @@
 Tiers (style.md rule 9):
   equal    every stage for 20 optimizer steps on 2 processes logs the per-step losses of 1 process at the same
            global batch (float32, within 1e-5 relative), and exports the same weights;
+  bf16     the default --dtype bfloat16 on 2 processes (mixed precision, bf16 storage of a bf16 base, activation
+           checkpointing) stays within 1e-3 of one process;
   resume   a 2-process run stopped at step 10 (--stop-at) resumes from its DCP checkpoint on 1 and on 2 processes
            and logs the uninterrupted run's steps 11..20;
   load     the model sharded over 2 processes (rank 0 reads, broadcast) gives one process's logits;
@@ -110,6 +112,29 @@ def test_two_processes_export_the_same_model(runs, stage):
     if stage == "fta-i":
         assert (two / "final-llama/config.json").exists() and "train_stage" not in \
             (two / "final-llama/config.json").read_text()
+
+
+def test_bf16_two_processes(chain, tmp_path):
+    """The default --dtype bfloat16 under FSDP: bf16 compute, fp32 gradient reduction, the RoPE table kept float32
+    (FSDP must not cast block inputs), and a frozen base whose weights are bf16 values (as the official ones are)
+    stored in bf16, with activation checkpointing on. Losses stay within 1e-3 of one process under autocast, and
+    the export keeps the base in bf16 and the trained IDM in float32."""
+    from safetensors import safe_open
+    from model import Transformer
+    init = tmp_path / "base-bf16"
+    Transformer.from_pretrained(chain / "base/final").to(torch.bfloat16).save_pretrained(init)
+    flags = ["--init", init, "--seq-len", "32", "--micro-batch", "1", "--global-batch", "4", "--eval-batches", "1",
+             "--log-every", "1", "--steps", "4"]
+    run_ok(cmd("pretrain", tmp_path / "one", *flags))
+    run_ok(TORCHRUN + cmd("pretrain", tmp_path / "two", *flags, "--activation-checkpointing")[1:])
+    one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert close(a["loss"], b["loss"], 1e-3), (a["step"], a["loss"], b["loss"])
+    with safe_open(tmp_path / "two/final/model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {v for k, v in dtypes.items() if k.startswith("model.layers.")} == {"BF16"}
+    assert {v for k, v in dtypes.items() if k.startswith("model.action_layers.")} == {"F32"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
