@@ -315,7 +315,7 @@ def nearest_code(z_e: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return dist.argmin(-1)                                                                   # [B, T]
 
 
-def vq_pretrain_loss(model: CoLA, x, cfg: PretrainArgs, ids=None):
+def vq_pretrain_loss(model: CoLA, x, cfg: PretrainArgs):
     """Ablation: nearest-neighbour VQ instead of direct assignment (VQ-VAE straight-through + commitment).
 
     z_e = encoder output (IDM blocks, norm, head d -> d); k = argmin_k ||z_e - C_k||; e = C_k;
@@ -648,7 +648,8 @@ def train_phases(root: Root, phases: list[Phase], cfg, run_dir: Path, device, no
     latest = parallel.latest_checkpoint(run_dir) if cfg.resume else None
     if latest is not None:                          # checked by check_flags: same stage and flags
         resumed = parallel.read_train_state(latest)
-        parallel.load_checkpoint(latest, root, None, world)
+        if not resumed["has_optim"]:                # else the model comes with the optimizer, at its phase below
+            parallel.load_checkpoint(latest, root, None, world)
         step = resumed["step"]
         if world.main:
             trim_metrics(run_dir, step)
@@ -665,7 +666,7 @@ def train_phases(root: Root, phases: list[Phase], cfg, run_dir: Path, device, no
         phase_cfg = _phase_schedule(cfg, ph.steps)
         if resumed is not None and resumed["phase"] == pi:
             if resumed["has_optim"]:                # False: saved at the very end of the previous phase
-                parallel.load_checkpoint(latest, root, opt, world)
+                parallel.load_checkpoint(latest, root, opt, world)      # model and AdamW state, one read
             ph.loader.load_state_dict(resumed["loader"])
         root.train()
         t0, tokens = time.time(), 0
@@ -849,9 +850,10 @@ def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
         groups = model.param_groups()
         no_decay = {id(p) for p in groups["codebook"]}
         if stage == "pretrain":
-            fn = vq_pretrain_loss if vq else pretrain_loss
+            fn = (lambda m, x: vq_pretrain_loss(m, x, cfg)) if vq else \
+                (lambda m, x: pretrain_loss(m, x, cfg, loader.ids))          # ids seed the Gumbel noise
             params = groups["idm"] + groups["codebook"] + groups["merge"]
-            phases = [Phase("stage-a", params, lambda m, x: fn(m, x, cfg, loader.ids), loader, cfg.steps)]
+            phases = [Phase("stage-a", params, fn, loader, cfg.steps)]
         elif stage == "bc":
             phases = [Phase("stage-b", groups["policy"], lambda m, x: bc_loss(m, x), loader, cfg.steps)]
         elif stage == "fta-i":
