@@ -64,6 +64,7 @@ from model import PRESETS, Transformer, args_from_hf_config, atomic_write, detec
 from parallel import Root, World
 from tokenizer import Tokenizer
 import data
+import tasks
 import parallel
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
@@ -590,7 +591,7 @@ def sft_tensors(cfg: FinetuneArgs, tok: Tokenizer, split: str):
     else:
         n = cfg.n_records if split == "train" else max(64, cfg.n_records // 10)
         records = [r for kind in ("countdown", "arith")
-                   for r in data.task_sft_records(kind, split, n // 2, seed=cfg.seed)]
+                   for r in tasks.task_sft_records(kind, split, n // 2, seed=cfg.seed)]
     return data.encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
 
 

@@ -1,0 +1,353 @@
+"""Tasks with checkable answers: problem generators, reference solutions and rule-based rewards.
+
+The paper's RL (Sec. 4, Algorithm 4) and search (Algorithm 3) score completions with rule-based rewards where the
+task has a checkable answer. This module holds our two tasks and their checkers; data.py mixes their texts into the
+pre-training corpus and the fine-tuning records, rl.py and mcts.py call `reward`.
+
+  - Countdown in the "thinking format" (<think> ... </think> <answer> equation </answer>): reach the target with
+    + - * / using each listed number exactly once.
+  - Multi-step arithmetic word problems answered in \\boxed{}.
+
+Splits: a problem is "val" when the blake2b hash of its prompt falls in the lowest 5% (`split_of`, which data.py
+also applies to documents); identical texts always land in the same split, and train/val never overlap.
+
+Commands:
+    python data.py sample --kind countdown -n 3              # print fresh problems and reference solutions
+
+Deviations from the paper / official code:
+  - our own Countdown (TinyZero-style prompt, shortened) and templated arithmetic word problems instead of MATH /
+    agent benchmarks; the checkers follow the same rules (0/1 on the final answer);
+  - Countdown pays `format_score` 0.1 for a well-formed but wrong completion, as TinyZero does.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Iterator
+
+KINDS = ("countdown", "arith")
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.05                          # share of documents / problems held out as "val"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits: content-hashed, shared with data.py's documents
+
+def split_of(text: str) -> str:
+    """'val' for the VAL_FRACTION of texts whose hash is lowest, else 'train' (content-based, seed-free)."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return "val" if h % 10_000 < VAL_FRACTION * 10_000 else "train"
+
+
+def check_split(split: str | None, allow_none: bool = False):
+    if split not in SPLITS and not (allow_none and split is None):
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic tasks (Sec. 4): a problem, its reference solution, and a rule-based checker
+
+@dataclass
+class Problem:
+    kind: str              # "countdown" or "arith"
+    prompt: str            # the question, ending in "\n"; the model's completion follows it
+    answer: str            # reference final answer: an equation (countdown) or a number (arith)
+    meta: dict = field(default_factory=dict)   # countdown: numbers, target; arith: template name
+    response: str = ""     # reference solution text (think trace / steps, then the answer)
+
+    @property
+    def text(self) -> str:
+        """Prompt and solution as one pre-training document."""
+        return self.prompt + self.response
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Problem":
+        return cls(d["kind"], d["prompt"], d["answer"], dict(d.get("meta", {})), d.get("response", ""))
+
+
+# --- Countdown: reach the target with + - * / using each number once ---
+
+PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def render(e, parent: str | None = None, right: bool = False) -> str:
+    """Expression tree (int or (op, left, right)) -> infix text with only the parentheses it needs."""
+    if isinstance(e, int):
+        return str(e)
+    op, a, b = e
+    s = f"{render(a, op)} {op} {render(b, op, True)}"
+    if parent and (PREC[op] < PREC[parent] or (right and PREC[op] == PREC[parent] and parent in "-/")):
+        s = f"({s})"
+    return s
+
+
+def combine(rng: random.Random, numbers: list[int]):
+    """Combine random pairs with a random legal op until one value is left; every intermediate is a positive
+    integer. Returns (value, expression tree, steps like '50 + 25 = 75')."""
+    items, steps = [(n, n) for n in numbers], []
+    while len(items) > 1:
+        i, j = rng.sample(range(len(items)), 2)
+        (a, ea), (b, eb) = items[i], items[j]
+        ops = ["+", "*"] + (["-"] if a > b else []) + (["/"] if b > 1 and a % b == 0 else [])
+        op = rng.choice(ops)
+        v = {"+": a + b, "-": a - b, "*": a * b, "/": a // (b or 1)}[op]
+        steps.append(f"{a} {op} {b} = {v}")
+        items = [x for k, x in enumerate(items) if k not in (i, j)] + [(v, (op, ea, eb))]
+    return items[0][0], items[0][1], steps
+
+
+def make_countdown(rng: random.Random) -> Problem:
+    """3-4 numbers in 1..99, a target in 1..999 reachable with all of them, and a think trace with one failed
+    attempt then the construction that works."""
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        target, expr, steps = combine(rng, numbers)
+        if not 1 <= target <= 999:
+            continue
+        for _ in range(20):                                   # a failed attempt: another order/ops, wrong value
+            miss, _, miss_steps = combine(rng, numbers)
+            if miss != target:
+                break
+        else:
+            continue
+        prompt = (f"Using the numbers {numbers}, create an equation that equals {target}. Use + - * / and each "
+                  f"number exactly once. Show your work in <think> </think> and the equation in <answer> </answer>."
+                  f"\n")
+        answer = render(expr)
+        response = (f"<think>\nTry {', '.join(miss_steps)}. {miss} is not {target}.\n"
+                    f"Try {', '.join(steps)}. That is {target}.\n</think>\n<answer>{answer}</answer>")
+        return Problem("countdown", prompt, answer, {"numbers": numbers, "target": target}, response)
+
+
+def last_tag(text: str, tag: str) -> str | None:
+    found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+THINK_FORMAT = re.compile(r"<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>",
+                          flags=re.DOTALL)
+
+
+def safe_arith(expr: str) -> tuple[list[int], Fraction] | None:
+    """Parse `expr` with ast (never eval): only non-negative integer literals, + - * / and parentheses.
+    Returns (the literals used, exact value) or None if anything else appears or it divides by zero."""
+    if len(expr) > 300:
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    used = []
+    ops = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
+           ast.Div: Fraction.__truediv__}
+
+    def value(n):
+        if isinstance(n, ast.Constant) and type(n.value) is int:
+            used.append(n.value)
+            return Fraction(n.value)
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](value(n.left), value(n.right))
+        raise ValueError(f"not allowed: {type(n).__name__}")
+
+    try:
+        return used, value(tree.body)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def countdown_reward(problem: Problem, completion: str, format_score: float = 0.1) -> float:
+    """1.0 if the last <answer> uses each listed number exactly once, nothing else, and equals the target;
+    format_score if the completion is a well-formed <think>..</think><answer>..</answer> but wrong; else 0.0."""
+    numbers, target = problem.meta["numbers"], problem.meta["target"]
+    expr = last_tag(completion, "answer")
+    parsed = safe_arith(expr) if expr else None
+    if parsed is not None:
+        used, v = parsed
+        if sorted(used) == sorted(numbers) and v == target:
+            return 1.0
+    return format_score if THINK_FORMAT.fullmatch(completion.strip()) else 0.0
+
+
+# --- Arithmetic word problems, 2-4 steps, answer in \boxed{} ---
+
+NAMES = ["Tom", "Ana", "Ravi", "Mei", "Omar", "Lena", "Kofi", "Sara", "Ivan", "Yuki", "Lucas", "Nadia"]
+ITEMS = ["apples", "marbles", "stickers", "pencils", "cards", "shells", "stamps", "coins"]
+THINGS = ["bike", "game", "jacket", "lamp", "book set", "guitar"]
+
+
+def arith_buy_give(r):
+    n, it = r.choice(NAMES), r.choice(ITEMS)
+    a, b, c = r.randint(2, 30), r.randint(2, 6), r.randint(2, 12)
+    s = a + b * c
+    d = r.randint(1, s - 1)
+    q = (f"{n} has {a} {it}. {n} buys {b} bags with {c} {it} each and gives away {d}. "
+         f"How many {it} does {n} have now?")
+    return q, [f"The bags hold {b} * {c} = {b * c} {it}.", f"After buying, {n} has {a} + {b * c} = {s} {it}.",
+               f"After giving away {d}, {n} has {s} - {d} = {s - d} {it}."], s - d
+
+
+def arith_savings(r):
+    n, a, w = r.choice(NAMES), r.randint(3, 40), r.randint(2, 12)
+    s = a * w
+    b = r.randint(1, s - 1)
+    q = (f"{n} saves {a} dollars every week for {w} weeks and then spends {b} dollars on a {r.choice(THINGS)}. "
+         f"How many dollars does {n} have left?")
+    return q, [f"{n} saves {a} * {w} = {s} dollars.", f"After spending {b}, {n} has {s} - {b} = {s - b} dollars."], \
+        s - b
+
+
+def arith_cookies(r):
+    while True:
+        t, c, p = r.randint(2, 6), r.randint(4, 12), r.randint(2, 9)
+        total = t * c
+        if (total - 1) // p >= 1:
+            break
+    per = r.randint(1, (total - 1) // p)
+    k = total - p * per
+    q = (f"A baker bakes {t} trays of {c} cookies. {k} cookies break, and the rest are shared equally among {p} "
+         f"friends. How many cookies does each friend get?")
+    return q, [f"There are {t} * {c} = {total} cookies.", f"After {k} break, {total} - {k} = {total - k} are left.",
+               f"Each friend gets {total - k} / {p} = {per} cookies."], per
+
+
+def arith_travel(r):
+    v, h, u, g = r.randint(20, 120), r.randint(1, 6), r.randint(20, 120), r.randint(1, 6)
+    q = (f"A train travels at {v} km per hour for {h} hours, then at {u} km per hour for {g} hours. "
+         f"How many kilometres does it travel in total?")
+    return q, [f"First part: {v} * {h} = {v * h} km.", f"Second part: {u} * {g} = {u * g} km.",
+               f"Total: {v * h} + {u * g} = {v * h + u * g} km."], v * h + u * g
+
+
+def arith_change(r):
+    while True:
+        n, p, m, c = r.randint(1, 6), r.randint(2, 9), r.randint(1, 6), r.randint(1, 5)
+        cost = n * p + m * c
+        bills = [b for b in (20, 50, 100) if b > cost]
+        if bills:
+            break
+    name, bill = r.choice(NAMES), r.choice(bills)
+    q = (f"{name} buys {n} notebooks at {p} dollars each and {m} pens at {c} dollars each, paying with a "
+         f"{bill}-dollar bill. How much change does {name} get?")
+    return q, [f"Notebooks cost {n} * {p} = {n * p} dollars.", f"Pens cost {m} * {c} = {m * c} dollars.",
+               f"Together {n * p} + {m * c} = {cost} dollars.", f"The change is {bill} - {cost} = {bill - cost} "
+               f"dollars."], bill - cost
+
+
+def arith_pencils(r):
+    c, s, k = r.randint(2, 9), r.randint(15, 35), r.randint(2, 5)
+    x = r.randint(1, c * s - 1)
+    q = (f"A school has {c} classes of {s} students. {x} students are absent today, and each student present "
+         f"gets {k} pencils. How many pencils are handed out?")
+    return q, [f"There are {c} * {s} = {c * s} students.", f"Present: {c * s} - {x} = {c * s - x} students.",
+               f"Pencils: {c * s - x} * {k} = {(c * s - x) * k}."], (c * s - x) * k
+
+
+def arith_ages(r):
+    n, a, b, k = r.choice(NAMES), r.randint(3, 15), r.randint(1, 8), r.randint(3, 5)
+    q = (f"{n} is {a} years old. {n}'s brother is {b} years older, and their grandmother is {k} times as old as "
+         f"the brother. How old is the grandmother?")
+    return q, [f"The brother is {a} + {b} = {a + b} years old.",
+               f"The grandmother is {a + b} * {k} = {(a + b) * k} years old."], (a + b) * k
+
+
+def arith_orchard(r):
+    rows, c, f, bx = r.randint(2, 8), r.randint(3, 10), r.randint(4, 20), r.randint(2, 10)
+    total = rows * c * f
+    full = total // bx                                         # >= 2 full boxes since total >= 24, bx <= 10
+    g = total % bx + bx * r.randint(0 if total % bx else 1, min(3, full - 1))   # 1 <= g <= total - bx
+    good = total - g
+    q = (f"A farmer plants {rows} rows of {c} trees. Each tree gives {f} apples, and {g} apples are rotten. The "
+         f"good apples are packed in boxes of {bx}. How many boxes are filled?")
+    return q, [f"There are {rows} * {c} = {rows * c} trees.", f"They give {rows * c} * {f} = {total} apples.",
+               f"Good apples: {total} - {g} = {good}.", f"Boxes: {good} / {bx} = {good // bx}."], good // bx
+
+
+ARITH_TEMPLATES = [arith_buy_give, arith_savings, arith_cookies, arith_travel, arith_change, arith_pencils,
+                   arith_ages, arith_orchard]
+
+
+def make_arith(rng: random.Random) -> Problem:
+    """A word problem from one of the templates; the solution is one line per step, then \\boxed{answer}."""
+    template = rng.choice(ARITH_TEMPLATES)
+    question, steps, answer = template(rng)
+    prompt = f"{question} Solve step by step and put the final answer in \\boxed{{}}.\n"
+    response = "\n".join(steps) + f"\nThe answer is \\boxed{{{answer}}}."
+    return Problem("arith", prompt, str(answer), {"template": template.__name__}, response)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def parse_number(s: str) -> Fraction | None:
+    s = s.replace(" ", "").replace(",", "").replace("$", "").replace("\\!", "").rstrip(".")
+    m = re.fullmatch(r"\\d?frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    if m:
+        s = f"{m[1]}/{m[2]}"
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_reward(problem: Problem, completion: str) -> float:
+    """1.0 if the last \\boxed{} of the completion equals the answer as a number (20 == 20.0 == 40/2), else 0.0."""
+    boxed = last_boxed(completion)
+    got = parse_number(boxed) if boxed is not None else None
+    return 1.0 if got is not None and got == parse_number(problem.answer) else 0.0
+
+
+MAKERS = {"countdown": make_countdown, "arith": make_arith}
+CHECKERS = {"countdown": countdown_reward, "arith": math_reward}
+
+
+def reward(problem: Problem, completion: str) -> float:
+    """Rule-based reward of a completion (the text generated after problem.prompt)."""
+    if problem.kind not in CHECKERS:
+        raise ValueError(f"no checker for problem kind {problem.kind!r}; kinds are {KINDS}")
+    return CHECKERS[problem.kind](problem, completion)
+
+
+def problem_stream(kind: str, seed: int, stream: str, split: str | None = None) -> Iterator[Problem]:
+    """Endless problems of `kind` ("countdown", "arith" or "mix": alternating) from a named seed stream; with a
+    split, only problems whose prompt hashes into it. Streams "pretrain", "sft" and "rl" give different problems."""
+    if kind not in KINDS + ("mix",):
+        raise ValueError(f"unknown task kind {kind!r}; use one of {KINDS + ('mix',)}")
+    check_split(split, allow_none=True)
+    rng = random.Random(f"{stream}:{kind}:{seed}")            # str seeds are hashed with sha512: stable everywhere
+    i = 0
+    while True:
+        k = KINDS[i % 2] if kind == "mix" else kind
+        i += 1
+        p = MAKERS[k](rng)
+        if split is None or split_of(p.prompt) == split:
+            yield p
+
+
+def make_problems(kind: str, n: int, seed: int, split: str | None = None, stream: str = "rl") -> list[Problem]:
+    """n problems, deterministic from (kind, seed, split, stream). RL draws from stream "rl"."""
+    it = problem_stream(kind, seed, stream, split)
+    return [next(it) for _ in range(n)]
+
+
+def task_sft_records(kind: str, split: str, n: int, seed: int = 0) -> list[dict]:
+    """n {prompt, response, kind, answer, meta} records for FTA / SFT, from the "sft" stream (fresh problems,
+    not the pre-training ones)."""
+    check_split(split)
+    return [p.to_dict() for p in make_problems(kind, n, seed, split, stream="sft")]
