@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, ModelArgs, Transformer, hf_config, meta_to_hf, save_hf_checkpoint
+from checkpoint import hf_config, meta_to_hf, save_hf_checkpoint
+from model import PRESETS, ModelArgs, Transformer
 
 p = argparse.ArgumentParser(description="Training/generation throughput and load memory of model.py vs "
                             "transformers' LlamaForCausalLM.")
@@ -386,7 +387,6 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     no_grad (one block's working set at a time).
     """
     from cola import COLA_PRESETS, CoLA
-    from train import TRAINS
     with torch.device("meta"):
         m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
     a, n = m.base_args, {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
@@ -399,12 +399,13 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     root = sum(p.numel() for p in m.parameters()) - sum(p.numel() for u in
                                                         list(m.base.layers) + list(m.idm.layers) +
                                                         list(m.policy.layers) + [m.merge] for p in u.parameters())
-    # stage -> (trained groups, blocks with gradient flowing through, merge layers with gradient, loss classes)
+    # stage -> (groups with optimizer state, as train.py's stage functions train them; blocks with gradient flowing
+    # through; merge layers with gradient; loss classes). FTA-I's IDM runs without gradient (as in the release).
     stages = {
-        "pretrain": (TRAINS["pretrain"], c.n_idm_layers, c.n_merge_layers, a.vocab_size),
-        "bc": (TRAINS["bc"], c.n_policy_layers, 0, c.n_actions),
-        "fta-i (phase 1)": (TRAINS["fta-i"], a.n_layers + c.n_idm_layers, c.n_merge_layers, a.vocab_size),
-        "fta-p": (TRAINS["fta-p"], a.n_layers, c.n_merge_layers, a.vocab_size),
+        "pretrain": ({"idm", "codebook", "merge"}, c.n_idm_layers, c.n_merge_layers, a.vocab_size),
+        "bc": ({"policy"}, c.n_policy_layers, 0, c.n_actions),
+        "fta-i (phase 1)": ({"base", "policy"}, a.n_layers, c.n_merge_layers, a.vocab_size),
+        "fta-p": ({"base"}, a.n_layers, c.n_merge_layers, a.vocab_size),
         "sft": ({"base"}, a.n_layers, 0, a.vocab_size),
     }
     G = 2**30

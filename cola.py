@@ -1,5 +1,5 @@
-"""CoLA assembled: base Llama + IDM + codebook + merge module (language world model) + policy
-(../shared/cola-spec.md section 2; the training stages of section 3 and RL of section 4 call these methods).
+"""CoLA assembled: base Llama + IDM + codebook + merge module (language world model) + policy (PAPER.md §2; the
+training stages of Algorithms 1 and 2 and the RL of Algorithm 4 call these methods).
 
     h_t   = Norm_f(base(x_{1:t}))                         base.hidden, frozen outside FTA
     z_t   = f_inverse(h)_{t+1}                            idm_logits (look-ahead: read at position t+1, idm.py)
@@ -9,11 +9,8 @@
     pi(a_t | x_{1:t}) = softmax(policy(h)_t)              policy_logits
 Generation: h_t -> a_t ~ pi -> x_{t+1} = argmax p_WM(. | h_t, a_t) -> append; two KV caches (base, policy).
 
-Checkpoints use the official release layout (Hugging Face style, IntentionForCausalLM wrapping IntentionModel_v1):
-HF Llama names for the base, plus model.action_layers.N.* (IDM blocks), model.action_norm, model.action_head,
-model.action_code_book, model.action_merge_layers.N.{gate_proj,up_proj,down_proj}, model.policy_layers.N.*,
-model.policy_norm, model.policy_head; config.json adds num_code, num_action_layer, num_dyna_layer,
-num_policy_layer and v = 1. A plain Llama directory (HF or Meta) loads too: base from the file, new modules random.
+Checkpoints use the official release layout (checkpoint.py reads and writes it). A plain Llama directory (HF or
+Meta) loads too: base from the file, new modules random.
 
 Run it:
     python cola.py --ckpt runs/cola/final --prompt "def " --mode policy               # sample actions from pi
@@ -25,28 +22,27 @@ Run it:
 Deviations from the paper / official code:
   - one-step look-ahead on T+1 tokens (the base runs on x_{1:T+1}; actions are z[:, 1:]) instead of the official
     shift-left of T logits, where the last position keeps its own look-ahead-free logits;
-  - the subtracted base state is detached, Norm_f(s_2) - sg(h_t), as in the official training path: same values,
-    and with a trainable base (FTA) its gradient flows through s_0 = h_t only;
+  - which side of Norm_f(s_2) - h_t carries the gradient to a trainable base is a choice (`base_grad`): the release
+    detaches h_t in its training path (Stage A, FTA-I: "merge", our default) and Norm_f(s_2) in its greedy-policy
+    path, which its FTA-P trains through ("subtracted"); the values are the same;
   - batched generation uses Meta's shared-position scheme (no padding in attention) instead of HF left padding;
-  - config.json also stores cola_gumbel_tau, cola_beta and (when not the base's SwiGLU size) cola_merge_hidden;
+  - config.json also stores cola_merge_hidden (when not the base's SwiGLU size), and our exports the training
+    history (checkpoint.py);
   - new-module init (idm.py): output projections use the stack's own depth; merge Linears, down_proj included,
     use N(0, 2/(5d)) because they are not decoder blocks.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import operator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from idm import IDM, idm_labels
-from model import (PRESETS, ModelArgs, Transformer, block_from_hf, block_to_hf, check_tensors, detect_layout,
-                   hf_config, load_llama_checkpoint, meta_to_hf, read_json, save_hf_checkpoint)
+from idm import IDM, idm_labels, new_module_std
+from model import PRESETS, ModelArgs, Transformer
 from policy import Policy, sample_actions
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,14 +57,10 @@ class CoLAArgs:
     n_merge_layers: int = 2              # residual SwiGLU MLPs of the world model (official num_dyna_layer)
     n_policy_layers: int = 8             # Llama blocks in pi (official num_policy_layer)
     merge_hidden: int | None = None      # F of W_gate/W_up/W_down; None: the base's SwiGLU size (14336 at 8B)
-    gumbel_tau: float = 2.0              # tau of y = GumbelSoftmax(z, tau) in Stage A
-    beta: float = 0.001                  # beta of the entropy regulariser beta * mean_t sum_k y log y
 
     def __post_init__(self):
         if self.n_actions < 2 or min(self.n_idm_layers, self.n_merge_layers, self.n_policy_layers) < 0:
             raise ValueError(f"CoLAArgs: need n_actions >= 2 and layer counts >= 0, got {self}")
-        if self.gumbel_tau <= 0:
-            raise ValueError(f"CoLAArgs: gumbel_tau must be > 0, got {self.gumbel_tau}")
 
 
 # Pair with model.PRESETS of the same name.
@@ -78,17 +70,6 @@ COLA_PRESETS: dict[str, CoLAArgs] = {
 }
 
 MODES = ("policy", "greedy", "fixed", "random", "forced")
-
-# Our single tensors -> official names (blocks and merge layers are renamed by prefix).
-OFFICIAL_NAMES = {"idm.norm.weight": "model.action_norm.weight", "idm.head.weight": "model.action_head.weight",
-                  "codebook.weight": "model.action_code_book.weight",
-                  "policy.norm.weight": "model.policy_norm.weight", "policy.head.weight": "model.policy_head.weight"}
-OFFICIAL_STACKS = [  # (our prefix, official prefix, config.json key, CoLAArgs field)
-    ("idm.layers.", "model.action_layers.", "num_action_layer", "n_idm_layers"),
-    ("merge.layers.", "model.action_merge_layers.", "num_dyna_layer", "n_merge_layers"),
-    ("policy.layers.", "model.policy_layers.", "num_policy_layer", "n_policy_layers"),
-]
-
 
 def check_actions(actions: torch.Tensor, K: int, where: str):
     """One-line ValueError unless every action index lies in [0, K)."""
@@ -142,6 +123,7 @@ class CoLA(nn.Module):
     def __init__(self, base_args: ModelArgs, args: CoLAArgs):
         super().__init__()
         self.base_args, self.args = base_args, args
+        self.init_args = (base_args, args)   # the constructor's arguments: a sharded run builds it again on meta
         d, K = base_args.dim, args.n_actions
         self.base = Transformer(base_args)                                               # Llama: h_t, Norm_f, W_lm
         self.idm = IDM(base_args, args.n_idm_layers, K)                                  # f_inverse
@@ -152,23 +134,28 @@ class CoLA(nn.Module):
 
     # -- initialisation ------------------------------------------------------------------------------------------
     def init_weights(self):
-        """Everything from scratch: the base's own rule, then the new modules per spec "Init"."""
+        """Everything from scratch: the base's own rule, then the new modules' (PAPER.md §2, "Init")."""
         self.base.init_weights()
         self.init_new_modules()
 
     def init_new_modules(self):
         """IDM, codebook, merge, policy: Linear N(0, 2/(5d)), block output projections smaller (idm.py)."""
-        std = math.sqrt(2 / (5 * self.base_args.dim))
+        std = new_module_std(self.base_args.dim)
         self.idm.init_weights()
         nn.init.normal_(self.codebook.weight, std=std)
         self.merge.init_weights(std)
         self.policy.init_weights()
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Disjoint parameter lists covering the model (the codebook gets weight decay 0, spec sec. 3)."""
+        """Disjoint named parameter lists covering the model; a training phase trains some of them (the codebook
+        gets weight decay 0, PAPER.md §3)."""
         return {"base": list(self.base.parameters()), "idm": list(self.idm.parameters()),
                 "codebook": [self.codebook.weight], "merge": list(self.merge.parameters()),
                 "policy": list(self.policy.parameters())}
+
+    def blocks(self) -> list[nn.Module]:
+        """The Llama blocks of base, IDM and policy: activation checkpointing and FSDP wrap each of them."""
+        return list(self.base.layers) + list(self.idm.layers) + list(self.policy.layers)
 
     def num_params(self) -> dict[str, int]:
         counts = {k: sum(p.numel() for p in ps) for k, ps in self.param_groups().items()}
@@ -185,22 +172,31 @@ class CoLA(nn.Module):
         return self.idm(h, rope)                                                         # [B, T+1, K]
 
     @torch.no_grad()
-    def idm_labels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Stage B targets k*_t = argmax z_{t+1}: tokens [B, T+1] -> [B, T] long (no Gumbel noise)."""
-        z = self.idm_logits(self.hidden(tokens))                                         # [B, T+1, K]
-        return idm_labels(z[:, 1:])                                                      # [B, T]
+    def idm_labels(self, h: torch.Tensor) -> torch.Tensor:
+        """Stage B targets k*_t = argmax z_{t+1} (no Gumbel noise): states h [B, T+1, D] -> [B, T] long."""
+        return idm_labels(self.idm_logits(h)[:, 1:])                                     # [B, T]
 
-    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """p_WM logits from states h [B, T, D] and action codes e [B, T, D] (e_t = C a_t) -> [B, T, V]."""
+    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """p_WM logits from states h [B, T, D] and action codes e [B, T, D] (e_t = C a_t) -> [B, T, V].
+
+        Eq: logits = W_lm(Norm_f(s_2) - h_t). The value is the same either way; base_grad says which side of the
+        difference carries gradient to a trainable base (FTA): "merge", Norm_f(s_2) - sg(h_t), the release's
+        training path (the base learns through the world model's input s_0 = h_t); "subtracted",
+        sg(Norm_f(s_2)) - h_t, the release's greedy-policy path that its FTA-P trains through (the base learns
+        only through the subtracted state).
+        """
         s = self.merge(h, e.to(self.codebook.weight.dtype))                              # [B, T, D] s_2
-        # Eq: logits = W_lm(Norm_f(s_2) - h_t); h_t detached here as in the official training path
-        return self.base.output(self.base.norm(s) - h.detach())                          # [B, T, V]
+        if base_grad == "merge":
+            return self.base.output(self.base.norm(s) - h.detach())                      # [B, T, V]
+        if base_grad == "subtracted":
+            return self.base.output(self.base.norm(s).detach() - h)                      # [B, T, V]
+        raise ValueError(f"world_logits: base_grad must be 'merge' or 'subtracted', got {base_grad!r}")
 
-    def world_logits(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def world_logits(self, h: torch.Tensor, actions: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
         """h [B, T, D] (states x_{1:t}), actions [B, T] long -> logits of x_{t+1} [B, T, V]."""
         check_actions(actions, self.args.n_actions, "world_logits")
         e = F.embedding(actions, self.codebook.weight.t())                               # [B, T, D] e_t = C[:, a_t]
-        return self.world_logits_from_code(h, e)                                         # [B, T, V]
+        return self.world_logits_from_code(h, e, base_grad)                              # [B, T, V]
 
     def world_logits_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, V]; gradient flows into a."""
@@ -222,7 +218,7 @@ class CoLA(nn.Module):
                  forced_actions=None, temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0,
                  eos: int | list[int] | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> dict:
-        """CoLA decoding (spec sec. 2): per step a_t from `mode`, then x_{t+1} = argmax p_WM(. | h_t, a_t).
+        """CoLA decoding (PAPER.md §2): per step a_t from `mode`, then x_{t+1} = argmax p_WM(. | h_t, a_t).
 
         mode: "policy" a_t ~ pi (temperature, top_k, top_p); "greedy" argmax pi; "fixed" a_t = action;
         "random" uniform over K; "forced" a_t = forced_actions[b, n] for the n-th new token of row b
@@ -314,119 +310,20 @@ class CoLA(nn.Module):
             out["logprobs"].append(logps[i, n0:n0 + cut].tolist())
         return out
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def new_modules_to_hf(self, state: dict) -> dict:
-        """Our IDM / codebook / merge / policy tensors -> official names (q/k permuted like HF Llama blocks)."""
-        out = {}
-        for ours, theirs, _, _ in OFFICIAL_STACKS:
-            if ours == "merge.layers.":   # plain MLPs: same suffixes, no permutation
-                out.update({theirs + k[len(ours):]: v for k, v in state.items() if k.startswith(ours)})
-            else:
-                out.update(block_to_hf(ours, theirs, state, self.base_args))
-        out.update({theirs: state[ours] for ours, theirs in OFFICIAL_NAMES.items()})
-        return out
-
-    def new_modules_from_hf(self, rest: dict) -> dict:
-        """Inverse of new_modules_to_hf (official names -> ours, q/k un-permuted)."""
-        out = {}
-        for ours, theirs, _, _ in OFFICIAL_STACKS:
-            if ours == "merge.layers.":
-                out.update({ours + k[len(theirs):]: v for k, v in rest.items() if k.startswith(theirs)})
-            else:
-                out.update(block_from_hf(theirs, ours, rest, self.base_args))
-        out.update({ours: rest[theirs] for ours, theirs in OFFICIAL_NAMES.items()})
-        return out
-
-    def config_json(self) -> dict:
-        a = self.args
-        extra = {"architectures": ["IntentionForCausalLM"], "v": 1, "num_code": a.n_actions,
-                 "num_action_layer": a.n_idm_layers, "num_dyna_layer": a.n_merge_layers,
-                 "num_policy_layer": a.n_policy_layers, "cola_gumbel_tau": a.gumbel_tau, "cola_beta": a.beta}
-        if a.merge_hidden is not None and a.merge_hidden != self.base_args.ffn_hidden:
-            extra["cola_merge_hidden"] = a.merge_hidden
-        return hf_config(self.base_args, **extra)
-
+    # -- checkpoints (the official release layout; checkpoint.py reads and writes it) -----------------------------
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """The official release layout: config.json + (sharded) safetensors, each file written atomically."""
-        state = self.state_dict()
-        base = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
-        tensors = {**meta_to_hf(base, self.base_args), **self.new_modules_to_hf(state)}
-        save_hf_checkpoint(path, self.config_json(), tensors, max_shard_bytes)
+        from checkpoint import save_cola
+        save_cola(self, path, max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", cola_args: CoLAArgs | None = None,
                         max_seq_len: int | None = None) -> "CoLA":
-        """Load a CoLA checkpoint (official layout) or start CoLA from a plain Llama directory (HF or Meta).
-
-        CoLA checkpoint: sizes come from config.json; cola_args, if given, must agree on them (its gumbel_tau and
-        beta are used). Plain Llama: base loaded, IDM/codebook/merge/policy freshly initialised (global torch RNG)
-        with cola_args, else COLA_PRESETS of the model.PRESETS entry with the same shape, else CoLAArgs().
-        Built on the meta device and filled by assignment: every tensor is read once, never copied twice.
-        """
-        path = Path(path)
-        base_args, state, rest = load_llama_checkpoint(path, dtype)
-        rest = {k: v for k, v in rest.items() if not k.endswith("rotary_emb.inv_freq")}
-        if max_seq_len is not None:
-            base_args.max_seq_len = max_seq_len
-        cfg = read_json(path / "config.json") if detect_layout(path) == "hf" else {}
-        is_cola = "num_code" in cfg
-        if is_cola:
-            cola_args = cola_args_from_config(cfg, cola_args, path / "config.json")
-        elif rest:
-            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r}; config.json has no num_code, so "
-                             f"this is not a CoLA checkpoint")
-        elif cola_args is None:
-            cola_args = default_cola_args(base_args)
-        with torch.device("meta"):
-            model = cls(base_args, cola_args)
-        model.base.load_state_dict_strict(state, source=str(path))
-        if is_cola:
-            model.load_new_modules(rest, str(path))
-        else:
-            for m in (model.idm, model.codebook, model.merge, model.policy):
-                m.to_empty(device="cpu")
-            model.init_new_modules()
-            for m in (model.idm, model.codebook, model.merge, model.policy):
-                m.to(dtype)
-        model.initialised_from_llama = not is_cola
-        return model.to(device)
-
-    def load_new_modules(self, rest: dict, source: str):
-        """Check the official action_* / policy_* tensors against the config, then assign them."""
-        K = self.args.n_actions
-        for name, axis in (("model.action_head.weight", 0), ("model.policy_head.weight", 0),
-                           ("model.action_code_book.weight", 1)):
-            if name in rest and rest[name].dim() == 2 and rest[name].shape[axis] != K:
-                raise ValueError(f"{source}: tensor {name!r} of shape {tuple(rest[name].shape)} holds "
-                                 f"{rest[name].shape[axis]} actions but config.json num_code is {K}")
-        for _, theirs, key, field in OFFICIAL_STACKS:
-            want = getattr(self.args, field)
-            found = len({k[len(theirs):].split(".", 1)[0] for k in rest if k.startswith(theirs)})
-            if found != want:
-                raise ValueError(f"{source}: config.json says {key} {want} but the checkpoint holds {found} "
-                                 f"{theirs}N blocks" + (" (module missing)" if found == 0 else ""))
-        expected = {k: v.shape for k, v in self.new_modules_to_hf(self.state_dict()).items()}
-        check_tensors(rest, expected, source)
-        self.load_state_dict(self.new_modules_from_hf(rest), strict=False, assign=True)
-
-
-def cola_args_from_config(cfg: dict, given: CoLAArgs | None, source) -> CoLAArgs:
-    """CoLAArgs from an official config.json (num_code, num_action_layer, num_dyna_layer, num_policy_layer)."""
-    try:
-        args = CoLAArgs(n_actions=int(cfg["num_code"]), n_idm_layers=int(cfg["num_action_layer"]),
-                        n_merge_layers=int(cfg["num_dyna_layer"]), n_policy_layers=int(cfg["num_policy_layer"]),
-                        merge_hidden=cfg.get("cola_merge_hidden"), gumbel_tau=float(cfg.get("cola_gumbel_tau", 2.0)),
-                        beta=float(cfg.get("cola_beta", 0.001)))
-    except KeyError as e:
-        raise ValueError(f"{source}: missing field {e.args[0]!r} of a CoLA config") from None
-    if given is not None:
-        for field, key in (("n_actions", "num_code"), ("n_idm_layers", "num_action_layer"),
-                           ("n_merge_layers", "num_dyna_layer"), ("n_policy_layers", "num_policy_layer")):
-            if getattr(given, field) != getattr(args, field):
-                raise ValueError(f"{source}: cola_args.{field} {getattr(given, field)} disagrees with config.json "
-                                 f"{key} {getattr(args, field)}")
-        args.gumbel_tau, args.beta = given.gumbel_tau, given.beta
-    return args
+        """A CoLA checkpoint (official layout), or CoLA started from a plain Llama directory (HF or Meta): then the
+        base is loaded and IDM, codebook, merge and policy are freshly initialised (cola_args, else the preset that
+        matches the base's shape). See checkpoint.load_cola."""
+        from checkpoint import load_cola
+        return load_cola(cls, path, dtype, device, cola_args, max_seq_len)
 
 
 def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
@@ -454,7 +351,7 @@ def main():
     p.add_argument("--mode", default="policy", choices=["policy", "greedy", "fixed", "random"])
     p.add_argument("--action", type=int, default=None, help="the action for --mode fixed")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0, help="policy temperature (spec: 1); 0 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="policy temperature (paper: 1); 0 = greedy")
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",

@@ -1,18 +1,18 @@
-"""Data for every CoLA stage: an embedded corpus, synthetic RL tasks with checkers, token shards and loaders.
+"""Data for every CoLA training stage: an embedded corpus, token shards and loaders, fine-tuning records.
 
-What it provides, and which part of ../shared/cola-spec.md each piece serves:
+What it provides (PAPER.md §3):
   - `stdlib_docs()`: real natural language with no download: the docstrings of Python's standard library, read
-    with `ast` (nothing is imported), cached under data/cache/. Stands in for SlimPajama & co. (section 3).
-  - Synthetic tasks with reference solutions and rule-based checkers (section 4, "Rewards: rule-based"):
-    Countdown in the "thinking format" (<think> ... </think> <answer> equation </answer>) and multi-step arithmetic
-    word problems answered in \\boxed{}. `Problem`, `make_countdown`, `make_arith`, `make_problems`, `reward`.
-  - `embedded_corpus(split)`: docstrings mixed with task texts, with held-out "val" documents and problems: the
-    pre-training text of Algorithm 1 (stage A, IDM + world model; stage B, policy behaviour cloning).
-  - `task_sft_records`: fresh prompt/response pairs for FTA-I / FTA-P and the token-level "Llama SFT" baseline
-    (section 3, post-training); `load_sft_jsonl`, `encode_sft` (loss on response tokens only) and `SFTLoader`.
-  - `prepare` / `prepare_embedded`: documents -> uint32 token shards, each document <|begin_of_text|> ... 
-    <|end_of_text|> ("documents packed, separated by EOS", section 3); `TokenLoader` packs them into windows of
-    seq_len + 1 tokens, sharded over ranks, resumable.
+    with `ast` (nothing is imported), cached under data/cache/. Stands in for SlimPajama & co.
+  - `embedded_corpus(split)`: docstrings mixed with task texts (tasks.py: Countdown and arithmetic problems with
+    their reference solutions), with held-out "val" documents and problems: the pre-training text of Algorithm 1
+    (Stage A, IDM + world model; Stage B, policy behaviour cloning).
+  - `load_sft_jsonl`, `encode_sft` (loss on response tokens only) and `SFTLoader`: the fine-tuning data of FTA-I,
+    FTA-P and the token-level "Llama SFT" baseline (Algorithm 2); `sft_tensors` picks --sft-data or fresh task
+    records (tasks.task_sft_records).
+  - `prepare` / `prepare_embedded`: documents -> uint32 token shards, each document <|begin_of_text|> ...
+    <|end_of_text|> ("documents packed, separated by EOS"); `TokenLoader` packs them into windows of seq_len + 1
+    tokens, sharded over ranks, resumable. Every loader yields a `Batch` (tokens, mask, stream positions).
+  - `lm_shards`, `general_text_shards`: what a training run reads (--data / --val-data, or the embedded corpus).
 
 Commands:
     python data.py sample --kind countdown -n 3              # print fresh problems and reference solutions
@@ -40,12 +40,7 @@ Formats (choices made here):
 Deviations from the paper / official code:
   - Pre-training text is Python's stdlib docstrings (~1.2 MB, English technical prose with some code) plus
     synthetic tasks, instead of SlimPajama, StarCoder, Proof-Pile-2 and WuDao (~1T tokens).
-  - RL tasks are our own Countdown (TinyZero-style prompt, shortened) and templated arithmetic word problems
-    instead of MATH / agent benchmarks; the checkers follow the same rules (0/1 on the final answer).
-  - Countdown reward: 1.0 when the last <answer> uses each given number exactly once (TinyZero convention) and
-    equals the target under exact rational arithmetic (fractional intermediate results are allowed in answers;
-    generated problems only use integer ones); 0.1 (`format_score`) for a well-formed <think>..</think>
-    <answer>..</answer> completion with a wrong answer, as TinyZero; else 0.0.
+  - The task texts and their rewards are our own (tasks.py lists how they differ from MATH and agent tasks).
 """
 from __future__ import annotations
 
@@ -58,7 +53,7 @@ import sys
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -297,7 +292,18 @@ def list_shards(paths) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loaders: deterministic, rank-sharded, resumable orders
+# Loaders: deterministic, rank-sharded, resumable orders. Every loader yields the same Batch.
+
+
+class Batch(NamedTuple):
+    """One micro batch, the same shape in every stage."""
+    tokens: torch.Tensor   # [B, T+1] long: windows x_{1:T+1}; inputs x[:, :-1], targets x[:, 1:]
+    mask: torch.Tensor     # [B, T+1] bool: True where a token is a target that counts (pre-training windows: all;
+                           #   SFT records: the response and its closing eos). Targets x[:, 1:] use mask[:, 1:]
+    ids: torch.Tensor      # [B] long: the rows' positions in the global data stream (they seed per-row noise)
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in self))
 
 class EpochOrder:
     """An endless, resumable order over n items that is the same for every world size.
@@ -382,8 +388,6 @@ class TokenLoader:
                              f"{seq_len + 1}")
         global_batch = global_batch or batch_size * world_size
         self.order = EpochOrder(self.n_windows, rank, world_size, seed, global_batch, batch_size)
-        self.steps_per_epoch = self.n_windows / global_batch           # may be fractional
-        self.ids = None                   # global stream positions of the last batch's rows (seed per-row noise)
 
     def window(self, i: int) -> np.ndarray:
         """Tokens [T+1] of window i, read across a shard boundary if needed."""
@@ -396,14 +400,10 @@ class TokenLoader:
             lo = end
         return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
 
-    def next_batch(self) -> torch.Tensor:
-        idx, self.ids = self.order.take(self.batch_size)
-        w = np.stack([self.window(int(i)) for i in idx]).astype(np.int64)  # [B, T+1]
-        return torch.from_numpy(w)
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
+    def next_batch(self) -> Batch:
+        idx, pos = self.order.take(self.batch_size)
+        w = torch.from_numpy(np.stack([self.window(int(i)) for i in idx]).astype(np.int64))  # [B, T+1]
+        return Batch(w, torch.ones_like(w, dtype=torch.bool), torch.from_numpy(pos))
 
     def state_dict(self) -> dict:
         return {**self.order.state_dict(), "seq_len": self.seq_len}
@@ -468,7 +468,7 @@ def encode_sft(records: list[dict], tokenizer: Tokenizer, seq_len: int, chat: bo
 
 
 class SFTLoader:
-    """Batches (tokens [B, T+1], mask [B, T+1]) of encoded SFT records, shuffled per epoch, rank-sharded, endless,
+    """Batches of encoded SFT records, shuffled per epoch, rank-sharded, endless,
     resumable, with the same order rules as TokenLoader."""
 
     def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int, rank: int = 0,
@@ -481,23 +481,63 @@ class SFTLoader:
         self.tokens, self.mask, self.batch_size = tokens, mask.bool(), batch_size
         global_batch = global_batch or batch_size * world_size
         self.order = EpochOrder(len(tokens), rank, world_size, seed, global_batch, batch_size)
-        self.steps_per_epoch = len(tokens) / global_batch
-        self.ids = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, self.ids = self.order.take(self.batch_size)
+    def next_batch(self) -> Batch:
+        idx, pos = self.order.take(self.batch_size)
         idx = torch.from_numpy(idx)
-        return self.tokens[idx], self.mask[idx]                            # [B, T+1], [B, T+1]
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
+        return Batch(self.tokens[idx], self.mask[idx], torch.from_numpy(pos))   # [B, T+1], [B, T+1], [B]
 
     def state_dict(self) -> dict:
         return self.order.state_dict()
 
     def load_state_dict(self, d: dict):
         self.order.load_state_dict(d, "SFTLoader")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a training run reads: --data / --val-data shards, or the embedded corpus; the task records of fine-tuning
+
+def embedded_cache(cfg, tok: Tokenizer) -> Path:
+    """Where the embedded corpus of this tokenizer and seed is tokenized once (gitignored)."""
+    return CACHE_DIR / f"embedded-{tok.model.name}-seed{cfg.seed}"
+
+
+def lm_shards(cfg, tok: Tokenizer) -> tuple[list[Path], list[Path]]:
+    """Train/val token shards: --data / --val-data directories, or the embedded corpus prepared once."""
+    def shards(d: str, flag: str) -> list[Path]:
+        paths = sorted(Path(d).glob("*.bin"))
+        if not paths:
+            raise SystemExit(f"{flag} {d}: no .bin token shards (make them with `python data.py prepare`)")
+        return paths
+    if cfg.data:
+        train = shards(cfg.data, "--data")
+        return train, shards(cfg.val_data, "--val-data") if cfg.val_data else train
+    splits = prepare_embedded(embedded_cache(cfg, tok), tok, seed=cfg.seed)
+    return splits["train"], splits["val"]
+
+
+def general_text_shards(cfg, tok: Tokenizer) -> list[Path]:
+    """Held-out natural text only, to measure what fine-tuning costs in general ability (the retention claim).
+
+    The embedded pre-training corpus also holds task text, which fine-tuning on tasks improves; this set leaves it
+    out (the held-out stdlib docstrings). With --data / --val-data, that corpus is used as it is.
+    """
+    if cfg.val_data or cfg.data:
+        return lm_shards(cfg, tok)[1]
+    out, source = embedded_cache(cfg, tok) / "general-val", f"stdlib-docstrings:val:v{DATA_VERSION}"
+    docs = (d for d in stdlib_docs() if split_of(d) == "val")
+    return finished_shards(out, tok, source) or write_shards(docs, out, tok, source=source)
+
+
+def sft_tensors(cfg, tok: Tokenizer, split: str):
+    """(tokens [N, T+1], response mask [N, T+1]) of the task data."""
+    path = cfg.sft_data if split == "train" else cfg.sft_val
+    if path:
+        records = load_sft_jsonl(path)
+    else:
+        n = cfg.n_records if split == "train" else max(64, cfg.n_records // 10)
+        records = [r for kind in KINDS for r in task_sft_records(kind, split, n // 2, seed=cfg.seed)]
+    return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The inverse dynamics model f_inverse of CoLA and its discrete action maths (../shared/cola-spec.md, sections 2-3).
+"""The inverse dynamics model f_inverse of CoLA and its discrete action maths (PAPER.md §2-3, Algorithm 1).
 
 f_inverse labels every transition x_{1:t} -> x_{t+1} of unlabelled text with one of K = 64 latent actions:
   h (the frozen base's Norm_f output) -> 4 fresh causal Llama blocks -> RMSNorm -> Linear(d -> K) = z_t.
@@ -33,6 +33,11 @@ import torch.nn.functional as F
 
 from model import ModelArgs, RMSNorm, TransformerBlock
 
+def new_module_std(d: int) -> float:
+    """Init std of every Linear of CoLA's new modules: N(0, 2 / (5d)) (the release's small-init rule)."""
+    return math.sqrt(2 / (5 * d))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The network: n fresh Llama blocks on h, then RMSNorm and Linear(d -> K). Used by f_inverse and by pi.
 
@@ -53,9 +58,9 @@ class ActionStack(nn.Module):
         return self.head(self.norm(x))                                                   # [B, T, K]
 
     def init_weights(self):
-        """Spec "Init": Linear N(0, 2/(5d)); wo and w2 inside the new blocks N(0, (1/(sqrt(d) n_layers))^2)."""
+        """PAPER.md §2 "Init": Linear N(0, 2/(5d)); wo and w2 inside the new blocks N(0, (1/(sqrt(d) n_layers))^2)."""
         d = self.head.in_features
-        std = math.sqrt(2 / (5 * d))
+        std = new_module_std(d)
         out_std = 1 / (math.sqrt(d) * max(len(self.layers), 1))
         for block in self.layers:
             block.init_weights(std=std, out_std=out_std)
@@ -64,7 +69,7 @@ class ActionStack(nn.Module):
 
 
 class IDM(ActionStack):
-    """f_inverse (spec sec. 2): z = IDM(h); the action of step t is read at position t+1 (look-ahead above).
+    """f_inverse (PAPER.md §2): z = IDM(h); the action of step t is read at position t+1 (look-ahead above).
 
     Training-only: it always sees a whole sequence, so it never uses a KV cache.
     """
@@ -75,7 +80,7 @@ class IDM(ActionStack):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Direct action assignment (spec sec. 2) and the Stage A regulariser (spec sec. 3)
+# Direct action assignment (PAPER.md §2) and the Stage A regulariser (PAPER.md §3)
 
 
 def gumbel_softmax_st(z: torch.Tensor, tau: float, generator: torch.Generator | None = None,
@@ -118,7 +123,7 @@ def idm_labels(z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def codebook_usage(k: torch.Tensor, K: int) -> dict:
-    """Codebook health (spec sec. 3/6): alive = codes used at least once, top_share = share of the most used code,
+    """Codebook health (PAPER.md §3, §6): alive = codes used at least once, top_share = share of the most used code,
     perplexity = exp(entropy of the usage histogram) (K when uniform, 1 when collapsed)."""
     counts = torch.bincount(k.flatten().long(), minlength=K).double()                    # [K]
     p = counts / counts.sum().clamp_min(1)                                               # [K]

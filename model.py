@@ -1,11 +1,12 @@
-"""Llama-3.1 from scratch: the base model of CoLA (../shared/cola-spec.md section 2, "Base").
+"""Llama-3.1 from scratch: the base model of CoLA (PAPER.md §2, "Base").
 
 One file, readable top to bottom:
   ModelArgs + presets -> RMSNorm -> rotary embeddings with Llama-3.1 "llama3" scaling -> grouped-query attention
   (SDPA) with a KV cache -> SwiGLU feed-forward -> pre-norm block -> Transformer (hidden state h and logits)
-  -> checkpoint I/O (Hugging Face safetensors and Meta consolidated.00.pth) -> sampling and batched generation.
+  -> sampling and batched generation. Checkpoint files (Hugging Face safetensors, Meta consolidated.00.pth) are
+  read and written by checkpoint.py.
 
-CoLA reads only h_t = Norm_f(last block output)_t (spec section 2), so `Transformer.hidden()` returns it and
+CoLA reads only h_t = Norm_f(last block output)_t (PAPER.md, "Base"), so `Transformer.hidden()` returns it and
 `Transformer.forward()` is just `output(hidden())`: nobody computes logits twice.
 
 Run it:
@@ -27,12 +28,8 @@ Deviations from Meta's reference llama/model.py (maths identical, checked agains
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import struct
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -287,6 +284,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.init_args = (args,)       # the constructor's arguments: a sharded run builds the same model on meta
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)                                      # Norm_f
@@ -322,6 +320,14 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter lists that training stages choose from (a plain Llama is one group, its base)."""
+        return {"base": list(self.parameters())}
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks: activation checkpointing and FSDP wrap each of them."""
+        return list(self.layers)
+
     # -- KV cache ------------------------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int):
         p = self.tok_embeddings.weight
@@ -330,37 +336,17 @@ class Transformer(nn.Module):
     def clear_cache(self):
         clear_kv_cache(self.layers)
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
+    # -- checkpoints (the file layouts live in checkpoint.py) -----------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len: int | None = None):
         """Load an official checkpoint directory, Hugging Face or Meta layout (detected from its files)."""
-        path = Path(path)
-        args, state, rest = load_llama_checkpoint(path, dtype)
-        if rest:
-            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r} for a plain Llama (a CoLA "
-                             f"checkpoint? load it with cola.py)")
-        if max_seq_len is not None:
-            args.max_seq_len = max_seq_len
-        with torch.device("meta"):
-            model = cls(args)
-        model.load_state_dict_strict(state, source=str(path))
-        return model.to(device)
-
-    def load_state_dict_strict(self, state: dict, source: str):
-        """Check every tensor's presence and shape against this model, then assign (no second copy)."""
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        if self.args.tie_embeddings:
-            expected.pop("output.weight", None)
-            state.pop("output.weight", None)
-        layout = detect_layout(Path(source)) if Path(source).is_dir() else "meta"
-        check_tensors(state, expected, source, hf_name if layout == "hf" else (lambda k: k))
-        self.load_state_dict(state, strict=False, assign=True)
-        if self.args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        from checkpoint import load_llama
+        return load_llama(path, dtype, device, max_seq_len)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """Write the Hugging Face layout (config.json + safetensors), loadable by transformers and by us."""
-        save_hf_checkpoint(path, hf_config(self.args), meta_to_hf(self.state_dict(), self.args), max_shard_bytes)
+        from checkpoint import save_llama
+        save_llama(self, path, max_shard_bytes)
 
     # -- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -437,307 +423,6 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, t
         choice = torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator)
         return idx.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint formats. Our parameter names are Meta's; Hugging Face names are translated at the boundary.
-
-
-HF_NAMES = {  # Meta suffix -> HF suffix inside layer N
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-          "output.weight": "lm_head.weight"}
-
-
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta -> HF row order inside each head: interleaved pairs (r0,r1),(r2,r3).. -> [r0,r2,..,r1,r3,..]."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF -> Meta: the inverse of permute_qk, so RoPE's adjacent pairs line up with our apply_rope."""
-    out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def block_to_hf(prefix_meta: str, prefix_hf: str, state: dict, args: ModelArgs) -> dict:
-    """Rename (and q/k permute) the tensors of Llama blocks; used for the base and for CoLA's IDM/policy."""
-    out = {}
-    for k, v in state.items():
-        if not k.startswith(prefix_meta):
-            continue
-        n, suffix = k[len(prefix_meta):].split(".", 1)
-        if suffix == "attention.wq.weight":
-            v = permute_qk(v, args.n_heads)
-        elif suffix == "attention.wk.weight":
-            v = permute_qk(v, args.n_kv_heads)
-        out[f"{prefix_hf}{n}.{HF_NAMES[suffix]}"] = v
-    return out
-
-
-def block_from_hf(prefix_hf: str, prefix_meta: str, state: dict, args: ModelArgs) -> dict:
-    """Inverse of block_to_hf."""
-    inverse = {v: k for k, v in HF_NAMES.items()}
-    out = {}
-    for k, v in state.items():
-        if not k.startswith(prefix_hf) or k.endswith("rotary_emb.inv_freq"):
-            continue
-        n, suffix = k[len(prefix_hf):].split(".", 1)
-        if suffix not in inverse:
-            raise ValueError(f"unexpected tensor {k!r} (not part of a Llama block)")
-        suffix = inverse[suffix]
-        if suffix == "attention.wq.weight":
-            v = unpermute_qk(v, args.n_heads)
-        elif suffix == "attention.wk.weight":
-            v = unpermute_qk(v, args.n_kv_heads)
-        out[f"{prefix_meta}{n}.{suffix}"] = v
-    return out
-
-
-def meta_to_hf(state: dict, args: ModelArgs) -> dict:
-    out = {HF_TOP[k]: v for k, v in state.items() if k in HF_TOP}
-    if args.tie_embeddings:
-        out.pop("lm_head.weight", None)        # transformers drops the tied duplicate too
-    out.update(block_to_hf("layers.", "model.layers.", state, args))
-    return out
-
-
-def hf_to_meta(state: dict, args: ModelArgs) -> dict:
-    top = {v: k for k, v in HF_TOP.items()}
-    out = {top[k]: v for k, v in state.items() if k in top}
-    out.update(block_from_hf("model.layers.", "layers.", state, args))
-    return out
-
-
-def hf_config(args: ModelArgs, **extra) -> dict:
-    """config.json for transformers' LlamaForCausalLM (the 3.1 release's field set)."""
-    bos = args.vocab_size - 256 if args.vocab_size >= 512 else None   # <|begin_of_text|> of tokenizer.py
-    cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
-        "attention_dropout": 0.0, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": None if bos is None else bos + 1,
-        "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden, "initializer_range": 0.02,
-        "max_position_embeddings": args.max_seq_len, "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "pretraining_tp": 1, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "rope_scaling": None, "tie_word_embeddings": args.tie_embeddings, "torch_dtype": "bfloat16",
-        "use_cache": True, "vocab_size": args.vocab_size,
-    }
-    if args.use_scaled_rope:
-        cfg["rope_scaling"] = {"factor": args.rope_scale_factor, "low_freq_factor": args.rope_low_freq_factor,
-                               "high_freq_factor": args.rope_high_freq_factor,
-                               "original_max_position_embeddings": args.rope_original_context,
-                               "rope_type": "llama3"}
-    cfg.update(extra)
-    return cfg
-
-
-def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json (accepts transformers v4 and v5 rope spellings)."""
-    try:
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        head_dim = cfg.get("head_dim") or dim // n_heads
-        if head_dim != dim // n_heads:
-            raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
-        args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                         n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
-                         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
-                         use_scaled_rope=rope.get("rope_type", rope.get("type")) == "llama3",
-                         rope_scale_factor=float(rope.get("factor", 8.0)),
-                         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                         rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
-                         max_seq_len=min(int(cfg.get("max_position_embeddings", 8192)), 131072),
-                         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                         ffn_hidden_dim=int(cfg["intermediate_size"]))
-    except KeyError as e:
-        raise ValueError(f"{source}: missing field {e.args[0]!r} in config.json") from None
-    return args
-
-
-def hf_name(key: str) -> str:
-    """Our (Meta) name of a base tensor -> its name in a Hugging Face file, for error messages."""
-    if key in HF_TOP:
-        return HF_TOP[key]
-    if key.startswith("layers."):
-        _, n, suffix = key.split(".", 2)
-        return f"model.layers.{n}.{HF_NAMES.get(suffix, suffix)}"
-    return key
-
-
-def check_tensors(state: dict, expected: dict, source: str, name=lambda k: k):
-    """One-line errors for missing, unexpected or mis-shaped tensors; name() spells a key as the file does."""
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{source}: checkpoint is missing tensor {name(missing[0])!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise ValueError(f"{source}: unexpected tensor {name(extra[0])!r}"
-                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: tensor {name(k)!r} has shape {tuple(state[k].shape)}, config expects "
-                             f"{tuple(shape)}")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors(path: Path, dtype=None) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF directory (single file or sharded with an index), converted to dtype one by one.
-
-    Checks each file's header against its size first, so a truncated download fails with its file name.
-    """
-    from safetensors import safe_open
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").exists():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
-        f = path / name
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
-        check_safetensors_file(f)
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                if weight_map is not None and weight_map.get(k) != name:
-                    continue
-                t = st.get_tensor(k)
-                state[k] = t if dtype is None else t.to(dtype)
-    if weight_map is not None:
-        absent = [k for k in weight_map if k not in state]
-        if absent:
-            raise ValueError(f"{index}: tensor {absent[0]!r} is not in {weight_map[absent[0]]}")
-    return state
-
-
-def check_safetensors_file(f: Path):
-    """Validate the 8-byte header length + JSON header + data size of a .safetensors file."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{f}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ValueError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{f}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"{f}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
-
-
-def detect_layout(path: Path) -> str:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint directory not found")
-    if (path / "config.json").exists():
-        return "hf"
-    if (path / "params.json").exists():
-        return "meta"
-    raise ValueError(f"{path}: neither a Hugging Face checkpoint (config.json + *.safetensors) nor a Meta one "
-                     f"(params.json + consolidated.00.pth)")
-
-
-def load_llama_checkpoint(path: Path, dtype=None) -> tuple[ModelArgs, dict, dict]:
-    """(ModelArgs, base state dict with Meta names, other tensors) from a HF or Meta directory.
-
-    Tensors are converted to dtype one at a time. "Other tensors" are HF tensors that are not part of the Llama
-    (a CoLA checkpoint's action_* / policy_* modules); a plain Llama has none.
-    """
-    layout = detect_layout(path)
-    if layout == "hf":
-        args = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
-        hf = read_safetensors(path, dtype)
-        rest = {k: v for k, v in hf.items() if k not in HF_TOP.values() and not k.startswith("model.layers.")}
-        return args, hf_to_meta(hf, args), rest
-    params = read_json(path / "params.json")
-    args = ModelArgs.from_dict({"ffn_dim_multiplier": None, "multiple_of": 256, "use_scaled_rope": False,
-                                **params})
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if not shards:
-        raise FileNotFoundError(f"{path}: params.json found but no consolidated.00.pth")
-    if len(shards) > 1:
-        raise ValueError(f"{path}: {len(shards)} model-parallel shards; only single-file checkpoints "
-                         f"(consolidated.00.pth: 1B, 3B, 8B) are supported")
-    try:
-        state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{shards[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    state.pop("rope.freqs", None)    # Llama-2-era files carried it
-    if args.tie_embeddings is False and "output.weight" in state and \
-            state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr():
-        args.tie_embeddings = True
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    return args, state, {}
-
-
-def atomic_write(path: Path, write_fn):
-    """write_fn(tmp_path), then rename: a crash never leaves a half-written file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30):
-    """safetensors (sharded above max_shard_bytes, with an index) + config.json, each file written atomically."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    shards, cur, size = [], {}, 0
-    for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = tensors[k], size + nbytes
-    shards.append(cur)
-    dtypes = {str(v.dtype).removeprefix("torch.") for v in tensors.values()}
-    config = {**config, "torch_dtype": dtypes.pop() if len(dtypes) == 1 else "float32"}
-    if len(shards) == 1:
-        atomic_write(path / "model.safetensors", lambda t: save_file(shards[0], str(t), {"format": "pt"}))
-        (path / "model.safetensors.index.json").unlink(missing_ok=True)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path / name, lambda t, s=shard: save_file(s, str(t), {"format": "pt"}))
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(path / "model.safetensors.index.json", lambda t: t.write_text(json.dumps(index, indent=2)))
-        (path / "model.safetensors").unlink(missing_ok=True)
-    atomic_write(path / "config.json", lambda t: t.write_text(json.dumps(config, indent=2)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ training code. What differs lives here:
     full_state_dict          the whole model gathered on rank 0 (for the safetensors export)
     mean_over_ranks, barrier
 
-Sharding (cola-spec section 3 at 8B, the paper's "8 x 80 GB" setting): parameters, gradients and AdamW state are
+Sharding (the 8B stages of PAPER.md §3, on 8 x 80 GB GPUs): parameters, gradients and AdamW state are
 split over the ranks (ZeRO-3). Each FSDP unit is all-gathered just before its forward and freed after it, and
 gathered again for backward; gradients are reduce-scattered. Frozen modules hold no gradient and no optimizer
 state and, when training in bfloat16, are stored in bfloat16 (half the bytes).
 
 Model files (model.py, idm.py, policy.py, cola.py) know nothing of torch.distributed.
 
-Checked facts this follows: ../shared/llama-ecosystem.md section 4 (FSDP2 and DCP in torch 2.13, on CPU with gloo
-too). Deviations from torchtitan's apply_fsdp: the root is a thin wrapper whose forward takes the computation to run
+Built on torch 2.13's FSDP2 (`fully_shard`) and torch.distributed.checkpoint (DCP), which run on CPU with gloo
+too. Deviations from torchtitan's apply_fsdp: the root is a thin wrapper whose forward takes the computation to run
 (CoLA's training calls several model methods, not one forward); no separate embedding unit; gradients are averaged
 by FSDP (divide by world size) and losses are per-micro-batch means, which is how one process computes them too.
 """
@@ -249,7 +249,7 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    from model import atomic_write
+    from checkpoint import atomic_write
     path = Path(run_dir) / "checkpoints" / f"step-{train_state['step']:07d}"
     if world.main and path.exists():            # a leftover of an earlier run: never mix its files with ours
         remove_checkpoint(path)

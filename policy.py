@@ -1,8 +1,8 @@
-"""The CoLA policy pi(a_t | x_{1:t}) over K = 64 latent actions (../shared/cola-spec.md, sections 2-4).
+"""The CoLA policy pi(a_t | x_{1:t}) over K = 64 latent actions (PAPER.md §2-4).
 
 pi reads the base state h (frozen) through 8 fresh causal Llama blocks, an RMSNorm and Linear(d -> K). It is the
-only module RL trains (sec. 4); Stage B behaviour-clones it on the IDM's argmax labels (sec. 3). At inference it
-keeps its own KV cache next to the base's. Sampling (sec. 2): logits / tau (tau 1), top-k 40, multinomial;
+only module RL trains (PAPER.md §4); Stage B behaviour-clones it on the IDM's argmax labels (§3). At inference it
+keeps its own KV cache next to the base's. Sampling (§2): logits / tau (tau 1), top-k 40, multinomial;
 greedy = argmax. The RL log-prob is log pi(a_t | x_{1:t}) under the raw logits (temperature 1, no top-k).
 
 Position convention (see idm.py): pi's output at position t (states x_{1:t}) chooses the action of the transition

@@ -1,6 +1,6 @@
 """Llama 3 tokenizer on tiktoken, plus an embedded byte-level default that needs no download.
 
-Llama 3 (cola-spec section 2, "Base": V = 128256): 128000 byte-level BPE ranks read from Meta's `tokenizer.model`
+Llama 3 (PAPER.md §2, "Base": V = 128256): 128000 byte-level BPE ranks read from Meta's `tokenizer.model`
 (one "<base64 token bytes> <rank>" per line; the rank is both merge priority and token id), Meta's
 pre-tokenisation regex, and 256 special tokens with ids 128000..128255 (Llama-3.1 names).
 
@@ -136,9 +136,6 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.model.decode(list(ids))
-
-    def encode_batch(self, texts: list[str], *, bos: bool, eos: bool) -> list[list[int]]:
-        return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
 
 def split_long_runs(s: str, max_len: int):

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import parallel  # noqa: E402
 import train  # noqa: E402
+import trainer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -26,9 +27,10 @@ def logits(model, x):
 
 def main(init: str, out: str):
     world = parallel.world_from_env()
-    stage, cfg = train.parse_args(["--stage", "bc", "--init", init, "--dtype", "float32", "--device", "cpu"])
-    device = parallel.init_process_group(world, cfg.device)
-    root = train.build_root(stage, cfg, device, Tokenizer.find(init, None), world)
+    stage, cfg = train.parse_args(["--stage", "bc", "--init", init, "--dtype", "float32", "--device", "cpu"], world)
+    run = trainer.Run(stage, cfg, world)
+    phases = [trainer.Phase("stage-b", ["policy"], train.bc_loss, 1)]
+    root = run.build(lambda device: train.load_init(stage, cfg, Tokenizer.find(init, None), device), phases)
     wq = root.model.base.layers[0].attention.wq.weight
     rows = wq.to_local().shape[0] if hasattr(wq, "to_local") else wq.shape[0]
     if world.size > 1 and rows != -(-wq.shape[0] // world.size):

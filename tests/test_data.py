@@ -123,7 +123,7 @@ def arange_shards(tmp_path, n, cut):
 
 
 def epoch_windows(loader, n_batches):
-    return [w for _ in range(n_batches) for w in loader.next_batch()]
+    return [w for _ in range(n_batches) for w in loader.next_batch().tokens]
 
 
 def test_token_loader_windows_ranks_union(tmp_path):
@@ -143,9 +143,9 @@ def test_token_loader_windows_ranks_union(tmp_path):
     two = [TokenLoader(tmp_path, B, T, r, 2, seed=5, global_batch=6) for r in range(2)]
     for step in range(10):                                               # crosses epoch boundaries
         for r in range(2):
-            want = one.next_batch()
-            assert torch.equal(two[r].next_batch(), want)
-            assert two[r].ids.tolist() == one.ids.tolist() == list(range(6 * step + 3 * r, 6 * step + 3 * r + 3))
+            want, got = one.next_batch(), two[r].next_batch()
+            assert torch.equal(got.tokens, want.tokens) and bool(got.mask.all())
+            assert got.ids.tolist() == want.ids.tolist() == list(range(6 * step + 3 * r, 6 * step + 3 * r + 3))
     with pytest.raises(ValueError, match="global batch 8 is not a multiple of world size 2 x micro batch 3"):
         TokenLoader(paths, B, T, 0, 2, global_batch=8)
 
@@ -159,12 +159,12 @@ def test_token_loader_resume(tmp_path):
     expected = [a.next_batch() for _ in range(10)]                       # crosses epoch boundaries (30/epoch)
     b = TokenLoader(paths, 4, 8, rank=1, world_size=2, seed=3)
     b.load_state_dict(state)
-    assert all(torch.equal(x, y) for x, y in zip(expected, [b.next_batch() for _ in range(10)]))
+    assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(expected, [b.next_batch() for _ in range(10)]))
     # the same state resumes on one rank: it reads both ranks' rows of the next steps, in the same order
     c = TokenLoader(paths, 4, 8, seed=3, global_batch=8)
     c.load_state_dict(state)
     both = [c.next_batch() for _ in range(20)]
-    assert all(torch.equal(x, y) for x, y in zip(expected, both[1::2]))
+    assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(expected, both[1::2]))
     with pytest.raises(ValueError):
         TokenLoader(paths, 4, 16, rank=1, world_size=2, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="global batch 8, now 4"):
@@ -214,15 +214,15 @@ def test_sft_loader_and_jsonl(tmp_path, tok):
     x, m = encode_sft(task_sft_records("countdown", "train", 10, seed=0), tok, 511)
     batches = lambda ld, k: [ld.next_batch() for _ in range(k)]          # noqa: E731
     a = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
-    order = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, seed=1), 2)])   # one epoch, single rank
-    got = torch.cat([t for t, _ in batches(SFTLoader(x, m, 5, 1, 2, seed=1), 1)])
+    order = torch.cat([b.tokens for b in batches(SFTLoader(x, m, 5, seed=1), 2)])   # one epoch, single rank
+    got = torch.cat([b.tokens for b in batches(SFTLoader(x, m, 5, 1, 2, seed=1), 1)])
     assert torch.equal(got, order[5:10])                                 # rank 1: the second half of step 0
     batches(a, 2)
     state = a.state_dict()
     b = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
     b.load_state_dict(state)
-    for (t1, m1), (t2, m2) in zip(batches(a, 4), batches(b, 4)):
-        assert torch.equal(t1, t2) and torch.equal(m1, m2) and t1.shape == (3, 512)
+    for (t1, m1, i1), (t2, m2, i2) in zip(batches(a, 4), batches(b, 4)):
+        assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(i1, i2) and t1.shape == (3, 512)
     f = tmp_path / "sft.jsonl"
     f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError) as e:

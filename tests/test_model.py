@@ -1,4 +1,4 @@
-"""Tests for model.py: the Llama-3.1 base of CoLA (cola-spec section 2, "Base").
+"""Tests for model.py: the Llama-3.1 base of CoLA (PAPER.md §2, "Base").
 
 Tiers (style.md rule 9), all on CPU in a few seconds:
   parity      our logits and greedy tokens == transformers' LlamaForCausalLM, for checkpoints in every layout we
@@ -138,7 +138,7 @@ def test_hf_checkpoint_written_by_us(tmp_path, tie, shard):
 
 
 def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo the converter's q/k permutation (llama-ecosystem.md 2.4), written with explicit row indices.
+    """Undo the converter's q/k permutation, written with explicit row indices.
 
     Inside a head of Dh rows, HF keeps Meta's pair (2i, 2i+1) at rows (i, Dh/2 + i): Meta row 2i + c is
     HF row c * Dh/2 + i.
@@ -149,7 +149,7 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def write_meta_checkpoint(path: Path, hf: LlamaForCausalLM, params: dict):
-    """params.json + consolidated.00.pth with Meta's names (llama-ecosystem.md 1.3, 2.2) from an HF model."""
+    """params.json + consolidated.00.pth with Meta's names from an HF model."""
     sd = {k: v.clone() for k, v in hf.state_dict().items()}
     c = hf.config
     state = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
@@ -173,7 +173,7 @@ def write_meta_checkpoint(path: Path, hf: LlamaForCausalLM, params: dict):
     (path / "params.json").write_text(json.dumps(params))
 
 
-# Meta's params.json keys (llama-ecosystem.md 1.1) for the tiny architecture.
+# Meta's params.json keys for the tiny architecture.
 META_PARAMS = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32,
                "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": True}
 
@@ -447,7 +447,7 @@ def test_meta_device_build_then_init_weights(tie):
 def test_presets():
     with torch.device("meta"):
         llama8b, llama1b = Transformer(PRESETS["llama-3.1-8b"]), Transformer(PRESETS["llama-3.2-1b"])
-    assert llama8b.num_params() == 8_030_261_248              # llama-ecosystem.md 1.3
+    assert llama8b.num_params() == 8_030_261_248            
     assert PRESETS["llama-3.1-8b"].ffn_hidden == 14336
     assert not PRESETS["llama-3.1-8b"].tie_embeddings and llama8b.output.weight is not llama8b.tok_embeddings.weight
     assert llama1b.num_params() == 1_235_814_400              # tied: the 128256 x 2048 matrix counted once

@@ -15,7 +15,7 @@ import tokenizers        # Hugging Face's tokenizer library, installed with tran
 
 from tokenizer import PAT_STR, ChatFormat, Tokenizer
 
-# Meta's Llama-3.1 special-token offsets (llama-ecosystem.md 3.3): id = number of base tokens + index.
+# Meta's Llama-3.1 special-token offsets: id = number of base tokens + index.
 OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|finetune_right_pad_id|>": 4, "<|step_id|>": 5,
            "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9,
            "<|python_tag|>": 10, "<|reserved_special_token_2|>": 11, "<|reserved_special_token_246|>": 255}
@@ -131,7 +131,7 @@ def tiny_model_file(tmp_path):
 
 @pytest.fixture
 def tiny_json_file(tmp_path):
-    """The same ranks as a Hugging Face byte-level BPE tokenizer.json (llama-ecosystem.md 3.6)."""
+    """The same ranks as a Hugging Face byte-level BPE tokenizer.json."""
     alphabet = gpt2_bytes_to_unicode()
 
     def s(token: bytes) -> str:

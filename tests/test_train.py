@@ -15,7 +15,6 @@ All on CPU at toy sizes (seq_len 64 for LM stages, 256 for task stages, a handfu
 
     python -m pytest -q tests/test_train.py
 """
-import argparse
 import json
 import math
 import shutil
@@ -32,6 +31,8 @@ import cola
 import model as model_py
 import parallel
 import train
+import trainer
+from data import Batch
 
 from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, TRAIN, cmd, read_rows, run_ok, step_rows
 
@@ -113,6 +114,15 @@ def test_smoke_stage_writes_run_dir(chain, name):
     else:
         fcfg = json.loads((d / "final/config.json").read_text())
         assert fcfg["train_stage"] == stage
+        # one source of truth: the export records the flags it was trained with (Stage A's beta and tau among them)
+        history = fcfg["train_history"]
+        assert history[-1] == {k: v for k, v in cfg.items() if k not in ("world_size", "n_params")}
+        assert [h["stage"] for h in history] == {"base": ["base"], "pretrain": ["base", "pretrain"],
+                                                 "bc": ["base", "pretrain", "bc"], "sft": ["base", "sft"]}.get(
+            stage, ["base", "pretrain", "bc", stage])
+        assert "cola_beta" not in fcfg and "cola_gumbel_tau" not in fcfg
+        if stage == "pretrain":
+            assert history[-1]["beta"] == cfg["beta"] == 0.03 and history[-1]["gumbel_tau"] == cfg["gumbel_tau"]
         assert list((d / "final").glob("*.safetensors"))
 
 
@@ -317,9 +327,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)                        # the embedded corpus cache is data/cache under the cwd
     real, calls = train.base_loss, []
 
-    def nan_on_third(model, x, mask=None):
-        loss, m = real(model, x, mask)
-        calls.append(1)
+    def nan_on_third(model, b):          # the third training call (evaluation runs it without gradient too)
+        loss, m = real(model, b)
+        calls.extend([1] if torch.is_grad_enabled() else [])
         return (loss * float("nan"), m) if len(calls) == 3 else (loss, m)
     monkeypatch.setattr(train, "base_loss", nan_on_third)
     out = tmp_path / "base"
@@ -356,10 +366,39 @@ def test_help_of_every_stage(stage, capsys):
 def test_large_presets_checkpoint_activations_where_the_base_trains():
     """At 8B, fta-i / fta-p / sft need activation checkpointing to fit 80 GB (bench.py --memory-plan)."""
     for stage in train.STAGES:
-        _, cfg = train.parse_args(["--stage", stage, "--preset", "llama-3.1-8b"])
+        init = [] if stage == "base" else ["--init", "somewhere"]
+        _, cfg = train.parse_args(["--stage", stage, "--preset", "llama-3.1-8b", *init])
         assert cfg.activation_checkpointing == (stage in ("fta-i", "fta-p", "sft")), stage
-        _, cfg = train.parse_args(["--stage", stage])
+        _, cfg = train.parse_args(["--stage", stage, *init])
         assert not cfg.activation_checkpointing, stage
+
+
+def test_default_init_and_micro_batch_follow_the_users_command(tmp_path, monkeypatch, capsys):
+    """`python train.py --stage pretrain` alone starts from runs/base/final (tiny preset); the micro batch the user
+    did not set follows the global batch and the world size, one they set is kept (and checked)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/base/final").mkdir(parents=True)
+    _, cfg = train.parse_args(["--stage", "pretrain"])
+    assert cfg.init == "runs/base/final" and cfg.micro_batch == 8 and cfg.global_batch == 8
+    two = parallel.World(rank=0, size=2, launched=True)
+    assert train.parse_args(["--stage", "base"], two)[1].micro_batch == 4            # 8 / 2 processes
+    assert train.parse_args(["--stage", "base", "--global-batch", "12"], two)[1].micro_batch == 6
+    _, cfg = train.parse_args(["--stage", "base", "--micro-batch", "8"], two)
+    assert cfg.micro_batch == 8
+    with pytest.raises(SystemExit, match="--global-batch 8 is not a positive multiple of --micro-batch 8 x 2"):
+        train.check_flags("base", cfg, two)
+    msg = exit_message(["--stage", "bc"], capsys)
+    assert msg == ("stage bc starts from runs/pretrain/final, which does not exist: run `python train.py --stage "
+                   "pretrain` first, or pass --init DIR"), msg
+    msg = exit_message(["--stage", "bc", "--preset", "llama-3.1-8b"], capsys)
+    assert "--init is required for stage bc at --preset llama-3.1-8b" in msg, msg
+
+
+def test_help_without_a_stage_lists_the_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(s in out for s in train.STAGES + ["pipeline"]), out
 
 
 def test_error_unknown_stage(capsys):
@@ -388,7 +427,7 @@ def _bad(tmp_path, chain):
     return {
         "init from the wrong stage": (["--stage", "bc", "--init", chain / "base/final"], "written by stage 'base'"),
         "init directory missing": (["--stage", "pretrain", "--init", tmp_path / "nowhere"], "directory not found"),
-        "init missing": (["--stage", "pretrain"], "--init is required for stage pretrain"),
+        "init missing": (["--stage", "pretrain"], "run `python train.py --stage base` first, or pass --init DIR"),
         "empty data dir": (["--stage", "base", "--data", empty], "no .bin token shards"),
         "seq-len too long": (["--stage", "base", "--seq-len", "600"], "exceed the model's max_seq_len 512"),
         "global batch not a multiple": (["--stage", "base", *small, "--global-batch", "6", "--micro-batch", "4"],
@@ -408,8 +447,10 @@ BAD = ["init from the wrong stage", "init directory missing", "init missing", "e
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_error_bad_input(case, chain, tmp_path, capsys, in_repo):
+def test_error_bad_input(case, chain, tmp_path, capsys, in_repo, monkeypatch):
     argv, expected = _bad(tmp_path, chain)[case]
+    if case == "init missing":
+        monkeypatch.chdir(tmp_path)          # no runs/base/final here: the tiny default --init does not exist
     if "--out-dir" not in argv:
         argv = argv + ["--out-dir", tmp_path / "run"]
     out = Path(argv[argv.index("--out-dir") + 1])
@@ -435,7 +476,7 @@ def test_error_foreign_out_dir_left_untouched(chain, tmp_path, capsys, in_repo):
 def test_error_batch_flags_checked_before_work(tmp_path, capsys, in_repo, monkeypatch):
     def no_eval(*a, **k):
         raise AssertionError("evaluate() ran before the batch flags were validated")
-    monkeypatch.setattr(train, "evaluate", no_eval)
+    monkeypatch.setattr(trainer.Run, "evaluate", no_eval)
     msg = exit_message(["--stage", "base", "--out-dir", tmp_path / "run", "--global-batch", "6", "--micro-batch",
                         "4", "--seq-len", "32", "--eval-batches", "1"], capsys)
     assert "not a positive multiple of --micro-batch" in msg
@@ -446,32 +487,31 @@ def test_error_batch_flags_checked_before_work(tmp_path, capsys, in_repo, monkey
 
 
 def test_lr_at_warmup_and_cosine():
-    cfg = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=100)
-    assert train.lr_at(0, cfg) == pytest.approx(1e-3 / 10)
-    assert train.lr_at(9, cfg) == pytest.approx(1e-3)            # warmup reaches lr on its last step
-    assert train.lr_at(10, cfg) == pytest.approx(1e-3)           # cosine starts at lr
-    assert train.lr_at(55, cfg) == pytest.approx((1e-3 + 1e-4) / 2)   # half way down
-    assert train.lr_at(100, cfg) == pytest.approx(1e-4)
-    assert train.lr_at(250, cfg) == pytest.approx(1e-4)          # stays at the floor
-    warm = [train.lr_at(s, cfg) for s in range(10)]
-    assert all(a < b for a, b in zip(warm, warm[1:]))
-    decay = [train.lr_at(s, cfg) for s in range(10, 101)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
-    assert min(decay) >= 1e-4 - 1e-15
-    # warmup -1 (FTA default): 3% of the phase's steps, at least 1
-    assert train._phase_schedule(train.FinetuneArgs(), 200).warmup_steps == 6
-    assert train._phase_schedule(train.FinetuneArgs(), 5).warmup_steps == 1
+    lr_at = lambda s: trainer.lr_at(s, 1e-3, 1e-4, 10, 100)     # noqa: E731
+    assert lr_at(0) == pytest.approx(1e-3 / 10)
+    assert lr_at(9) == pytest.approx(1e-3)            # warmup reaches lr on its last step
+    assert lr_at(10) == pytest.approx(1e-3)           # cosine starts at lr
+    assert lr_at(55) == pytest.approx((1e-3 + 1e-4) / 2)   # half way down
+    assert lr_at(100) == pytest.approx(1e-4)
+    assert lr_at(250) == pytest.approx(1e-4)          # stays at the floor
+    warm = [lr_at(s) for s in range(10)]
+    assert warm == sorted(warm)
+    decay = [lr_at(s) for s in range(10, 101)]
+    assert decay == sorted(decay, reverse=True)
+    assert trainer.warmup_steps(train.FinetuneArgs(), 200) == 6     # -1: 3% of the phase's steps
+    assert trainer.warmup_steps(train.FinetuneArgs(), 5) == 1
 
 
 def test_masked_ce_matches_hand_computation():
-    torch.manual_seed(0)
-    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
-    mask = torch.tensor([[True, False, True], [False, False, True]])
-    ce = [[-math.log(math.exp(logits[b, t, targets[b, t]].item()) / sum(math.exp(v) for v in logits[b, t].tolist()))
-           for t in range(3)] for b in range(2)]
-    want = (ce[0][0] + ce[0][2] + ce[1][2]) / 3
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[0.5, 0.0], [0.0, 0.0], [3.0, -1.0]]])
+    targets = torch.tensor([[0, 1, 0], [1, 0, 0]])
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    ce = [[-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.e / (math.e + 1)), math.log(2)],
+          [-math.log(1 / (math.exp(0.5) + 1)), math.log(2), -math.log(math.exp(3) / (math.exp(3) + math.exp(-1)))]]
+    want = (ce[0][0] + ce[0][2] + ce[1][1] + ce[1][2]) / 4
     assert train.masked_ce(logits, targets, mask).item() == pytest.approx(want, rel=1e-5)
-    assert train.masked_ce(logits, targets).item() == pytest.approx(sum(map(sum, ce)) / 6, rel=1e-5)
+    assert train.masked_ce(logits, targets, torch.ones(2, 3, dtype=torch.bool)).item() == \
+        pytest.approx(sum(map(sum, ce)) / 6, rel=1e-5)
     assert train.masked_ce(logits, targets, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0   # no NaN
 
 
@@ -485,18 +525,37 @@ def tiny_cola():
 
 def test_make_optimizer_codebook_alone_without_weight_decay(tiny_cola):
     g = tiny_cola.param_groups()
-    no_decay = {id(p) for p in g["codebook"]}
     cfg = train.PretrainArgs(weight_decay=0.05)
-    params = g["idm"] + g["codebook"] + g["merge"]
-    opt = train.make_optimizer(params, cfg, no_decay)
+    opt = trainer.make_optimizer(g, ["idm", "codebook", "merge"], cfg)
     wd = {pg["weight_decay"]: [id(p) for p in pg["params"]] for pg in opt.param_groups}
     assert sorted(wd) == [0.0, 0.05]
     assert wd[0.0] == [id(tiny_cola.codebook.weight)]
     assert set(wd[0.05]) == {id(p) for p in g["idm"] + g["merge"]} and len(wd[0.05]) == len(g["idm"] + g["merge"])
     # without the codebook: one group, all decayed
-    opt = train.make_optimizer(g["policy"], cfg, no_decay)
+    opt = trainer.make_optimizer(g, ["policy"], cfg)
     assert [pg["weight_decay"] for pg in opt.param_groups] == [0.05]
     assert len(opt.param_groups[0]["params"]) == len(g["policy"])
+
+
+# The optimizer each stage builds at each preset: the paper's fine-tuning betas (0.9, 0.95), the release's AdamW
+# defaults (0.9, 0.999) in pre-training (Stage A, Stage B), weight decay 0.01 in pre-training and 0 in fine-tuning.
+OPTIMIZER = {"base": (0.9, 0.95, 0.01), "pretrain": (0.9, 0.999, 0.01), "bc": (0.9, 0.999, 0.01),
+             "fta-i": (0.9, 0.95, 0.0), "fta-p": (0.9, 0.95, 0.0), "sft": (0.9, 0.95, 0.0)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-3.1-8b"])
+def test_optimizer_betas_and_weight_decay_per_stage_and_preset(preset, tiny_cola):
+    for stage, (b1, b2, wd) in OPTIMIZER.items():
+        if stage == "base" and preset != "tiny":
+            continue
+        init = [] if stage == "base" else ["--init", "somewhere"]
+        _, cfg = train.parse_args(["--stage", stage, "--preset", preset, *init])
+        opt = trainer.make_optimizer(tiny_cola.param_groups(), ["idm", "codebook"], cfg)
+        assert opt.param_groups[0]["betas"] == (b1, b2), (stage, preset)
+        assert opt.param_groups[0]["weight_decay"] == wd, (stage, preset)
+        assert opt.param_groups[1]["weight_decay"] == 0.0                  # the codebook C, always
+    _, cfg = train.parse_args(["--stage", "fta-p", "--preset", "llama-3.1-8b", "--init", "somewhere"])
+    assert cfg.base_grad == "subtracted"                                  # the release's FTA-P at 8B
 
 
 def only(model, params):
@@ -506,10 +565,14 @@ def only(model, params):
         p.requires_grad_(id(p) in keep)
 
 
-def grads_of(model, x, loss_fn, trainable):
+def batch(x, mask=None):
+    return Batch(x, torch.ones_like(x, dtype=torch.bool) if mask is None else mask, torch.arange(len(x)))
+
+
+def grads_of(model, b, loss_fn, trainable):
     only(model, trainable)
     model.zero_grad(set_to_none=True)
-    loss, _ = loss_fn(model, x)
+    loss, _ = loss_fn(model, b)
     loss.backward()
     g = model.param_groups()
     return {name: [p.grad for p in ps] for name, ps in g.items()}
@@ -525,18 +588,17 @@ def _none(grads):
 
 def test_pretrain_loss_trains_idm_codebook_merge_only(tiny_cola):
     torch.manual_seed(1)
-    x = torch.randint(0, 512, (2, 17))
+    b = batch(torch.randint(0, 512, (2, 17)))
     g = tiny_cola.param_groups()
-    cfg = train.PretrainArgs()
-    fn = lambda m, b: train.pretrain_loss(m, b, cfg)
-    grads = grads_of(tiny_cola, x, fn, g["idm"] + g["codebook"] + g["merge"])       # as Stage A trains
+    fn = lambda m, b: train.pretrain_loss(m, b, 2.0, 0.001, 0)                          # noqa: E731
+    grads = grads_of(tiny_cola, b, fn, g["idm"] + g["codebook"] + g["merge"])       # as Stage A trains
     assert _has(grads["idm"]) and _has(grads["codebook"]) and _has(grads["merge"])
     assert _none(grads["base"]) and _none(grads["policy"])
     # even with everything trainable the base's embeddings and blocks get nothing (h = sg(base(x)) in the loss);
     # only Norm_f and W_lm, which the world model reuses on top of the merge module, would
     only(tiny_cola, list(tiny_cola.parameters()))
     tiny_cola.zero_grad(set_to_none=True)
-    train.pretrain_loss(tiny_cola, x, cfg)[0].backward()
+    fn(tiny_cola, b)[0].backward()
     got = sorted(n for n, p in tiny_cola.base.named_parameters() if p.grad is not None)
     assert got == ["norm.weight", "output.weight"]
     assert all(p.grad is None for p in tiny_cola.policy.parameters())
@@ -545,27 +607,79 @@ def test_pretrain_loss_trains_idm_codebook_merge_only(tiny_cola):
 
 def test_bc_loss_trains_policy_only(tiny_cola):
     torch.manual_seed(2)
-    x = torch.randint(0, 512, (2, 17))
+    b = batch(torch.randint(0, 512, (2, 17)))
     g = tiny_cola.param_groups()
-    grads = grads_of(tiny_cola, x, train.bc_loss, g["policy"])
+    grads = grads_of(tiny_cola, b, train.bc_loss, g["policy"])
     assert _has(grads["policy"]) and _none(grads["idm"]) and _none(grads["base"])
-    grads = grads_of(tiny_cola, x, train.bc_loss, list(tiny_cola.parameters()))     # labels and h under no_grad
+    grads = grads_of(tiny_cola, b, train.bc_loss, list(tiny_cola.parameters()))     # labels and h under no_grad
     assert _has(grads["policy"])
     for name in ("idm", "base", "codebook", "merge"):
         assert _none(grads[name]), name
     only(tiny_cola, list(tiny_cola.parameters()))
 
 
-def test_fta_losses_train_the_base(tiny_cola):
+def _response_batch():
     torch.manual_seed(3)
     x = torch.randint(0, 512, (2, 17))
     mask = torch.zeros(2, 17, dtype=torch.bool)
     mask[:, 9:] = True
+    return batch(x, mask)
+
+
+def test_fta_losses_train_the_base(tiny_cola):
+    b = _response_batch()
     g = tiny_cola.param_groups()
-    grads = grads_of(tiny_cola, x, lambda m, b: train.fta_i_loss(m, b, mask), g["base"])    # FTA-I phase 1
+    grads = grads_of(tiny_cola, b, train.fta_i_loss, g["base"])                        # FTA-I phase 1
     assert _has(grads["base"]) and _none(grads["idm"]) and _none(grads["policy"])
-    grads = grads_of(tiny_cola, x, lambda m, b: train.fta_p_loss(m, b, mask), list(tiny_cola.parameters()))
-    assert _has(grads["base"]) and _none(grads["policy"])        # greedy actions: no gradient through pi
+    for base_grad in ("subtracted", "merge"):
+        grads = grads_of(tiny_cola, b, lambda m, b: train.fta_p_loss(m, b, base_grad), list(tiny_cola.parameters()))
+        assert _has(grads["base"]) and _none(grads["policy"])    # greedy actions: no gradient through pi
+    only(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_fta_i_gradient_does_not_pass_through_the_idm(tiny_cola):
+    """The release computes FTA-I's actions under no gradient: the base's gradient is exactly that of the world
+    model's CE with the IDM's argmax actions held fixed (no straight-through path back through the frozen IDM)."""
+    b = _response_batch()
+    only(tiny_cola, tiny_cola.param_groups()["base"])
+    with torch.no_grad():
+        k = tiny_cola.idm_labels(tiny_cola.hidden(b.tokens))
+    tiny_cola.zero_grad(set_to_none=True)
+    h = tiny_cola.hidden(b.tokens)
+    train.masked_ce(tiny_cola.world_logits(h[:, :-1], k), b.tokens[:, 1:], b.mask[:, 1:]).backward()
+    want = [p.grad.clone() for p in tiny_cola.base.parameters()]
+    tiny_cola.zero_grad(set_to_none=True)
+    train.fta_i_loss(tiny_cola, b)[0].backward()
+    for p, w in zip(tiny_cola.base.parameters(), want):
+        assert torch.equal(p.grad, w)
+    # and the IDM's weights would get nothing even if they were trainable
+    grads = grads_of(tiny_cola, b, train.fta_i_loss, list(tiny_cola.parameters()))
+    assert _none(grads["idm"]) and _none(grads["policy"])
+    only(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_fta_p_base_grad_chooses_the_side_of_the_difference(tiny_cola):
+    """W_lm(Norm_f(s_2) - h_t): 'subtracted' trains the base through -h_t only (release), 'merge' through s_0 = h_t
+    only. Same loss value; the gradient of h differs, and each equals its own autograd-by-hand version."""
+    b = _response_batch()
+    x, m = b.tokens, b.mask[:, 1:]
+    only(tiny_cola, tiny_cola.param_groups()["base"])
+    with torch.no_grad():
+        h = tiny_cola.hidden(x)[:, :-1]
+        a = tiny_cola.policy_logits(h).argmax(-1)
+        e = torch.nn.functional.embedding(a, tiny_cola.codebook.weight.t())
+    grads, losses = {}, {}
+    for mode in ("subtracted", "merge"):
+        hh = h.clone().requires_grad_(True)
+        loss = train.masked_ce(tiny_cola.world_logits(hh, a, mode), x[:, 1:], m)
+        grads[mode], losses[mode] = torch.autograd.grad(loss, hh)[0], loss.item()
+        s2 = tiny_cola.merge(hh, e)
+        by_hand = (tiny_cola.base.norm(s2).detach() - hh) if mode == "subtracted" else \
+            (tiny_cola.base.norm(s2) - hh.detach())
+        want = torch.autograd.grad(train.masked_ce(tiny_cola.base.output(by_hand), x[:, 1:], m), hh)[0]
+        assert torch.allclose(grads[mode], want, atol=1e-7), mode
+    assert losses["subtracted"] == losses["merge"]
+    assert not torch.allclose(grads["subtracted"], grads["merge"])
     only(tiny_cola, list(tiny_cola.parameters()))
 
 
@@ -581,9 +695,9 @@ def test_activation_checkpointing_same_loss_and_grads():
     ff = ac.layers[0].feed_forward        # count calls (forward hooks do not fire during recomputation)
     ff_forward = ff.forward
     ff.forward = lambda *a, **k: (calls.append(1), ff_forward(*a, **k))[1]
-    train.enable_activation_checkpointing(ac.layers)
+    trainer.enable_activation_checkpointing(ac.layers)
     x = torch.randint(0, 64, (2, 17))
-    (l1, _), (l2, _) = train.base_loss(m, x), train.base_loss(ac, x)
+    (l1, _), (l2, _) = train.base_loss(m, batch(x)), train.base_loss(ac, batch(x))
     l1.backward()
     assert len(calls) == 1
     l2.backward()
@@ -594,12 +708,12 @@ def test_activation_checkpointing_same_loss_and_grads():
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
 
 
-def test_set_trainable_per_stage(tiny_cola):
-    """requires_grad is set once per stage, to the union of its phases' parameter groups (FSDP reads it once)."""
-    for stage, names in train.TRAINS.items():
-        train.set_trainable(tiny_cola, stage)
+def test_set_trainable_names_groups(tiny_cola):
+    """requires_grad is set once per run, to the union of its phases' parameter groups (FSDP reads it once)."""
+    for names in ({"idm", "codebook", "merge"}, {"policy"}, {"base", "policy"}, {"base"}):
+        trainer.set_trainable(tiny_cola, names)
         for name, ps in tiny_cola.param_groups().items():
-            assert all(p.requires_grad == (name in names) for p in ps), (stage, name)
+            assert all(p.requires_grad == (name in names) for p in ps), (names, name)
     only(tiny_cola, list(tiny_cola.parameters()))
 
 

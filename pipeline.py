@@ -1,0 +1,75 @@
+"""pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
+in miniature that the README shows (PAPER.md §6). Run it as `python train.py --stage pipeline` (about 15 minutes on
+2 CPU cores; `--scale 0.1` for a smoke run); it writes runs/<stage>/ for each stage and runs/results.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import atomic_write
+from train import FinetuneArgs, parse_args, run_stage
+
+def run_pipeline(a) -> dict:
+    root = Path(a.out_dir)
+
+    def cfg(stage, **kw):
+        name = kw.pop("name", stage)
+        flags = [s for k, v in kw.items() for s in (f"--{k.replace('_', '-')}", str(v))]
+        _, c = parse_args(["--stage", stage, "--out-dir", str(root / name), "--seed", str(a.seed), "--no-resume",
+                           *flags])
+        c.steps = max(1, round(c.steps * a.scale)) if c.steps else c.steps
+        c.eval_batches = max(1, round(c.eval_batches * min(1.0, a.scale * 10)))
+        if isinstance(c, FinetuneArgs):
+            c.n_records = max(32, round(c.n_records * a.scale))
+        return c
+    t0, r = time.time(), {}
+    r["base"] = run_stage("base", cfg("base"))
+    r["pretrain"] = run_stage("pretrain", cfg("pretrain", init=root / "base/final"))
+    r["vq"] = run_stage("pretrain", cfg("pretrain", name="pretrain-vq", init=root / "base/final", quantizer="vq"))
+    r["bc"] = run_stage("bc", cfg("bc", init=root / "pretrain/final"))
+    r["fta-i"] = run_stage("fta-i", cfg("fta-i", init=root / "bc/final"))
+    r["fta-p"] = run_stage("fta-p", cfg("fta-p", init=root / "bc/final"))
+    r["fta-p-merge"] = run_stage("fta-p", cfg("fta-p", name="fta-p-merge", init=root / "bc/final", base_grad="merge"))
+    r["sft"] = run_stage("sft", cfg("sft", init=root / "base/final"))
+    table = results_table(r, time.time() - t0)
+    print(table)
+    atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
+    return r
+
+
+def results_table(r: dict, seconds: float) -> str:
+    pre, vq, bc = r["pretrain"], r["vq"], r["bc"]
+    K, lm = pre["codebook"]["n_actions"], pre["after"]["lm_val"]
+
+    def delta(res, key):     # change of a held-out loss on general (non-task) text over a fine-tuning stage
+        return res["after"]["general_val"][key] - res["before"]["general_val"][key]
+    rows = [
+        ("Stage A: alive actions (direct assignment)", f"{pre['codebook']['alive']} / {K}", f">= {int(K * 7 / 8)} / {K}"),
+        ("Stage A: alive actions (VQ ablation)", f"{vq['codebook']['alive']} / {K}", "fewer (collapse)"),
+        ("Stage A: most-used action share (direct / VQ)",
+         f"{pre['codebook']['top_share']:.3f} / {vq['codebook']['top_share']:.3f}", ""),
+        ("held-out loss: base LM (nats/token)", f"{lm['lm']:.3f}", "paper 1.77"),
+        ("held-out loss: world model, IDM actions", f"{lm['wm_idm']:.3f}", "<= half the base; paper 0.45"),
+        ("Stage B: policy accuracy vs IDM labels", f"{bc['after']['lm_val']['policy_acc']:.3f}", f">> 1/{K} = {1 / K:.3f}"),
+        ("held-out loss: world model, greedy policy actions", f"{bc['after']['lm_val']['wm_policy']:.3f}", ""),
+        ("task loss after FTA-I / FTA-P / FTA-P (merge grad) (policy actions) / SFT (response tokens)",
+         " / ".join(f"{r[s]['after']['task_val'][k]:.3f}" for s, k in
+                    (("fta-i", "wm_policy"), ("fta-p", "wm_policy"), ("fta-p-merge", "wm_policy"), ("sft", "lm"))), ""),
+        ("general-text loss change: FTA-I (world model, IDM actions)", f"{delta(r['fta-i'], 'wm_idm'):+.3f}",
+         "rises less than SFT's"),
+        ("general-text loss change: FTA-I (world model, policy actions)", f"{delta(r['fta-i'], 'wm_policy'):+.3f}", ""),
+        ("general-text loss change: FTA-P / FTA-P merge grad (world model, policy actions)",
+         f"{delta(r['fta-p'], 'wm_policy'):+.3f} / {delta(r['fta-p-merge'], 'wm_policy'):+.3f}", ""),
+        ("general-text loss change: token SFT (base LM)", f"{delta(r['sft'], 'lm'):+.3f}", ""),
+    ]
+    w = max(len(a) for a, _, _ in rows)
+    lines = [f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
+    lines += [f"| {a:<{w}} | {b} | {c} |" for a, b, c in rows]
+    lines.append(f"\npipeline wall time: {seconds:.0f} s on {os.cpu_count()} CPU cores (torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]})")
+    return "\n".join(lines)
