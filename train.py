@@ -336,7 +336,10 @@ def vq_pretrain_loss(model: CoLA, b: Batch, commitment: float):
     z_e = model.idm_logits(h)[:, 1:].float()       # VQCoLA's head is d -> d                    [B, T, D]
     C = model.codebook.weight.float()              # column k is code e_k                       [D, K]
     k = nearest_code(z_e, C)                                                                 # [B, T]
-    e = C.t()[k]                                                                             # [B, T, D]
+    # F.embedding, not C.t()[k]: the backward of advanced indexing (index_put_ with accumulate) adds float32 rows
+    # with atomics on several CPU threads, in a thread-dependent order, so the codebook gradient (and, through the
+    # collapse dynamics, the count of alive codes) changed run to run; embedding's backward sums in a fixed order.
+    e = F.embedding(k, C.t())                      # the same gather                             [B, T, D]
     z_q = z_e + (e - z_e).detach()                 # straight-through to the encoder            [B, T, D]
     logits = model.world_logits_from_code(h[:, :-1], z_q)                                    # [B, T, V]
     ce = masked_ce(logits, x[:, 1:], b.mask[:, 1:])
