@@ -34,7 +34,6 @@ Deviations from the paper / official code:
 from __future__ import annotations
 
 import argparse
-import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,7 +42,8 @@ import torch.nn.functional as F
 
 from idm import IDM, idm_labels, new_module_std
 from model import PRESETS, ModelArgs, Transformer
-from policy import Policy, sample_actions
+import policy
+from policy import Policy
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -70,6 +70,22 @@ COLA_PRESETS: dict[str, CoLAArgs] = {
 }
 
 MODES = ("policy", "greedy", "fixed", "random", "forced")
+
+def action_chooser(mode: str, K: int, action=None, forced_actions=None, temperature: float = 1.0,
+                   top_k: int | None = 40, top_p: float = 1.0, generator=None):
+    """The choose(logits, n) callable of a generation mode (policy.py): policy, greedy, fixed, random or forced."""
+    if mode == "policy":
+        return policy.sampler(temperature, top_k, top_p, generator)
+    if mode == "greedy":
+        return policy.greedy()
+    if mode == "fixed":
+        return policy.fixed(action, K)
+    if mode == "random":
+        return policy.uniform(generator)
+    if mode == "forced":
+        return policy.forced(forced_actions)
+    raise ValueError(f"generate: mode {mode!r} is not one of {', '.join(MODES)}")
+
 
 def check_actions(actions: torch.Tensor, K: int, where: str):
     """One-line ValueError unless every action index lies in [0, K)."""
@@ -217,38 +233,33 @@ class CoLA(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, mode: str = "policy", action: int | None = None,
                  forced_actions=None, temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0,
                  eos: int | list[int] | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> dict:
-        """CoLA decoding (PAPER.md §2): per step a_t from `mode`, then x_{t+1} = argmax p_WM(. | h_t, a_t).
+                 generator: torch.Generator | None = None, choose=None) -> dict:
+        """CoLA decoding (PAPER.md §2): per step a_t = choose(pi logits), then x_{t+1} = argmax p_WM(. | h_t, a_t).
 
-        mode: "policy" a_t ~ pi (temperature, top_k, top_p); "greedy" argmax pi; "fixed" a_t = action;
-        "random" uniform over K; "forced" a_t = forced_actions[b, n] for the n-th new token of row b
-        (forced_actions [B, N]; at most N new tokens). Returns dict(tokens, actions, logprobs), lists per prompt:
-        the new tokens (cut after the first eos), the action behind each one, and log pi(a_t | x_{1:t}) of that
-        action under the raw policy logits (temperature 1, no top-k), whatever the mode.
+        choose(logits [B, K], n [B]) -> a [B] (policy.py), or built from mode: "policy" a_t ~ pi (temperature,
+        top_k, top_p); "greedy" argmax pi; "fixed" a_t = action; "random" uniform over K; "forced" a_t =
+        forced_actions[b, n] for the n-th new token of row b (forced_actions [B, N]; at most N new tokens).
+        Returns dict(tokens, actions, logprobs), lists per prompt: the new tokens (cut after the first eos), the
+        action behind each one, and log pi(a_t | x_{1:t}) of that action under the raw policy logits (temperature
+        1, no top-k), whatever the choice.
         Rows share positions (model.Transformer.generate's scheme): decoding starts at the shortest prompt and a
         row still inside its prompt keeps its prompt token and records no action.
         """
         K, device = self.args.n_actions, self.base.tok_embeddings.weight.device
         B, lens = len(prompts), [len(p) for p in prompts]
-        if mode not in MODES:
-            raise ValueError(f"generate: mode {mode!r} is not one of {', '.join(MODES)}")
         if B == 0 or min(lens) == 0:
             raise ValueError("generate: every prompt needs at least one token")
-        if mode == "fixed":
-            try:
-                action = operator.index(action)      # ints, numpy ints, 0-d integer tensors
-            except TypeError:
-                raise ValueError(f"generate: mode 'fixed' needs action=<int in [0, {K})>, got {action!r}") from None
-            check_actions(torch.tensor([action]), K, "generate (fixed)")
-        if mode == "forced":
-            if forced_actions is None:
-                raise ValueError("generate: mode 'forced' needs forced_actions [B, N]")
-            forced = torch.as_tensor(forced_actions, dtype=torch.long, device=device)   # [B, N]
-            if forced.dim() != 2 or forced.shape[0] != B or forced.shape[1] == 0:
-                raise ValueError(f"generate: forced_actions must have shape [{B}, N >= 1], got "
-                                 f"{tuple(forced.shape)}")
-            check_actions(forced, K, "generate (forced)")
-            max_new_tokens = min(max_new_tokens, forced.shape[1])
+        if choose is None:
+            if mode == "forced":
+                if forced_actions is None:
+                    raise ValueError("generate: mode 'forced' needs forced_actions [B, N]")
+                forced_actions = torch.as_tensor(forced_actions, dtype=torch.long, device=device)   # [B, N]
+                if forced_actions.dim() != 2 or forced_actions.shape[0] != B or forced_actions.shape[1] == 0:
+                    raise ValueError(f"generate: forced_actions must have shape [{B}, N >= 1], got "
+                                     f"{tuple(forced_actions.shape)}")
+                check_actions(forced_actions, K, "generate (forced)")
+                max_new_tokens = min(max_new_tokens, forced_actions.shape[1])
+            choose = action_chooser(mode, K, action, forced_actions, temperature, top_k, top_p, generator)
         if max(lens) > self.base_args.max_seq_len:
             raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len "
                              f"{self.base_args.max_seq_len}")
@@ -276,17 +287,7 @@ class CoLA(nn.Module):
                 else:
                     h = self.hidden(tokens[:, :cur])                                     # [B, cur, D]
                     pi_logits = self.policy_logits(h)[:, -1].float()                     # [B, K]
-                if mode == "policy":
-                    a = sample_actions(pi_logits, temperature, top_k, top_p, generator)  # [B]
-                elif mode == "greedy":
-                    a = pi_logits.argmax(-1)                                             # [B]
-                elif mode == "fixed":
-                    a = torch.full((B,), action, dtype=torch.long, device=device)        # [B]
-                elif mode == "random":
-                    a = torch.randint(K, (B,), generator=generator, device=device)       # [B]
-                else:  # forced: the n-th new token of row b uses forced[b, n]
-                    n = (cur - lens_t).clamp(0, forced.shape[1] - 1)                     # [B]
-                    a = forced.gather(1, n[:, None])[:, 0]                               # [B]
+                a = choose(pi_logits, (cur - lens_t).clamp(min=0))                     # [B] a_t
                 nxt = self.world_logits_last(h[:, -1], a).float().argmax(-1)             # [B] x_{t+1}, greedy
                 new = ~in_prompt[:, cur]                                                 # [B] rows past their prompt
                 tokens[:, cur] = torch.where(new, nxt, tokens[:, cur])

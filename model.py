@@ -352,11 +352,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos: int | list[int] | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, choose=None) -> list[list[int]]:
         """Batched sampling; returns the new tokens of each prompt (cut after its first eos token).
 
         Meta's scheme: rows share positions, decoding starts at the shortest prompt and rows whose prompt is
         longer keep their own prompt token until it runs out. No padding ever enters attention.
+        choose(logits [B, V] float, n [B]) -> tokens [B], n the index of each row's new token (policy.py has
+        choosers); default: `sample` with temperature and top_p.
         """
         device = self.tok_embeddings.weight.device
         lens = [len(p) for p in prompts]
@@ -370,6 +372,7 @@ class Transformer(nn.Module):
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         in_prompt = tokens >= 0                                                          # [B, L]
+        lens_t = torch.tensor(lens, device=device)                                       # [B]
         stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)                # [B]
         if use_cache:
@@ -383,7 +386,10 @@ class Transformer(nn.Module):
                 else:
                     h = self.hidden(tokens[:, :cur])[:, -1]                              # [B, D]
                 logits = self.output(h)                                                  # [B, V]
-                nxt = sample(logits.float(), temperature, top_p, generator=generator)    # [B]
+                if choose is None:
+                    nxt = sample(logits.float(), temperature, top_p, generator=generator)    # [B]
+                else:
+                    nxt = choose(logits.float(), (cur - lens_t).clamp(min=0))                # [B]
                 nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
                 tokens[:, cur] = nxt
                 done |= ~in_prompt[:, cur] & torch.isin(nxt, stop)

@@ -17,6 +17,8 @@ Deviations from the paper / official code:
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,59 @@ def sample_actions(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """a_t ~ pi: logits [B, K] -> actions [B] long. temperature 0 = greedy (argmax)."""
     return sample(logits.float(), temperature, top_p, top_k, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# How generation chooses: a callable choose(logits [B, N] float, n [B] long) -> [B] long, where n is the index of
+# the new token each row is producing. CoLA.generate passes pi's logits (N = K actions); Transformer.generate passes
+# the LM's (N = V tokens). RL and tree search build their own choosers from these.
+
+
+def sampler(temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0, generator=None):
+    """a ~ softmax(logits / temperature) restricted to the top_k (and top_p nucleus); temperature 0 = argmax."""
+    return lambda logits, n: sample(logits, temperature, top_p, top_k, generator=generator)
+
+
+def greedy():
+    """a = argmax logits (CoLA: the greedy policy)."""
+    return lambda logits, n: logits.argmax(-1)
+
+
+def fixed(action, n_choices: int):
+    """The same choice everywhere (CoLA: one latent action throughout)."""
+    try:
+        action = operator.index(action)          # ints, numpy ints, 0-d integer tensors
+    except TypeError:
+        raise ValueError(f"generate: mode 'fixed' needs action=<int in [0, {n_choices})>, got {action!r}") from None
+    if not 0 <= action < n_choices:
+        raise ValueError(f"generate (fixed): action index {action} is outside [0, {n_choices})")
+    return lambda logits, n: torch.full((logits.shape[0],), action, dtype=torch.long, device=logits.device)
+
+
+def uniform(generator=None):
+    """A uniformly random choice among all N, whatever the logits."""
+    return lambda logits, n: torch.randint(logits.shape[1], (logits.shape[0],), generator=generator,
+                                           device=logits.device)
+
+
+def forced(choices: torch.Tensor):
+    """Row b's n-th new token uses choices[b, n] (choices [B, N]; generation stops after N new tokens)."""
+    return lambda logits, n: choices.gather(1, n.clamp(max=choices.shape[1] - 1)[:, None])[:, 0]
+
+
+def seeded_sampler(uniforms: torch.Tensor, temperature: float = 1.0, top_k: int | None = None):
+    """Sampling by inverse CDF with each row's own noise: row b's n-th choice reads uniforms[b, n] (uniforms [B, N]
+    in [0, 1)). A row draws the same choices whatever batch it is generated in, so rollouts split over processes
+    equal one process's. Same distribution as `sampler` (temperature, then top-k)."""
+    def choose(logits, n):
+        logits = logits.float() / max(temperature, 1e-6)                                    # [B, N]
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]                                  # [B, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        cdf = logits.softmax(-1).cumsum(-1)                                                  # [B, N]
+        u = uniforms.gather(1, n.clamp(max=uniforms.shape[1] - 1)[:, None]).to(cdf)          # [B, 1]
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)[:, 0]   # [B]
+    return choose
 
 
 def action_log_probs(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
