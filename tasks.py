@@ -136,11 +136,11 @@ def combine(rng: random.Random, numbers: list[int]):
     return items[0][0], items[0][1], steps
 
 
-def make_countdown(rng: random.Random) -> Problem:
-    """3-4 numbers in 1..99, a target in 1..999 reachable with all of them, and a think trace with one failed
-    attempt then the construction that works."""
+def make_countdown(rng: random.Random, sizes: tuple = (3, 4), high: int = 99) -> Problem:
+    """3-4 numbers in 1..99 (sizes, high), a target in 1..999 reachable with all of them, and a think trace with one
+    failed attempt then the construction that works."""
     while True:
-        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        numbers = [rng.randint(1, high) for _ in range(rng.choice(sizes))]
         target, expr, steps = combine(rng, numbers)
         if not 1 <= target <= 999:
             continue
@@ -458,18 +458,27 @@ def proxy_reward(problem: Problem, completion: str) -> float:
 REWARDS = {"task": reward, "proxy": proxy_reward}   # by name, e.g. for rl.py's choice of reward
 
 
+# Easier variants for RL at the tiny preset, where a 3M-parameter model solves almost no full Countdown problem and
+# RL would see no reward: the same prompt and format (so fine-tuning on the full task carries over), fewer and
+# smaller numbers. Their problems have kind "countdown" (the same checker). Not part of the pre-training corpus.
+VARIANTS = {"countdown-2": lambda rng: make_countdown(rng, sizes=(2,), high=9),
+            "countdown-3": lambda rng: make_countdown(rng, sizes=(3,), high=9)}
+TASKS = KINDS + tuple(VARIANTS)              # what RL and search accept as --task
+
+
 def problem_stream(kind: str, seed: int, stream: str, split: str | None = None) -> Iterator[Problem]:
-    """Endless problems of `kind` ("countdown", "arith" or "mix": alternating) from a named seed stream; with a
-    split, only problems whose prompt hashes into it. Streams "pretrain", "sft" and "rl" give different problems."""
-    if kind not in KINDS + ("mix",):
-        raise ValueError(f"unknown task kind {kind!r}; use one of {KINDS + ('mix',)}")
+    """Endless problems of `kind` ("countdown", "arith", a VARIANTS name, or "mix": countdown and arith alternating)
+    from a named seed stream; with a split, only problems whose prompt hashes into it. Streams "pretrain", "sft" and
+    "rl" give different problems."""
+    if kind not in TASKS + ("mix",):
+        raise ValueError(f"unknown task kind {kind!r}; use one of {TASKS + ('mix',)}")
     check_split(split, allow_none=True)
     rng = random.Random(f"{stream}:{kind}:{seed}")            # str seeds are hashed with sha512: stable everywhere
     i = 0
     while True:
         k = KINDS[i % 2] if kind == "mix" else kind
         i += 1
-        p = MAKERS[k](rng)
+        p = {**MAKERS, **VARIANTS}[k](rng)
         if split is None or split_of(p.prompt) == split:
             yield p
 

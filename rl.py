@@ -1,0 +1,461 @@
+"""rl.py: reinforcement learning over CoLA's latent actions (the paper's Algorithm 4; PAPER.md §4), and the same
+algorithms over tokens on a plain Llama: the paper's baseline.
+
+Latent (--level latent, the default): a CoLA checkpoint (FTA-P, FTA-I or Stage B export). Only the policy pi trains;
+the base, IDM, codebook, merge module and W_lm stay frozen and bit-identical. A rollout samples a_t ~ pi (top-k 40,
+tau 1) and decodes x_{t+1} = argmax p_WM(. | x_{1:t}, a_t); the RL log-probability is log pi(a_t | x_{1:t}) over
+the K = 64 actions. The KL reference is a frozen copy of the starting *policy only*: the world model is shared, so
+the reference costs one policy (the tiny preset's: 0.26M parameters of 4.1M; at 8B 1.7B of 11.2B), not one model.
+Token (--level token): a plain Llama (the token-SFT export); every weight trains; tokens are sampled at temperature
+1; the reference is a frozen copy of the whole starting model.
+
+Algorithms, each written inline below with the paper's symbols:
+  GRPO   G samples per prompt; A_i = (R_i - mean_G R) / (std_G R + 1e-4); PPO-clip (eps 0.2) on the ratio
+         rho_t = pi_theta(a_t) / pi_old(a_t); a KL to the reference, either k1 in the reward (the release; default)
+         or k3 in the loss (DeepSeekMath, TRL): see kl_placement below.
+  ReMax  A_i = R(sampled rollout) - R(greedy rollout of the same prompt); REINFORCE, no ratio, no clipping.
+Rewards: tasks.REWARDS: "task" (the rule-based checker: Countdown in the thinking format, boxed arithmetic) or
+"proxy" (deliberately hackable, for the reward-hacking experiment with --kl-coef 0).
+
+Run it (CPU, tiny preset; start from the tiny pipeline's exports):
+    python rl.py                                        # latent GRPO on Countdown from runs/fta-i/final
+    python rl.py --algo remax
+    python rl.py --level token                          # token GRPO from runs/sft/final
+    python rl.py --reward proxy --kl-coef 0             # the reward-hacking experiment
+    python rl.py --help
+A run directory like train.py's: config.json, metrics.jsonl (a row per step, an {"eval": ...} row every
+--eval-every steps), checkpoints/step-N/ (resumable: rerun the same command), final/ (loads with
+CoLA.from_pretrained / Transformer.from_pretrained).
+
+Choices where the paper is silent (and the release's, where it says):
+  - behaviour log-probs: rollouts sample from pi truncated to its top-k 40, but every log-probability (the ratio,
+    the KL) is taken under the full softmax, as the release does: RL trains the full distribution, and with K = 64
+    the 24 truncated actions hold little mass. The old log-probs are a teacher-forced recomputation of the rollout
+    under the same weights, so the ratio is exactly 1 at the first update of every batch;
+  - loss aggregation: per-sequence mean over its response tokens, then the mean over sequences (the GRPO paper and
+    the release). Longer sequences weigh each token less (the length bias Dr. GRPO removes); --aggregate token
+    normalises by all response tokens instead;
+  - std normalisation: the Bessel-corrected std of the group plus 1e-4 (TRL); a group with equal rewards gets A = 0;
+  - k1 in the reward: R_i <- R_i - beta * sum_t (log pi_old - log pi_ref)_t before the group normalisation, the
+    sequence-level form of the release's per-token penalty (the release then also applies GAE with lambda 0.95;
+    we do not);
+  - each sample's randomness is a function of (seed, step, sample index) (policy.seeded_sampler), so a rollout does
+    not depend on the batch it was generated in or on where a run resumed.
+
+Deviations from the paper / official code:
+  - tasks: our Countdown and arithmetic (tasks.py) instead of MATH-500 and agent benchmarks;
+  - one process only for now: under torchrun it stops with a message (train.py's stages run sharded);
+  - no GAE / value function (the release's PPO-style advantage with V = 0 and lambda 0.95): outcome advantages.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import parallel
+import tasks
+from cola import CoLA
+from model import PRESETS, Transformer
+from policy import action_log_probs, greedy, seeded_sampler
+from tokenizer import Tokenizer
+from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics
+
+LEVELS, ALGOS, KL_PLACEMENTS, AGGREGATES = ("latent", "token"), ("grpo", "remax"), ("reward", "loss"), \
+    ("sequence", "token")
+
+
+@dataclass
+class RLArgs:
+    """RL over latent actions (Algorithm 4) or, with --level token, over tokens (the baseline)."""
+    level: str = arg("latent", "latent: train CoLA's policy over K actions; token: train a plain Llama over tokens")
+    algo: str = arg("grpo", "grpo (group-normalised advantage, PPO-clip) or remax (greedy-rollout baseline)")
+    init: str = arg("", "checkpoint to start from (tiny default: runs/fta-i/final for latent, runs/sft/final for "
+                        "token: both fine-tuned on the same task data)")
+    out_dir: str = arg("", "run directory (default runs/rl-<level>-<algo>)")
+    preset: str = arg("tiny", "tiny (CPU default) or llama-3.1-8b (the paper's math-RL hyperparameters)")
+    task: str = arg("countdown", "countdown, arith, or an easier variant countdown-2 / countdown-3 (tasks.py)")
+    reward: str = arg("task", "task (the rule-based checker) or proxy (deliberately hackable)")
+    tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
+    steps: int = arg(200, "RL steps (one rollout batch and its updates each)")
+    prompts_per_step: int = arg(8, "prompts per step; each gets --group samples")
+    group: int = arg(4, "G, samples per prompt (paper, math: 4); ReMax uses 1 sample + 1 greedy rollout")
+    max_new_tokens: int = arg(128, "longest response, tokens")
+    top_k: int = arg(40, "latent: sample a_t from pi's top-k (paper: 40); token level samples the full softmax")
+    temperature: float = arg(1.0, "sampling temperature (paper: 1)")
+    lr: float = arg(5e-7, "AdamW learning rate (paper, math GRPO: 5e-7)")
+    beta1: float = arg(0.9, "Adam beta1")
+    beta2: float = arg(0.95, "Adam beta2")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "max gradient norm")
+    clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)")
+    updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter")
+    kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)")
+    kl_placement: str = arg("reward", "reward: k1 in the reward (release) or loss: k3 in the loss (DeepSeekMath)")
+    aggregate: str = arg("sequence", "sequence: mean per response, then over responses (GRPO paper, release); "
+                                     "token: mean over all response tokens of the batch")
+    eval_every: int = arg(20, "steps between held-out evaluations")
+    eval_problems: int = arg(64, "held-out problems per evaluation")
+    ckpt_every: int = arg(50, "steps between resumable checkpoints")
+    log_every: int = arg(1, "steps between metrics.jsonl rows")
+    dtype: str = arg("float32", "float32 or bfloat16 (autocast)")
+    device: str = arg("", "cpu or cuda (default: cuda if available)")
+    seed: int = arg(0, "seed of problem order and sampling noise")
+    resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
+    # fields trainer.Run reads; RL does not use them
+    activation_checkpointing: bool = arg(False, "recompute each block in backward")
+    cpu_offload: bool = arg(False, "unused by rl.py (one process)")
+    stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue")
+
+
+# The tiny preset's defaults: measured on 2 CPU cores (README, "RL over latent actions").
+TINY = dict(lr=3e-4, steps=30, prompts_per_step=8, group=4, max_new_tokens=160, eval_every=5, eval_problems=32,
+            ckpt_every=10, task="countdown-2")
+LARGE = {"grpo": dict(lr=5e-7, kl_coef=1e-3, group=4), "remax": dict(lr=1e-5, kl_coef=1e-4)}
+
+
+def parse_args(argv: list[str]) -> RLArgs:
+    pre = {a.split("=")[0]: i for i, a in enumerate(argv)}
+    preset = argv[pre["--preset"] + 1] if "--preset" in pre and pre["--preset"] + 1 < len(argv) else "tiny"
+    algo = argv[pre["--algo"] + 1] if "--algo" in pre and pre["--algo"] + 1 < len(argv) else "grpo"
+    defaults = TINY if preset == "tiny" else LARGE.get(algo, {})
+    cfg, _ = parse_config(RLArgs, argv, "rl.py", defaults)
+    for name, value, allowed in (("level", cfg.level, LEVELS), ("algo", cfg.algo, ALGOS),
+                                 ("task", cfg.task, tasks.TASKS), ("reward", cfg.reward, tuple(tasks.REWARDS)),
+                                 ("kl-placement", cfg.kl_placement, KL_PLACEMENTS),
+                                 ("aggregate", cfg.aggregate, AGGREGATES), ("dtype", cfg.dtype, ("float32", "bfloat16")),
+                                 ("preset", cfg.preset, ("tiny", "llama-3.1-8b"))):
+        if value not in allowed:
+            raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+    for name in ("steps", "prompts_per_step", "group", "max_new_tokens", "updates_per_batch", "eval_every",
+                 "eval_problems", "ckpt_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
+    if cfg.algo == "grpo" and cfg.group < 2:
+        raise SystemExit(f"--group {cfg.group}: GRPO normalises rewards within a group of at least 2 samples")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0):
+        raise SystemExit(f"--lr {cfg.lr} / --kl-coef {cfg.kl_coef}: expected lr > 0 and kl-coef >= 0, finite")
+    cfg.out_dir = cfg.out_dir or f"runs/rl-{cfg.level}-{cfg.algo}"
+    if not cfg.init:
+        cfg.init = "runs/fta-i/final" if cfg.level == "latent" else "runs/sft/final"
+        if cfg.preset != "tiny" or not Path(cfg.init).is_dir():
+            raise SystemExit(f"--init: {cfg.init} does not exist; run `python train.py --stage "
+                             f"{'fta-i' if cfg.level == 'latent' else 'sft'}` first (tiny preset), or pass --init DIR")
+    return cfg
+
+
+def load_model(cfg: RLArgs, device):
+    """The starting checkpoint, checked against --level: a CoLA for latent RL, a plain Llama for token RL."""
+    path = Path(cfg.init)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--init {path}: no config.json (RL starts from one of our exports or an HF checkpoint)")
+    is_cola = "num_code" in json.loads((path / "config.json").read_text())
+    if cfg.level == "latent" and not is_cola:
+        raise SystemExit(f"--init {path} is a plain Llama (no policy to train): --level latent needs a CoLA "
+                         f"checkpoint (fta-p, fta-i or bc export); use --level token for a plain Llama")
+    if cfg.level == "token" and is_cola:
+        raise SystemExit(f"--init {path} is a CoLA checkpoint: --level token trains a plain Llama (e.g. the sft "
+                         f"export, or {path.parent}/final-llama)")
+    model = (CoLA if is_cola else Transformer).from_pretrained(path, device=device)
+    want = PRESETS[cfg.preset].dim
+    got = model.base_args.dim if is_cola else model.args.dim
+    if got != want:
+        raise SystemExit(f"--init {path}: a model of dim {got}, but --preset {cfg.preset} has dim {want}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: prompts -> sampled responses, rewards, and the teacher-forced batch the update reads
+
+
+def problems_at(cfg: RLArgs, step: int, n: int, split: str = "train") -> list[tasks.Problem]:
+    """The n problems of RL step `step`: a slice of one seeded stream, so a resumed run sees the same ones."""
+    stream = tasks.problem_stream(cfg.task, cfg.seed, "rl", split)
+    for _ in range(step * n):
+        next(stream)
+    return [next(stream) for _ in range(n)]
+
+
+def row_uniforms(seed: int, step: int, first: int, rows: int, length: int) -> torch.Tensor:
+    """U(0, 1) noise [rows, length], row i from a generator seeded by (seed, step, first + i): the sample's own."""
+    out = []
+    for i in range(first, first + rows):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        out.append(torch.rand(length, generator=g))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def rollout(model, cfg: RLArgs, tok: Tokenizer, prompts: list[list[int]], choose) -> list[dict]:
+    """Generate one response per prompt with the chooser; -> per row {tokens, actions (latent), text}."""
+    if cfg.level == "latent":
+        out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
+        rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
+    else:
+        out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
+        rows = [{"tokens": t} for t in out]
+    for r in rows:
+        r["text"] = tok.decode([t for t in r["tokens"] if t not in tok.stop_tokens])
+    return rows
+
+
+def score(problem: tasks.Problem, text: str, reward_fn) -> float:
+    """The reward of a completion; a reward that is not a finite number in [0, 1] stops the run with one line."""
+    r = reward_fn(problem, text)
+    if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r <= 1.0):
+        raise SystemExit(f"reward {reward_fn.__name__} returned {r!r} for a {problem.kind} completion; rewards "
+                         f"must be finite numbers in [0, 1]")
+    return float(r)
+
+
+def pack(prompts: list[list[int]], rows: list[dict], device) -> dict:
+    """Right-padded x [B, L] (prompt + response), the response mask m [B, L-1] over the targets x[:, 1:], and for
+    latent rows the actions [B, L-1] aligned with those targets (the action behind x_{t+1} sits at t)."""
+    seqs = [p + r["tokens"] for p, r in zip(prompts, rows)]
+    L = max(map(len, seqs))
+    x = torch.zeros(len(seqs), L, dtype=torch.long)
+    m = torch.zeros(len(seqs), L - 1, dtype=torch.bool)
+    a = torch.full((len(seqs), L - 1), -1, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        x[i, :len(seqs[i])] = torch.tensor(seqs[i])
+        m[i, len(p) - 1:len(seqs[i]) - 1] = True
+        if "actions" in r:
+            a[i, len(p) - 1:len(seqs[i]) - 1] = torch.tensor(r["actions"], dtype=torch.long)
+    return {"x": x.to(device), "mask": m.to(device), "actions": a.to(device)}
+
+
+def log_probs(model, ref, cfg: RLArgs, b: dict, with_grad: bool) -> torch.Tensor:
+    """log pi(a_t | x_{1:t}) [B, L-1] of the taken actions (latent) or tokens (token level), 0 off the response.
+    ref: also the reference's, under no gradient -> (logp, ref_logp)."""
+    x, m = b["x"], b["mask"]
+    if cfg.level == "latent":
+        with torch.no_grad():
+            h = model.hidden(x[:, :-1])            # frozen base: states x_{1:t}             [B, L-1, D]
+        with torch.set_grad_enabled(with_grad):
+            logp = action_log_probs(model.policy_logits(h), b["actions"], m)                 # [B, L-1]
+        if ref is None:
+            return logp
+        with torch.no_grad():
+            rope = model.base.rope(0, h.shape[1], h.device)
+            return logp, action_log_probs(ref(h, rope), b["actions"], m)                     # ref: a Policy
+    with torch.set_grad_enabled(with_grad):
+        logp = token_log_probs(model(x[:, :-1]), x[:, 1:], m)                                # [B, L-1]
+    if ref is None:
+        return logp
+    with torch.no_grad():
+        return logp, token_log_probs(ref(x[:, :-1]), x[:, 1:], m)
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(x_{t+1} | x_{1:t}): logits [B, T, V], targets [B, T], mask [B, T] -> [B, T] (0 where masked)."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]          # [B, T]
+    return torch.where(mask, logp, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages and the losses, written as the equations
+
+
+def grpo_advantages(R: torch.Tensor, G: int) -> torch.Tensor:
+    """Eq: A_i = (R_i - mean_G R) / (std_G R + 1e-4), R [N * G] grouped by prompt -> A [N * G]."""
+    r = R.view(-1, G)                                                                        # [N, G]
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)       # [N * G]
+
+
+def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate log pi - log pi_ref (unbiased for KL(pi || pi_ref) under samples of pi)."""
+    return logp - ref_logp
+
+
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 = pi_ref / pi - log(pi_ref / pi) - 1 >= 0 (Schulman's estimator, DeepSeekMath's loss term)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Masked mean: per response then over responses ("sequence"), or over all response tokens ("token")."""
+    m = mask.float()
+    if how == "sequence":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, A, mask, cfg: RLArgs):
+    """Eq: L = -mean [min(rho A, clip(rho, 1 - eps, 1 + eps) A)] (+ beta k3 with --kl-placement loss)."""
+    rho = torch.exp(logp - old_logp)                                                         # [B, L-1]
+    A = A[:, None]                                                                           # [B, 1]
+    surrogate = torch.minimum(rho * A, rho.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * A)   # [B, L-1]
+    per_token = -surrogate
+    if cfg.kl_placement == "loss":
+        per_token = per_token + cfg.kl_coef * k3(logp, ref_logp)
+    return aggregate(per_token, mask, cfg.aggregate), {"clip_frac": aggregate(
+        ((rho - 1).abs() > cfg.clip_eps).float(), mask, "token").item(), "ratio_max": rho[mask].max().item()}
+
+
+def remax_loss(logp, ref_logp, A, mask, cfg: RLArgs):
+    """Eq: L = -mean [A log pi(a_t | x_{1:t})], A = R(sample) - R(greedy) (+ beta k3 with --kl-placement loss)."""
+    per_token = -A[:, None] * logp
+    if cfg.kl_placement == "loss":
+        per_token = per_token + cfg.kl_coef * k3(logp, ref_logp)
+    return aggregate(per_token, mask, cfg.aggregate), {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One RL step: rollouts, rewards, advantages, the update
+
+
+def rl_step(model, ref, opt, params, cfg: RLArgs, tok: Tokenizer, step: int, device) -> dict:
+    t0 = time.time()
+    reward_fn = tasks.REWARDS[cfg.reward]
+    P, G = cfg.prompts_per_step, (cfg.group if cfg.algo == "grpo" else 1)
+    problems = problems_at(cfg, step, P)
+    prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems for _ in range(G)]
+    u = row_uniforms(cfg.seed, step, 0, len(prompts), cfg.max_new_tokens).to(device)
+    top_k = cfg.top_k if cfg.level == "latent" else None
+    model.eval()
+    rows = rollout(model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
+    R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
+    t_roll = time.time() - t0
+    b = pack(prompts, rows, device)
+    with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
+        old_logp, ref_logp = log_probs(model, ref, cfg, b, with_grad=False)
+    kl_seq = (k1(old_logp, ref_logp) * b["mask"]).sum(1).cpu()                               # [B]
+    R_train = R - cfg.kl_coef * kl_seq if cfg.kl_placement == "reward" else R                # Eq: k1 in the reward
+    if cfg.algo == "grpo":
+        A = grpo_advantages(R_train, G)
+    else:                                          # ReMax: the greedy rollout of the same prompt is the baseline
+        greedy_rows = rollout(model, cfg, tok, prompts, greedy())
+        R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
+        A = R_train - R_greedy
+    A = A.to(device)
+    model.train()
+    stats = {}
+    for _ in range(cfg.updates_per_batch):
+        logp = log_probs(model, None, cfg, b, with_grad=True)
+        if cfg.algo == "grpo":
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, A, b["mask"], cfg)
+        else:
+            loss, stats = remax_loss(logp, ref_logp, A, b["mask"], cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        opt.step()
+    n_tok = b["mask"].sum().item()
+    return {"reward": R.mean().item(), "success": (R == 1.0).float().mean().item(), "loss": loss.item(),
+            "kl": (k1(old_logp, ref_logp) * b["mask"]).sum().item() / max(n_tok, 1), "grad_norm": gnorm,
+            "adv_abs": A.abs().mean().item(), "resp_len": n_tok / len(rows), "rollout_s": round(t_roll, 3),
+            "update_s": round(time.time() - t0 - t_roll, 3), "rollout_tok_per_s": round(n_tok / max(t_roll, 1e-9), 1),
+            **stats}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation (reused by tree search): success, format, reward, length, KL, entropy, actions in use
+
+
+@torch.no_grad()
+def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None) -> dict:
+    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream)."""
+    n = n or cfg.eval_problems
+    problems = tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
+    prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
+    model.eval()
+    out = {}
+    u = row_uniforms(cfg.seed + 1, 0, 0, n, cfg.max_new_tokens).to(device)   # fixed noise: comparable over steps
+    top_k = cfg.top_k if cfg.level == "latent" else None
+    for name, choose in (("greedy", greedy()), ("sampled", seeded_sampler(u, cfg.temperature, top_k))):
+        rows = rollout(model, cfg, tok, prompts, choose)
+        task_r = [tasks.reward(p, r["text"]) for p, r in zip(problems, rows)]
+        out[f"{name}_success"] = sum(r == 1.0 for r in task_r) / n
+        out[f"{name}_reward"] = sum(task_r) / n
+        out[f"{name}_proxy"] = sum(tasks.proxy_reward(p, r["text"]) for p, r in zip(problems, rows)) / n
+        out[f"{name}_format"] = sum(well_formed(p, r["text"]) for p, r in zip(problems, rows)) / n
+        out[f"{name}_len"] = sum(len(r["tokens"]) for r in rows) / n
+        if name == "sampled":
+            b = pack(prompts, rows, device)
+            logp, ref_logp = log_probs(model, ref, cfg, b, with_grad=False)
+            out["kl"] = (k1(logp, ref_logp) * b["mask"]).sum().item() / max(b["mask"].sum().item(), 1)
+            if cfg.level == "latent":
+                h = model.hidden(b["x"][:, :-1])
+                p = model.policy_logits(h).float().softmax(-1)                               # [B, L-1, K]
+                ent = -(p * p.clamp_min(1e-30).log()).sum(-1)                                # [B, L-1]
+                out["entropy"] = ent[b["mask"]].mean().item()
+                out["actions_used"] = len(set(a for r in rows for a in r["actions"]))
+    return out
+
+
+def well_formed(problem: tasks.Problem, text: str) -> bool:
+    """The answer format of the task: Countdown's <think>..</think><answer>..</answer>, arith's \\boxed{}."""
+    return tasks.well_formed(text) if problem.kind == "countdown" else tasks.last_boxed(text) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def frozen_reference(model, level: str):
+    """A frozen copy of what RL trains: the policy alone (latent; the world model is shared) or the whole model."""
+    ref = copy.deepcopy(model.policy if level == "latent" else model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" not in argv and "--help" not in argv and parallel.world_from_env().launched:
+        raise SystemExit("rl.py runs on one process for now: start it with python, not torchrun")
+    cfg = parse_args(argv)
+    run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, parallel.World())
+    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    groups = ["policy"] if cfg.level == "latent" else ["base"]
+    root = run.build(lambda device: load_model(cfg, device), [Phase("rl", groups, None, cfg.steps)])
+    model, device = root.model, run.device
+    ref = frozen_reference(model, cfg.level)
+    params = [p for g in groups for p in model.param_groups()[g]]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    run.start(root)
+    step = 0
+    if run.latest is not None:
+        saved = parallel.read_train_state(run.latest)
+        parallel.load_checkpoint(run.latest, root, opt)
+        step = saved["step"]
+        trim_metrics(run.dir, step)
+        print(f"resuming {run.stage} from {run.latest} at step {step}")
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, desc=run.stage, dynamic_ncols=True)
+    if step == 0:
+        log_metrics(run.dir, {"eval": {"step": 0, **evaluate(model, ref, cfg, tok, device)}})
+    result = {}
+    while step < cfg.steps:
+        with run.amp:
+            m = rl_step(model, ref, opt, params, cfg, tok, step, device)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
+        if step % cfg.log_every == 0:
+            log_metrics(run.dir, {"step": step, **m})
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            with run.amp:
+                result = {"step": step, **evaluate(model, ref, cfg, tok, device)}
+            if step < cfg.steps:
+                log_metrics(run.dir, {"eval": result})
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_at:
+            parallel.save_checkpoint(run.dir, root, opt, {"stage": run.stage, "step": step, "phase": 0,
+                                                          "loader": {}, "config": asdict(cfg)}, run.world)
+        if step == cfg.stop_at and step < cfg.steps:
+            print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
+            return
+    bar.close()
+    run.export(root, result)                 # final/, and the last evaluation as the last metrics row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""rl.py: GRPO / ReMax over latent actions and over tokens (Algorithm 4).
+
+Tiers: unit maths against by-hand numbers (advantages, the clipped loss, both KL estimators, aggregation), the
+rollout's log-probs against a teacher-forced recomputation (ratio exactly 1 before the first update), what a step
+changes (latent: the policy only, bit for bit; token: the base), ReMax's baseline, resume after SIGKILL, bad input.
+Runs start from the shared tiny chain (conftest.chain), a few steps of a few short rollouts each.
+
+    python -m pytest -q tests/test_rl.py
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import rl
+import tasks
+from cola import CoLA
+from conftest import ENV, REPO, read_rows, run_ok, step_rows
+from policy import greedy, seeded_sampler
+from tokenizer import Tokenizer
+
+RL = REPO / "rl.py"
+FAST = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "6", "--eval-problems", "2",
+        "--eval-every", "2", "--ckpt-every", "2", "--lr", "1e-3"]
+
+
+def rl_cmd(out, *args):
+    return [sys.executable, str(RL), "--out-dir", str(out), *map(str, args)]
+
+
+def cfg_of(*argv):
+    return rl.parse_args(["--init", "x", *map(str, argv)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unit maths
+
+
+def test_grpo_advantages_by_hand():
+    R = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])          # two groups of 4
+    A = rl.grpo_advantages(R, 4)
+    std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)                    # Bessel-corrected, mean 0.25
+    want = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4   # equal rewards: no signal
+    assert torch.allclose(A, torch.tensor(want), atol=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(rl.k1(logp, ref), torch.tensor([0.5, -1.0]))
+    want = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]           # r - log r - 1, r = pi_ref / pi
+    assert torch.allclose(rl.k3(logp, ref), torch.tensor(want), atol=1e-6)
+    assert (rl.k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_grpo_clipped_loss_by_hand():
+    """Two responses, three tokens, one masked; eps 0.2. rho = exp(logp - old)."""
+    cfg = cfg_of("--kl-placement", "loss", "--kl-coef", "0.5")
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0], [math.log(1.1), 0.0, 0.0]])
+    old = torch.zeros(2, 3)
+    ref = torch.zeros(2, 3)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    A = torch.tensor([1.0, -2.0])
+    loss, stats = rl.grpo_loss(logp, old, ref, A, mask, cfg)
+    # row 0 (A = 1): min(1.5, 1.2) = 1.2; min(0.5, 0.8) = 0.5 -> surrogate mean 0.85
+    # row 1 (A = -2): min(-2.2, -2.2) = -2.2; min(-2, -2) = -2 twice -> mean -6.2 / 3
+    k3 = lambda lp: math.exp(-lp) + lp - 1                                              # noqa: E731
+    row0 = -(1.2 + 0.5) / 2 + 0.5 * (k3(math.log(1.5)) + k3(math.log(0.5))) / 2
+    row1 = -(-2.2 - 2 - 2) / 3 + 0.5 * (k3(math.log(1.1)) + 0 + 0) / 3
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)                     # 1.5 and 0.5 are outside [0.8, 1.2]
+    tok = cfg_of("--aggregate", "token", "--kl-coef", "0")
+    loss, _ = rl.grpo_loss(logp, old, ref, A, mask, tok)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2 - 2 - 2) / 5, rel=1e-6)
+
+
+def test_remax_loss_is_reinforce():
+    cfg = cfg_of("--algo", "remax", "--kl-coef", "0")
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, _ = rl.remax_loss(logp, logp.detach(), torch.tensor([0.5, -1.0]), mask, cfg)
+    # row 0: -0.5 * (-1 - 2) / 2 = 0.75; row 1: -(-1) * (-0.5) / 1 = -0.5; mean over rows 0.125
+    assert loss.item() == pytest.approx(0.125)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.125, -0.125], [0.5, 0.0]]))   # -A / |o_i| / B
+
+
+def test_seeded_sampler_is_per_row():
+    """A row draws the same choices in any batch; the draws follow softmax restricted to the top-k."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 64)
+    u = torch.rand(3, 5)
+    n = torch.tensor([2, 0, 4])
+    full = seeded_sampler(u, 1.0, 40)(logits, n)
+    for i in range(3):
+        assert seeded_sampler(u[i:i + 1], 1.0, 40)(logits[i:i + 1], n[i:i + 1]).item() == full[i].item()
+    many = seeded_sampler(torch.rand(20000, 1), 1.0, 3)(logits[:1].expand(20000, -1), torch.zeros(20000, dtype=torch.long))
+    top = logits[0].topk(3).indices
+    assert set(many.unique().tolist()) <= set(top.tolist())
+    freq = torch.bincount(many, minlength=64)[top].float() / 20000
+    assert torch.allclose(freq, logits[0, top].softmax(-1), atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the tiny chain's checkpoints
+
+
+@pytest.fixture(scope="module")
+def latent(chain):
+    cfg = cfg_of("--init", chain / "bc/final", *FAST)
+    cfg.init = str(chain / "bc/final")
+    return cfg, rl.load_model(cfg, torch.device("cpu")), Tokenizer.find(cfg.init, None)
+
+
+def test_rollout_logprobs_equal_teacher_forced(latent):
+    """The log pi the rollout records (KV cache, step by step) equals the update's teacher-forced recomputation, so
+    the importance ratio is 1 before the first update (up to float rounding, 1e-5)."""
+    cfg, model, tok = latent
+    problems = rl.problems_at(cfg, 0, 2)
+    prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
+    out = model.generate(prompts, 6, eos=tok.stop_tokens, choose=seeded_sampler(torch.rand(2, 6), 1.0, 40))
+    rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
+    b = rl.pack(prompts, rows, "cpu")
+    logp = rl.log_probs(model, None, cfg, b, with_grad=False)
+    recorded = torch.zeros_like(logp)
+    for i, (p, lp) in enumerate(zip(prompts, out["logprobs"])):
+        recorded[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp)
+    assert torch.allclose(logp, recorded, atol=1e-5)
+    assert b["mask"].sum() == sum(len(t) for t in out["tokens"])
+    assert (b["actions"][b["mask"]] >= 0).all() and (b["actions"][~b["mask"]] == -1).all()
+
+
+def test_latent_step_changes_the_policy_only(latent):
+    cfg, model, tok = latent
+    model = CoLA.from_pretrained(cfg.init)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = rl.frozen_reference(model, "latent")
+    params = model.param_groups()["policy"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(3):                                 # until some group has unequal rewards
+        m = rl.rl_step(model, ref, opt, params, cfg, tok, step, torch.device("cpu"))
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("policy.") for k in changed), sorted(changed)[:5]
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_token_step_changes_the_base(chain):
+    cfg = cfg_of("--level", "token", "--init", chain / "sft/final", *FAST)
+    tok = Tokenizer.find(cfg.init, None)
+    model = rl.load_model(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = rl.frozen_reference(model, "token")
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(3):
+        rl.rl_step(model, ref, opt, params, cfg, tok, step, torch.device("cpu"))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
+
+
+def test_remax_baseline_is_the_greedy_rollout_of_the_same_prompt(latent, monkeypatch):
+    cfg, model, tok = latent
+    cfg = cfg_of("--algo", "remax", "--init", cfg.init, *FAST, "--kl-coef", "0")
+    calls = []
+    real = rl.rollout
+
+    def spy(model, cfg, tok, prompts, choose):
+        rows = real(model, cfg, tok, prompts, choose)
+        calls.append((prompts, rows))
+        return rows
+    monkeypatch.setattr(rl, "rollout", spy)
+    seen = {}
+
+    def record(logp, ref_logp, A, mask, cfg):
+        seen["A"] = A
+        return (logp * 0).sum(), {}
+    monkeypatch.setattr(rl, "remax_loss", record)
+    model = CoLA.from_pretrained(cfg.init)
+    params = model.param_groups()["policy"]
+    rl.rl_step(model, rl.frozen_reference(model, "latent"), torch.optim.AdamW(params, lr=0.0), params, cfg, tok, 0,
+               torch.device("cpu"))
+    (p1, sampled), (p2, greedy_rows) = calls
+    assert p1 == p2                                             # the same prompts, one greedy rollout each
+    direct = model.generate(p1, cfg.max_new_tokens, eos=tok.stop_tokens, choose=greedy())["tokens"]
+    assert [r["tokens"] for r in greedy_rows] == direct
+    problems = rl.problems_at(cfg, 0, cfg.prompts_per_step)
+    want = [tasks.reward(p, s["text"]) - tasks.reward(p, g["text"]) for p, s, g in zip(problems, sampled, greedy_rows)]
+    assert seen["A"].tolist() == pytest.approx(want)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: resume after SIGKILL, bad input
+
+
+def test_run_resume_after_kill_same_curve(chain, tmp_path):
+    args = ["--init", chain / "bc/final", *FAST, "--steps", 6, "--ckpt-every", 2, "--eval-every", 3]
+    ref = tmp_path / "ref"
+    run_ok(rl_cmd(ref, *args), timeout=600)
+    run = tmp_path / "killed"
+    run.mkdir()
+    proc = subprocess.Popen(rl_cmd(run, *args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(r.get("step", 0) >= 3 for r in step_rows(run)):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 3"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    run_ok(rl_cmd(run, *args), timeout=600)
+    drop = ("rollout_s", "update_s", "rollout_tok_per_s")
+    clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]    # noqa: E731
+    assert clean(step_rows(run)) == clean(step_rows(ref))
+    assert [r["eval"] for r in read_rows(run) if "eval" in r] == [r["eval"] for r in read_rows(ref) if "eval" in r]
+    a, b = CoLA.from_pretrained(ref / "final"), CoLA.from_pretrained(run / "final")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    cfgs = json.loads((run / "final/config.json").read_text())["train_history"]
+    assert cfgs[-1]["stage"] == "rl-latent-grpo" and cfgs[-2]["stage"] == "bc"
+
+
+def bad_cases(chain, tmp_path):
+    return {
+        "latent on a plain Llama": (["--init", chain / "sft/final"], "--level latent needs a CoLA checkpoint"),
+        "token on a CoLA export": (["--level", "token", "--init", chain / "bc/final"], "--level token trains a plain"),
+        "unknown task": (["--task", "chess"], "--task 'chess': expected one of countdown, arith"),
+        "unknown algorithm": (["--algo", "ppo"], "--algo 'ppo': expected one of grpo, remax"),
+        "group of one": (["--group", "1"], "--group 1: GRPO normalises rewards within a group of at least 2"),
+        "another preset": (["--init", chain / "bc/final", "--preset", "llama-3.1-8b"],
+                           "--preset llama-3.1-8b has dim 4096"),
+        "no init": (["--init", tmp_path / "nowhere"], "no config.json"),
+        "negative lr": (["--lr", "-1"], "--lr -1.0"),
+    }
+
+
+@pytest.mark.parametrize("case", ["latent on a plain Llama", "token on a CoLA export", "unknown task",
+                                  "unknown algorithm", "group of one", "another preset", "no init", "negative lr"])
+def test_bad_input_one_line_before_work(case, chain, tmp_path, monkeypatch, capsys):
+    cases = bad_cases(chain, tmp_path)
+    argv, expected = cases[case]
+    if "--init" not in argv:
+        argv = argv + ["--init", chain / "bc/final"]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        rl.main([*map(str, argv), "--out-dir", str(out)])
+    msg = str(e.value.code)
+    assert expected in msg and "\n" not in msg, msg
+    assert not out.exists() or not (out / "metrics.jsonl").exists()
+
+
+def test_reward_that_returns_nan_stops_with_one_line(latent, monkeypatch):
+    cfg, model, tok = latent
+    monkeypatch.setitem(tasks.REWARDS, "task", lambda p, c: float("nan"))
+    params = model.param_groups()["policy"]
+    with pytest.raises(SystemExit, match="returned nan .* must be finite numbers in \\[0, 1\\]"):
+        rl.rl_step(model, rl.frozen_reference(model, "latent"), torch.optim.AdamW(params, lr=0.0), params, cfg, tok,
+                   0, torch.device("cpu"))
