@@ -12,8 +12,10 @@ model.py and cola.py hold the architecture; this module reads and writes it. The
                         num_action_layer, num_dyna_layer, num_policy_layer and v = 1 (class IntentionForCausalLM)
 
 Every file is written under a temporary name and renamed into place (`atomic_write`), so a crash never leaves a
-half-written file under its final name. Tensors are read once and assigned into a model built on the meta device
-(no second copy); every read checks presence and shape, and errors name the file and the tensor as the file spells it.
+half-written file under its final name; a directory that must change as a whole (an export, a set of token shards)
+is written as a temporary sibling and swapped in (`replace_dir`). Tensors are read once and assigned into a model
+built on the meta device (no second copy); every read checks presence and shape, and errors name the file and the
+tensor as the file spells it.
 
 Deviations from the official code:
   - config.json of a CoLA export also carries `cola_merge_hidden` (when the merge MLPs are not the base's SwiGLU
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -298,6 +301,29 @@ def atomic_write(path: Path, write_fn):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_dir(path: Path, write_fn):
+    """write_fn(tmp_dir) into an empty sibling .NAME.tmp<pid>, then swap it in for `path`: readers find the old
+    directory or the new one, never a mix, and a failure in write_fn leaves the old one untouched. (A crash between
+    the two renames leaves the old directory as .NAME.old<pid> beside the absent `path`.)"""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_fn(tmp)
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)          # put the old directory back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30):

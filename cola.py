@@ -340,7 +340,8 @@ def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
 # Command line: load a checkpoint, generate under latent actions, print text and actions side by side
 
 
-def main():
+def main(argv=None):
+    from model import check_sampling_flags, fit_new_tokens
     from tokenizer import Tokenizer
     p = argparse.ArgumentParser(description="Generate with CoLA: latent actions choose, the world model writes.")
     p.add_argument("--ckpt", required=True, help="CoLA checkpoint (official layout), or a plain Llama directory "
@@ -359,9 +360,14 @@ def main():
                    choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.mode == "fixed" and a.action is None:
         raise SystemExit("--mode fixed needs --action N")
+    if a.mode != "fixed" and a.action is not None:
+        raise SystemExit(f"--action {a.action} is only used with --mode fixed (this is --mode {a.mode})")
+    if a.top_k < 1:
+        raise SystemExit(f"--top-k {a.top_k}: expected an integer >= 1")
+    check_sampling_flags(a)
     torch.manual_seed(a.seed)   # fresh modules of a plain Llama are initialised from the global RNG
     tok = Tokenizer.find(a.ckpt, a.tokenizer)
     try:
@@ -370,11 +376,15 @@ def main():
         if model.base_args.vocab_size < tok.n_words:
             raise ValueError(f"tokenizer has {tok.n_words} tokens but the model's vocab_size is "
                              f"{model.base_args.vocab_size}")
+        if a.action is not None and not 0 <= a.action < model.args.n_actions:
+            raise SystemExit(f"--action {a.action}: expected 0 <= action < {model.args.n_actions} (the checkpoint's "
+                             f"number of actions K)")
         if model.initialised_from_llama:
             print(f"note: {a.ckpt} is a plain Llama; IDM, codebook, merge and policy are random ({model.args})")
         gen = torch.Generator(device=a.device).manual_seed(a.seed)
         prompts = [tok.encode(s, bos=True, eos=False) for s in a.prompt]
-        out = model.generate(prompts, a.max_new_tokens, mode=a.mode, action=a.action, temperature=a.temperature,
+        n_new = fit_new_tokens(prompts, a.max_new_tokens, model.base_args.max_seq_len)
+        out = model.generate(prompts, n_new, mode=a.mode, action=a.action, temperature=a.temperature,
                              top_k=a.top_k, top_p=a.top_p, eos=tok.stop_tokens, generator=gen)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -25,8 +25,11 @@ Formats (choices made here):
   - .txt input: documents separated by a form feed (\\f); a file without one is one document. Each document is
     stripped of surrounding whitespace; empty ones are skipped. (Blank lines are paragraph breaks, not document
     breaks.) .jsonl input: one JSON object per line with a string "text", used verbatim.
-  - Shards: out_dir/shard_00000.bin ... (raw uint32 token ids, numpy tofile) and out_dir/meta.json; every file is
-    written under a temporary name and renamed into place (os.replace), so a reader never sees half a shard.
+  - Shards: out_dir/shard_00000.bin ... (raw uint32 token ids, numpy tofile) and out_dir/meta.json (tokenizer,
+    vocabulary size, largest token id, ...). The whole directory is written aside and swapped in when every input
+    has been read, so a reader never sees half a shard, and a failed `prepare` leaves the old shards intact.
+    Training checks the shards once when it opens them: whole uint32 files, at least one window, every id inside
+    the run's vocabulary (meta.json's max_id, or one memory-mapped scan).
   - Windows: stride seq_len with a one-token overlap: window i = stream[i*T : i*T + T + 1], so every token after
     the first is a target exactly once per epoch. Window order is a permutation seeded by (seed, epoch), epochs
     end to end; each optimizer step takes the next global-batch positions and rank r of W reads the r-th
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import random
@@ -58,6 +62,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from checkpoint import atomic_write, replace_dir
 from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
 from tokenizer import ChatFormat, Tokenizer
 
@@ -154,9 +159,7 @@ def embedded_corpus(split: str = "train", seed: int = 0) -> list[str]:
 
 def atomic_write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_documents(path: str | Path) -> Iterator[str]:
@@ -196,46 +199,49 @@ def json_line(path: Path, i: int, line: str) -> dict:
 def write_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenizer, shard_tokens: int = 50_000_000,
                  source: str = "") -> list[Path]:
     """Tokenize documents as <|begin_of_text|> doc <|end_of_text|>, concatenate, cut into shards of shard_tokens
-    (documents may straddle shards: the loader reads them as one stream), write atomically, then meta.json.
-    Shards left over from an earlier, longer run in out_dir are removed."""
+    (documents may straddle shards: the loader reads them as one stream), then meta.json.
+
+    Everything is written into a temporary directory that replaces out_dir only once the last document is in
+    (checkpoint.replace_dir): a failure on the way (a bad input file, a full disk) leaves the old shards and their
+    meta.json as they were. out_dir must be absent, empty or a shard directory (shard_*.bin and meta.json only)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer.n_words > 2**32:
         raise ValueError(f"data: vocabulary of {tokenizer.n_words} does not fit uint32")
-    paths, buf, buf_len, n_docs, n_tokens = [], [], 0, 0, 0
+    if out_dir.is_dir():
+        other = [f.name for f in out_dir.iterdir() if not f.name.startswith(("shard_", "meta.json"))]
+        if other:
+            raise ValueError(f"data: {out_dir} holds files that are not shards ({other[0]}, ...); shards replace a "
+                             f"whole directory: choose a new or empty --out")
+    names = []
 
-    def flush(arr: np.ndarray):
-        path = out_dir / f"shard_{len(paths):05d}.bin"
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            arr.astype(np.uint32).tofile(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        paths.append(path)
+    def write(tmp: Path):
+        buf, buf_len, n_docs, n_tokens, max_id = [], 0, 0, 0, 0
 
-    for doc in docs:
-        ids = np.asarray(tokenizer.encode(doc, bos=True, eos=True), dtype=np.uint32)
-        buf.append(ids)
-        buf_len += len(ids)
-        n_docs += 1
-        n_tokens += len(ids)
-        while buf_len >= shard_tokens:
-            cat = np.concatenate(buf)
-            flush(cat[:shard_tokens])
-            buf, buf_len = [cat[shard_tokens:]], len(cat) - shard_tokens
-    if n_docs == 0:
-        raise ValueError(f"data: {source or 'input'} contains no documents")
-    if buf_len:
-        flush(np.concatenate(buf))
-    meta = {"tokenizer": tokenizer.model.name, "vocab_size": tokenizer.n_words, "n_tokens": n_tokens,
-            "n_documents": n_docs, "dtype": "uint32", "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-            "shards": [p.name for p in paths], "source": source}
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1))
-    for stale in out_dir.glob("shard_*.bin"):
-        if stale not in paths:
-            stale.unlink()
-    return paths
+        def flush(arr: np.ndarray):
+            names.append(f"shard_{len(names):05d}.bin")
+            arr.astype(np.uint32).tofile(tmp / names[-1])
+
+        for doc in docs:
+            ids = np.asarray(tokenizer.encode(doc, bos=True, eos=True), dtype=np.uint32)
+            buf.append(ids)
+            buf_len += len(ids)
+            n_docs += 1
+            n_tokens += len(ids)
+            max_id = max(max_id, int(ids.max()))
+            while buf_len >= shard_tokens:
+                cat = np.concatenate(buf)
+                flush(cat[:shard_tokens])
+                buf, buf_len = [cat[shard_tokens:]], len(cat) - shard_tokens
+        if n_docs == 0:
+            raise ValueError(f"data: {source or 'input'} contains no documents")
+        if buf_len:
+            flush(np.concatenate(buf))
+        meta = {"tokenizer": tokenizer.model.name, "vocab_size": tokenizer.n_words, "n_tokens": n_tokens,
+                "n_documents": n_docs, "dtype": "uint32", "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+                "max_id": max_id, "shards": names, "source": source}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    replace_dir(out_dir, write)
+    return [out_dir / name for name in names]
 
 
 def finished_shards(out_dir: Path, tokenizer: Tokenizer, source: str) -> list[Path] | None:
@@ -423,8 +429,12 @@ def load_sft_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data: {path}: not UTF-8 text (byte {e.start})") from None
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         rec = json_line(path, i, line)
@@ -503,17 +513,53 @@ def embedded_cache(cfg, tok: Tokenizer) -> Path:
 
 
 def lm_shards(cfg, tok: Tokenizer) -> tuple[list[Path], list[Path]]:
-    """Train/val token shards: --data / --val-data directories, or the embedded corpus prepared once."""
+    """Train/val token shards: --data / --val-data directories (checked: check_shards), or the embedded corpus
+    prepared once."""
     def shards(d: str, flag: str) -> list[Path]:
         paths = sorted(Path(d).glob("*.bin"))
         if not paths:
             raise SystemExit(f"{flag} {d}: no .bin token shards (make them with `python data.py prepare`)")
+        check_shards(paths, tok, cfg.seq_len, f"{flag} {d}")
         return paths
     if cfg.data:
         train = shards(cfg.data, "--data")
         return train, shards(cfg.val_data, "--val-data") if cfg.val_data else train
     splits = prepare_embedded(embedded_cache(cfg, tok), tok, seed=cfg.seed)
     return splits["train"], splits["val"]
+
+
+def check_shards(paths: list[Path], tok: Tokenizer, seq_len: int, what: str):
+    """Shards a run will read, checked once before any step, each failure one line naming `what`: whole uint32
+    files, at least one window of seq_len + 1 tokens, the run's tokenizer (meta.json, when there is one) and every
+    token id inside its vocabulary, which the model's embedding covers (train.check_fits)."""
+    sizes = [p.stat().st_size for p in paths]
+    for p, size in zip(paths, sizes):
+        if size == 0 or size % 4:
+            raise SystemExit(f"{what}: shard {p.name} has {size} bytes, not a whole number of uint32 tokens "
+                             f"(truncated?): prepare the data again")
+    if sum(sizes) // 4 < seq_len + 1:
+        raise SystemExit(f"{what}: {sum(sizes) // 4} tokens, fewer than one window of --seq-len + 1 = {seq_len + 1}: "
+                         f"use more data or a smaller --seq-len")
+    try:
+        meta = json.loads((paths[0].parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("tokenizer", tok.model.name) != tok.model.name or meta.get("vocab_size", tok.n_words) != tok.n_words:
+        raise SystemExit(f"{what}: prepared with tokenizer {meta['tokenizer']} ({meta['vocab_size']} tokens), but "
+                         f"this run's is {tok.model.name} ({tok.n_words} tokens): prepare the data with the run's "
+                         f"tokenizer (python data.py prepare --tokenizer ...)")
+    described = meta.get("shards") == [p.name for p in paths] and 4 * meta.get("n_tokens", -1) == sum(sizes)
+    top = meta["max_id"] if described and "max_id" in meta else max(max_token_id(str(p), s) for p, s in
+                                                                      zip(paths, sizes))
+    if top >= tok.n_words:
+        raise SystemExit(f"{what}: token id {top} is outside the vocabulary of {tok.n_words} tokens "
+                         f"({tok.model.name}) that the model embeds: prepare the data with the run's tokenizer")
+
+
+@functools.lru_cache(maxsize=None)
+def max_token_id(path: str, size: int) -> int:
+    """The largest id of a uint32 shard, memory-mapped (read once per process and file size)."""
+    return int(np.memmap(path, dtype=np.uint32, mode="r").max())
 
 
 def general_text_shards(cfg, tok: Tokenizer) -> list[Path]:
@@ -531,13 +577,16 @@ def general_text_shards(cfg, tok: Tokenizer) -> list[Path]:
 
 def sft_tensors(cfg, tok: Tokenizer, split: str):
     """(tokens [N, T+1], response mask [N, T+1]) of the task data."""
-    path = cfg.sft_data if split == "train" else cfg.sft_val
-    if path:
-        records = load_sft_jsonl(path)
-    else:
-        n = cfg.n_records if split == "train" else max(64, cfg.n_records // 10)
-        records = [r for kind in KINDS for r in task_sft_records(kind, split, n // 2, seed=cfg.seed)]
-    return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
+    path, flag = (cfg.sft_data, "--sft-data") if split == "train" else (cfg.sft_val, "--sft-val")
+    try:
+        if path:
+            records = load_sft_jsonl(path)
+        else:
+            n = cfg.n_records if split == "train" else max(64, cfg.n_records // 10)
+            records = [r for kind in KINDS for r in task_sft_records(kind, split, n // 2, seed=cfg.seed)]
+        return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
+    except (ValueError, FileNotFoundError) as e:          # the records' file, line and field: one line
+        raise SystemExit(f"{flag} {path or '(embedded tasks)'}: {str(e).removeprefix('data: ')}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,7 +635,7 @@ def main(argv=None):
             recs = task_sft_records(args.kind, args.split, args.n, args.seed)
             atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in recs))
             print(f"wrote {len(recs)} records to {args.out}")
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:                   # a missing or bad input, a full disk: one line
         sys.exit(f"error: {e}")
 
 

@@ -435,7 +435,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, t
 # Command line: load a checkpoint, encode a prompt, print the completion
 
 
-def main():
+def main(argv=None):
+    import json
+    from pathlib import Path
     from tokenizer import Tokenizer
     p = argparse.ArgumentParser(description="Sample from a Llama-3.1 checkpoint (HF or Meta layout).")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json or params.json inside)")
@@ -449,18 +451,55 @@ def main():
                    choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    check_sampling_flags(a)
+    config = Path(a.ckpt) / "config.json"
+    if config.is_file() and "num_code" in json.loads(config.read_text()):
+        raise SystemExit(f"--ckpt {a.ckpt} is a CoLA checkpoint: generate with `python cola.py --ckpt {a.ckpt}`, or "
+                         f"pass its base alone (an FTA export's final-llama/)")
     tok = Tokenizer.find(a.ckpt, a.tokenizer)
-    model = Transformer.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device)
+    try:
+        model = Transformer.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--ckpt {a.ckpt}: {e}") from None
     if model.args.vocab_size < tok.n_words:
         raise SystemExit(f"--tokenizer has {tok.n_words} tokens but the model's vocab_size is "
                          f"{model.args.vocab_size}")
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     prompts = [tok.encode(s, bos=True, eos=False) for s in a.prompt]
-    outs = model.generate(prompts, a.max_new_tokens, a.temperature, a.top_p, eos=tok.stop_tokens, generator=gen)
+    n_new = fit_new_tokens(prompts, a.max_new_tokens, model.args.max_seq_len)
+    outs = model.generate(prompts, n_new, a.temperature, a.top_p, eos=tok.stop_tokens, generator=gen)
     for s, o in zip(a.prompt, outs):
         print(s + tok.decode([t for t in o if t not in tok.stop_tokens]))
         print("-" * 80)
+
+
+def check_sampling_flags(a):
+    """The flags model.py and cola.py share, each mistake one line."""
+    from pathlib import Path
+    if a.max_new_tokens < 1:
+        raise SystemExit(f"--max-new-tokens {a.max_new_tokens}: expected an integer >= 1")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise SystemExit(f"--temperature {a.temperature}: expected a finite number >= 0 (0 = greedy)")
+    if not 0 < a.top_p <= 1:
+        raise SystemExit(f"--top-p {a.top_p}: expected a number in (0, 1]")
+    if not Path(a.ckpt).is_dir():
+        raise SystemExit(f"--ckpt {a.ckpt}: directory not found")
+
+
+def fit_new_tokens(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:
+    """--max-new-tokens, or what the context leaves after the longest prompt (said on stderr); a prompt that
+    fills the context is one line."""
+    import sys
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    room = context - len(prompts[longest])
+    if room < 1:
+        raise SystemExit(f"--prompt #{longest + 1}: {len(prompts[longest])} tokens leave no room in the model's "
+                         f"context of {context} tokens; shorten it")
+    if max_new_tokens > room:
+        print(f"note: --max-new-tokens {max_new_tokens} exceeds what the context of {context} tokens leaves after the "
+              f"longest prompt; generating at most {room}", file=sys.stderr)
+    return min(max_new_tokens, room)
 
 
 if __name__ == "__main__":

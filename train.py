@@ -60,7 +60,7 @@ from idm import codebook_usage, entropy_regulariser, gumbel_softmax_st
 from model import PRESETS, ModelArgs, Transformer
 from parallel import World
 from tokenizer import Tokenizer
-from trainer import Phase, Run, arg, parse_config
+from trainer import Phase, Run, arg, parse_config, release_locks
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 VAL_SEED = 1234                    # the held-out windows' order: the same evaluation batches in every stage
@@ -78,28 +78,28 @@ class Common:
     data: str = arg("", "directory of token shards from `python data.py prepare` (default: embedded corpus)")
     val_data: str = arg("", "held-out token shards (default: the embedded corpus' val split)")
     tokenizer: str = arg("", "tokenizer.model / tokenizer.json (default: found in --init, else embedded)")
-    steps: int = arg(190_735, "optimizer steps (8B: 200B tokens / (512 x 2048))")
-    global_batch: int = arg(512, "sequences per optimizer step, all processes together (paper: 512)")
+    steps: int = arg(190_735, "optimizer steps (8B: 200B tokens / (512 x 2048))", ">= 1")
+    global_batch: int = arg(512, "sequences per optimizer step, all processes together (paper: 512)", ">= 1")
     micro_batch: int = arg(4, "sequences per forward/backward and process (paper: 4); unless given, lowered to "
-                              "divide global / processes. Gradient accumulation = global / (micro x processes)")
-    seq_len: int = arg(2048, "T, tokens per sequence (paper: 2048)")
-    lr: float = arg(1e-4, "peak AdamW learning rate (paper: 1e-4)")
-    min_lr: float = arg(4e-5, "cosine decay floor (release: 4e-5)")
-    warmup_steps: int = arg(100, "linear warmup steps (paper: 100; -1 = 3%% of the steps)")
-    weight_decay: float = arg(0.01, "AdamW weight decay (paper: 0.01; 0 on the codebook C)")
-    beta1: float = arg(0.9, "Adam beta1")
-    beta2: float = arg(0.95, "Adam beta2")
-    grad_clip: float = arg(1.0, "max gradient norm (paper: 1.0)")
+                              "divide global / processes. Gradient accumulation = global / (micro x processes)", ">= 1")
+    seq_len: int = arg(2048, "T, tokens per sequence (paper: 2048)", ">= 1")
+    lr: float = arg(1e-4, "peak AdamW learning rate (paper: 1e-4)", "> 0")
+    min_lr: float = arg(4e-5, "cosine decay floor (release: 4e-5)", ">= 0")
+    warmup_steps: int = arg(100, "linear warmup steps (paper: 100; -1 = 3%% of the steps)", ">= -1")
+    weight_decay: float = arg(0.01, "AdamW weight decay (paper: 0.01; 0 on the codebook C)", ">= 0")
+    beta1: float = arg(0.9, "Adam beta1", ">= 0, < 1")
+    beta2: float = arg(0.95, "Adam beta2", ">= 0, < 1")
+    grad_clip: float = arg(1.0, "max gradient norm (paper: 1.0)", "> 0")
     dtype: str = arg("bfloat16", "autocast dtype: bfloat16 or float32 (no autocast)")
     activation_checkpointing: bool = arg(False, "recompute each block in backward to save memory")
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed for init, data order and Gumbel noise")
-    ckpt_every: int = arg(1000, "steps between resumable checkpoints (checkpoints/step-N)")
-    log_every: int = arg(10, "steps between metrics.jsonl lines")
-    eval_batches: int = arg(20, "held-out micro batches for the evaluations before and after training")
+    seed: int = arg(0, "seed for init, data order and Gumbel noise", ">= 0")
+    ckpt_every: int = arg(1000, "steps between resumable checkpoints (checkpoints/step-N)", ">= 1")
+    log_every: int = arg(10, "steps between metrics.jsonl lines", ">= 1")
+    eval_batches: int = arg(20, "held-out micro batches for the evaluations before and after training", ">= 1")
     resume: bool = arg(True, "continue from the newest <out_dir>/checkpoints/step-N if there is one")
-    stop_at: int = arg(0, "save a checkpoint and exit after this step (time-limited jobs); rerun to continue")
+    stop_at: int = arg(0, "save a checkpoint and exit after this step (time-limited jobs); rerun to continue", ">= 0")
 
 
 @dataclass
@@ -110,18 +110,18 @@ class BaseArgs(Common):
 @dataclass
 class PretrainArgs(Common):
     """Stage A (Algorithm 1): L = mean_t CE(p_WM(x_{t+1} | h_t, a~_t)) + beta * mean_t sum_k y log y."""
-    beta2: float = arg(0.999, "Adam beta2 (release: AdamW's default 0.999 in pre-training)")
-    gumbel_tau: float = arg(2.0, "tau, Gumbel-softmax temperature (paper: 2.0)")
-    beta: float = arg(0.001, "beta, weight of sum y log y (the negative entropy of the relaxed sample)")
+    beta2: float = arg(0.999, "Adam beta2 (release: AdamW's default 0.999 in pre-training)", ">= 0, < 1")
+    gumbel_tau: float = arg(2.0, "tau, Gumbel-softmax temperature (paper: 2.0)", "> 0")
+    beta: float = arg(0.001, "beta, weight of sum y log y (the negative entropy of the relaxed sample)", ">= 0")
     quantizer: str = arg("direct", "direct (CoLA's direct action assignment) or vq (the collapsing ablation)")
-    vq_commitment: float = arg(0.25, "VQ ablation only: commitment weight on mean_d (z_e - sg(e))^2")
+    vq_commitment: float = arg(0.25, "VQ ablation only: commitment weight on mean_d (z_e - sg(e))^2", ">= 0")
 
 
 @dataclass
 class BCArgs(Common):
     """Stage B: L = mean_t CE(pi(. | x_{1:t}), k*_t), k*_t = argmax softmax(z_t) of the frozen IDM."""
-    steps: int = arg(95_367, "optimizer steps (8B: 100B tokens for the policy / (512 x 2048))")
-    beta2: float = arg(0.999, "Adam beta2 (release: AdamW's default 0.999 in pre-training)")
+    steps: int = arg(95_367, "optimizer steps (8B: 100B tokens for the policy / (512 x 2048))", ">= 1")
+    beta2: float = arg(0.999, "Adam beta2 (release: AdamW's default 0.999 in pre-training)", ">= 0, < 1")
 
 
 @dataclass
@@ -130,14 +130,14 @@ class FinetuneArgs(Common):
     sft_data: str = arg("", "jsonl with prompt/response records (default: embedded Countdown + arithmetic)")
     sft_val: str = arg("", "held-out jsonl (default: embedded held-out problems)")
     chat: bool = arg(False, "encode records with the Llama-3.1-Instruct chat format")
-    epochs: float = arg(1.0, "passes over the task data (paper: 1); sets steps when steps is 0")
-    steps: int = arg(0, "optimizer steps (0: derived from epochs)")
-    global_batch: int = arg(256, "sequences per optimizer step (paper: 256)")
-    lr: float = arg(5e-6, "peak learning rate (paper: 5e-6)")
-    min_lr: float = arg(5e-7, "cosine floor (paper: 0.1 x lr)")
-    warmup_steps: int = arg(-1, "warmup steps (-1: 3%% of steps, the paper's)")
-    weight_decay: float = arg(0.0, "AdamW weight decay (release: 0 in fine-tuning)")
-    n_records: int = arg(4000, "embedded task records when --sft-data is not given")
+    epochs: float = arg(1.0, "passes over the task data (paper: 1); sets steps when steps is 0", "> 0")
+    steps: int = arg(0, "optimizer steps (0: derived from epochs)", ">= 0")
+    global_batch: int = arg(256, "sequences per optimizer step (paper: 256)", ">= 1")
+    lr: float = arg(5e-6, "peak learning rate (paper: 5e-6)", "> 0")
+    min_lr: float = arg(5e-7, "cosine floor (paper: 0.1 x lr)", ">= 0")
+    warmup_steps: int = arg(-1, "warmup steps (-1: 3%% of steps, the paper's)", ">= -1")
+    weight_decay: float = arg(0.0, "AdamW weight decay (release: 0 in fine-tuning)", ">= 0")
+    n_records: int = arg(4000, "embedded task records when --sft-data is not given", ">= 2")
 
 
 @dataclass
@@ -642,6 +642,7 @@ def main(argv=None):
             raise SystemExit(1) from None       # rank 0 prints the message, once
         raise
     finally:
+        release_locks()                         # the run directories' locks, however the run ended
         if parallel.dist.is_initialized():
             parallel.dist.destroy_process_group()
 

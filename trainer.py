@@ -1,32 +1,43 @@
 """trainer.py: the machinery every training script shares, kept out of the way of the paper's maths.
 
-train.py (each CoLA training stage is one short function there) builds on this, and so will the RL script. A reader
-who wants the paper can skip this file: it holds no equation, only the loop and what makes a run safe to kill.
+train.py (each CoLA training stage is one short function there) builds on this, and so does rl.py. A reader who
+wants the paper can skip this file: it holds no equation, only the loop and what makes a run safe to kill.
 
-    arg, parse_config     a @dataclass config -> argparse flags; the preset fills the defaults a user did not set
+    arg, parse_config     a @dataclass config -> argparse flags; the preset fills the defaults a user did not set;
+                          each field declares the values it accepts ("> 0", ">= 1"), checked for every script
     Phase                 one loss, the parameter groups it trains, and how many optimizer steps
     Run                   one run directory: model built (one process or FSDP2), config.json, metrics.jsonl,
                           resumable checkpoints/step-N/, --stop-at, evaluation, the final/ export
     Run.train             the loop: micro batches accumulated to the global batch, clip, AdamW, log, checkpoint
     lr_at, make_optimizer, autocast, enable_activation_checkpointing
 
-A run directory (--out-dir):
+A run directory (--out-dir) belongs to one stage and its flags, and a run writes nothing else:
+    .lock            pid and host of the run using the directory now (a second run on it stops at once)
     config.json      the resolved flags (every default filled in), the stage, the world size
     metrics.jsonl    one JSON row per logged step; the last row is {"eval": {...}} with evaluations before/after
-    checkpoints/step-NNNNNNN/   model + AdamW state + train.json (step, phase, data position, flags), written last
-    final/           the exported model; its config.json carries train_stage and train_history
-A rerun of the same command continues from the newest complete checkpoint and logs the identical curve: every
-random draw of training is a function of --seed and of a sequence's position in the data stream (data.py), not of
-a generator's state, so it does not depend on the world size or on where the run was resumed.
+    checkpoints/step-NNNNNNN/   model + AdamW state + train.json (step, phase, data position, flags, and the size
+                     and CRC-32 of every file), written last; the newest two are kept (parallel.py)
+    final/           the exported model, swapped in whole; its config.json carries train_stage and train_history
+A run refuses an --out-dir that overlaps its --init, that holds a model or another stage's run, or (resuming) a
+run with other flags. A rerun of the same command continues from the newest intact checkpoint and logs the
+identical curve: every random draw of training is a function of --seed and of a sequence's position in the data
+stream (data.py), not of a generator's state, so it does not depend on the world size or on where the run was
+resumed. A predictable mistake or fault (a bad flag, a damaged checkpoint, a full disk) stops the run with one line
+that names the file or flag and what to do.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import operator
+import os
 import random
+import shutil
+import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -35,16 +46,31 @@ import numpy as np
 import torch
 
 import parallel
-from checkpoint import atomic_write
+from checkpoint import atomic_write, replace_dir
 from parallel import Root, World
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one @dataclass per script or stage, each field a --flag with a one-line help
 
 
-def arg(default, help):
-    """A config field: its default and the help text of its --flag."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help, valid: str = ""):
+    """A config field: its default, the help text of its --flag, and the values it accepts, e.g. "> 0", ">= 1" or
+    ">= 0, < 1" (parse_config checks them; a float flag must also be finite)."""
+    return field(default=default, metadata={"help": help, "valid": valid})
+
+
+BOUNDS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def check_value(name: str, value, valid: str):
+    """One-line SystemExit unless a flag's value is finite (floats) and within its field's bounds."""
+    ok = not (isinstance(value, float) and not math.isfinite(value))
+    for bound in filter(None, valid.split(",")):
+        op, limit = bound.split()
+        ok = ok and BOUNDS[op](value, float(limit))
+    if not ok:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {kind} {valid.replace(',', ' and')}".rstrip())
 
 
 def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
@@ -52,6 +78,7 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
 
     extra(parser) may add arguments that are not config fields (e.g. --stage). The returned set names the fields
     the user set on the command line, so a default can still be adapted (e.g. the micro batch to the world size).
+    Every value is checked against its field's bounds (arg's `valid`) before anything runs.
     """
     p = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     if extra:
@@ -59,15 +86,36 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
     for f in fields(cls):
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"    # argparse formats help with %
+        text = f.metadata["help"].replace("%", "%%")                        # argparse formats help with %
+        if default not in ("", None) and "default" not in text:             # a help that says its default already
+            text += " (default: %(default)s)"
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default, help=text)
-    ns = p.parse_args(argv)
+    ns = p.parse_args(joined_numbers(argv, {"--" + f.name.replace("_", "-") for f in fields(cls) if f.type != "bool"}))
+    for f in fields(cls):
+        if f.type in ("int", "float"):
+            check_value(f.name, getattr(ns, f.name), f.metadata.get("valid", ""))
     given = {f.name for f in fields(cls) for a in argv
              if a.split("=")[0] in ("--" + f.name.replace("_", "-"), "--no-" + f.name.replace("_", "-"))}
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)}), given
+
+
+def joined_numbers(argv: list[str], flags: set[str]) -> list[str]:
+    """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: argparse takes a negative number in scientific notation for a flag and
+    would answer "expected one argument" instead of checking the value."""
+    out = []
+    for a in argv:
+        if out and out[-1] in flags and a.startswith("-"):
+            try:
+                float(a)
+                out[-1] += "=" + a
+                continue
+            except ValueError:
+                pass
+        out.append(a)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,8 +167,27 @@ def set_trainable(model, names):
 
 
 def log_metrics(run_dir: Path, row: dict):
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row to metrics.jsonl in a single write(): a kill leaves at most a half-written last line, which
+    trim_metrics drops on resume."""
+    f = Path(run_dir) / "metrics.jsonl"
+    with writing(f"{f}: could not append a row"):
+        fd = os.open(f, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def writing(what: str):
+    """An OSError (disk full, read-only, no permission) inside -> one line: what failed, why, and that nothing
+    written before is lost."""
+    try:
+        yield
+    except OSError as e:
+        why = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in what else "")
+        raise SystemExit(f"{what}: {why}. Nothing written before is lost: free space or fix the directory's "
+                         f"permissions, then rerun the same command to continue") from None
 
 
 @dataclass
@@ -130,6 +197,79 @@ class Phase:
     groups: list[str]
     loss_fn: Callable             # (model, Batch) -> (loss, {metric: float})
     steps: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory's lock: one run at a time in a directory
+
+LOCK = ".lock"
+_held: dict[Path, bool] = {}            # lock files this process holds -> whether it created their run directory
+
+
+def acquire_lock(run_dir: Path):
+    """Create run_dir/.lock holding this process's pid and host, or stop: another live run holds it. The file is
+    created with O_EXCL, so of two runs starting together exactly one gets it. A lock is stale, and taken over with
+    a note, when its process is gone (same host, pid not running) or is this very process (an earlier Run in it)."""
+    run_dir = Path(run_dir)
+    f, created = run_dir / LOCK, not run_dir.exists()
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with writing(f"--out-dir {run_dir}: cannot create the run's lock file"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = read_lock(f)
+                if not lock_is_stale(f, holder):
+                    raise SystemExit(f"--out-dir {run_dir} is in use by another run (pid {holder.get('pid')} on "
+                                     f"{holder.get('host')}, since {holder.get('since')}): wait for it or use another "
+                                     f"--out-dir. If that run is dead, delete {f}") from None
+                if holder.get("pid") != me["pid"]:
+                    print(f"{f}: stale lock of pid {holder.get('pid')} (no longer running) taken over")
+                f.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me))
+            if not _held:
+                atexit.register(release_locks)
+            _held[f] = created
+            return
+    raise SystemExit(f"{f}: could not take the lock (other runs keep creating it)")
+
+
+def read_lock(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}                           # being written this instant, or left empty by a kill
+
+
+def lock_is_stale(f: Path, holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        if holder:
+            return False                    # another machine's run: only a person can tell it is gone
+        return time.time() - f.stat().st_mtime > 10 if f.exists() else True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                     # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass                                # alive, another user's
+    return False
+
+
+def release_locks(run_dir: Path | None = None):
+    """Remove this process's lock of run_dir (else all of them), and a run directory it created that stayed empty
+    (a run stopped by a bad input before writing anything)."""
+    for f in [f for f in _held if run_dir is None or f.parent == Path(run_dir)]:
+        created = _held.pop(f)
+        if read_lock(f).get("pid") == os.getpid():
+            f.unlink(missing_ok=True)
+        if created and f.parent.is_dir() and not any(f.parent.iterdir()):
+            f.parent.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,31 +285,81 @@ class Run:
     # Flags that may differ when a run is resumed (they do not enter the maths).
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
                          "cpu_offload", "activation_checkpointing", "micro_batch"}
+    # Flags whose final value is known only once the data is read (fine-tuning derives --steps 0 from --epochs):
+    # compared in start() instead of here.
+    RESOLVED_LATER = {"steps"}
 
     def __init__(self, stage: str, cfg, world: World):
         self.stage, self.cfg, self.world = stage, cfg, world
         self.dir = Path(cfg.out_dir)
+        self.check_out_dir()                    # reads only: before any process group, lock or file
         self.latest = parallel.latest_checkpoint(self.dir) if cfg.resume else None
-        self.check_resumable()
+        self.check_resumable(exclude=self.RESOLVED_LATER)
         self.device = parallel.init_process_group(world, cfg.device)
+        parallel.on_main(world, lambda: acquire_lock(self.dir))
+        if cfg.resume:                          # verified now (a collective): maybe an older checkpoint
+            self.latest = parallel.resume_checkpoint(self.dir, world)
+            self.check_resumable(exclude=self.RESOLVED_LATER)
+        self.good = self.latest                 # the newest checkpoint known intact: resumed from, or written now
         self.amp = autocast(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-    def check_resumable(self):
-        """A checkpoint in --out-dir must be this stage's, written with the same flags (else: another --out-dir)."""
-        if self.latest is None:
+    def check_out_dir(self):
+        """What a run refuses to write into: its --init checkpoint (or a directory around or inside it), a model
+        directory, a run directory of another stage. Reads only; nothing is written before these checks."""
+        for ckpt in parallel.complete_checkpoints(self.dir):
+            try:
+                stage = parallel.read_train_state(ckpt).get("stage")
+            except (OSError, ValueError):
+                continue                        # a damaged train.json: resume_checkpoint reports it
+            if stage != self.stage:
+                raise SystemExit(f"{ckpt}: checkpoint of stage {stage!r}, not {self.stage!r}; use another --out-dir")
+        init = getattr(self.cfg, "init", "")
+        if init:
+            out, start = self.dir.resolve(), Path(init).resolve()
+            if out == start or out in start.parents or start in out.parents:
+                raise SystemExit(f"--out-dir {self.dir} overlaps --init {init}: a run never writes into the checkpoint "
+                                 f"it starts from; choose another --out-dir")
+        config = self.dir / "config.json"
+        if config.exists():
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--out-dir {self.dir}: its config.json is unreadable ({e}); use another "
+                                 f"--out-dir") from None
+            if "stage" not in saved:
+                raise SystemExit(f"--out-dir {self.dir} holds a config.json that is not a run's (a model "
+                                 f"checkpoint?); choose another --out-dir")
+            if saved["stage"] != self.stage:
+                raise SystemExit(f"--out-dir {self.dir} holds a run of stage {saved['stage']!r}, not {self.stage!r}; "
+                                 f"use another --out-dir")
+        elif (self.dir / "params.json").exists() or any(self.dir.glob("*.safetensors")):
+            raise SystemExit(f"--out-dir {self.dir} holds a model checkpoint; choose another --out-dir")
+
+    def check_resumable(self, exclude=(), only=None):
+        """A resumed run has the flags of the checkpoint it resumes (or, before the first checkpoint, of the run's
+        config.json), except those that do not enter the maths; otherwise: another --out-dir, or --no-resume."""
+        if not self.cfg.resume:
             return
-        saved = parallel.read_train_state(self.latest)
-        if saved["stage"] != self.stage:
-            raise SystemExit(f"{self.latest}: checkpoint of stage {saved['stage']!r}, not {self.stage!r}; use another "
-                             f"--out-dir")
+        if self.latest is not None:
+            try:
+                source, saved = self.latest, parallel.read_train_state(self.latest)["config"]
+            except (OSError, ValueError, KeyError):
+                return                          # a damaged train.json: resume_checkpoint reports it
+        elif (self.dir / "config.json").exists():
+            source, saved = self.dir / "config.json", json.loads((self.dir / "config.json").read_text())
+        else:
+            return
         now = asdict(self.cfg)
-        for k, v in saved["config"].items():
-            if k not in self.RESUMABLE_CHANGES and now.get(k) != v:
-                raise SystemExit(f"{self.latest}: was written with --{k.replace('_', '-')} {v!r}, this run has "
-                                 f"{now.get(k)!r}; resume with the same flags or use another --out-dir")
+        for k, v in saved.items():
+            if k not in now or k in self.RESUMABLE_CHANGES or k in exclude or (only is not None and k not in only):
+                continue
+            if now[k] != v:
+                raise SystemExit(f"{source}: was written with --{k.replace('_', '-')} {v!r}, this run has {now[k]!r}; "
+                                 f"resume with the same flags, use another --out-dir, or pass --no-resume to start "
+                                 f"over in it")
 
     # -- the model --------------------------------------------------------------------------------------------------
     def build(self, make_model: Callable, phases: list[Phase]) -> Root:
@@ -213,23 +403,32 @@ class Run:
 
     # -- the run directory ------------------------------------------------------------------------------------------
     def start(self, root: Root):
-        """config.json with the resolved flags; leftovers of a killed run removed; a run that does not resume starts
-        from an empty checkpoints/ and metrics.jsonl. Call after the data is built (it may resolve --steps)."""
+        """config.json with the resolved flags; leftovers of a killed run removed (each said); a run that does not
+        resume starts from an empty checkpoints/ and metrics.jsonl. Call after the data is built (it may resolve
+        --steps): nothing in the run directory changes before this."""
+        self.check_resumable(only=self.RESOLVED_LATER)
         resolved = {"stage": self.stage, **asdict(self.cfg), "world_size": self.world.size,
                     "n_params": sum(p.numel() for p in root.model.parameters())}
 
         def prepare():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for tmp in self.dir.glob(".*.tmp*"):
-                tmp.unlink()
-            parallel.remove_incomplete_checkpoints(self.dir)
+            for tmp in [*self.dir.glob(".*.tmp[0-9]*"), *self.dir.glob(".final*.old[0-9]*")]:    # ours only
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            for d in parallel.remove_incomplete_checkpoints(self.dir):
+                print(f"{d}: incomplete checkpoint (no train.json: its save was interrupted) removed")
+            metrics = self.dir / "metrics.jsonl"
             if self.latest is None:
                 for old in parallel.checkpoint_dirs(self.dir):
                     parallel.remove_checkpoint(old)
-                (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+                if self.cfg.resume and metrics.exists() and metrics.stat().st_size:
+                    print(f"{metrics}: no checkpoint to resume from; the run starts over from step 0")
+                metrics.unlink(missing_ok=True)
+            for newer in [d for d in parallel.checkpoint_dirs(self.dir) if self.latest and d > self.latest]:
+                parallel.remove_checkpoint(newer)           # damaged (resume_checkpoint said so): redone identically
+                print(f"{newer}: removed; its steps are redone from {self.latest.name}")
             atomic_write(self.dir / "config.json", lambda t: t.write_text(json.dumps(resolved, indent=2)))
             print(json.dumps(resolved))
-        parallel.on_main(self.world, prepare)
+        with writing(f"--out-dir {self.dir}"):
+            parallel.on_main(self.world, prepare)
 
     @torch.no_grad()
     def evaluate(self, root: Root, evals: dict) -> dict:
@@ -264,22 +463,27 @@ class Run:
                 base = getattr(model, "base", model)
                 if base.args.tie_embeddings:
                     base.output.weight = base.tok_embeddings.weight
-            final = self.dir / "final"
-            model.save_pretrained(final)
-            c = json.loads((final / "config.json").read_text())
-            c["train_stage"] = self.stage
-            c["train_history"] = self.history() + [{"stage": self.stage, **asdict(self.cfg)}]
-            atomic_write(final / "config.json", lambda t: t.write_text(json.dumps(c, indent=2)))
+
+            def final(tmp: Path):                    # written aside, swapped in whole: never half an export
+                model.save_pretrained(tmp)
+                c = json.loads((tmp / "config.json").read_text())
+                c["train_stage"] = self.stage
+                c["train_history"] = self.history() + [{"stage": self.stage, **asdict(self.cfg)}]
+                atomic_write(tmp / "config.json", lambda t: t.write_text(json.dumps(c, indent=2)))
+            replace_dir(self.dir / "final", final)
             if llama_base:
-                model.base.save_pretrained(self.dir / "final-llama")
-        parallel.on_main(self.world, write)
+                replace_dir(self.dir / "final-llama", model.base.save_pretrained)
+        with writing(f"{self.dir / 'final'}: could not export the model"):
+            parallel.on_main(self.world, write)
         self.finish(result)
 
     def finish(self, result: dict):
-        """The result (evaluations before and after) as the last metrics.jsonl row, and on the screen."""
+        """The result (evaluations before and after) as the last metrics.jsonl row, and on the screen. The run is
+        over: its directory's lock is released."""
         if self.world.main:
             log_metrics(self.dir, {"eval": result})
             print(json.dumps(result, indent=2))
+            release_locks(self.dir)
 
     def history(self) -> list[dict]:
         """train_history of the --init checkpoint (empty for official weights)."""
@@ -331,7 +535,7 @@ class Run:
                 metrics = parallel.mean_over_ranks(world, metrics)
                 if not math.isfinite(metrics["loss"]):    # the same verdict on every rank
                     bar.close()
-                    good = parallel.latest_checkpoint(self.dir)
+                    good = self.good                 # verified when resumed from, or written by this run
                     raise SystemExit(f"{self.stage}: loss is {metrics['loss']} at step {step} ({ph.name}); stopped. "
                                      f"The last good checkpoint ({good or 'none'}, step "
                                      f"{parallel.read_train_state(good)['step'] if good else 0}) is kept.")
@@ -353,12 +557,14 @@ class Run:
                     # at a phase's end the next phase starts a fresh AdamW: save the model alone
                     state = {"stage": self.stage, "step": step, "phase": pi + 1 if phase_over else pi,
                              "loader": loader.state_dict(), "config": asdict(cfg)}
-                    parallel.save_checkpoint(self.dir, root, None if phase_over else opt, state, world)
+                    with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
+                        self.good = parallel.save_checkpoint(self.dir, root, None if phase_over else opt, state, world)
                 if stopping and step < bar.total:
                     bar.close()
                     if world.main:
                         print(f"{self.stage}: stopped after step {step} (--stop-at); its checkpoint is in "
                               f"{self.dir}/checkpoints. Run the same command without --stop-at to continue.")
+                        release_locks(self.dir)
                     return False
             offset += ph.steps
         bar.close()
@@ -380,11 +586,28 @@ class Run:
 
 
 def trim_metrics(run_dir: Path, step: int):
-    """On resume, keep the step rows up to the checkpoint's step; later rows and the eval row will be redone."""
-    f = run_dir / "metrics.jsonl"
-    if f.exists():
-        rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", step + 1) <= step]
-        atomic_write(f, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))
+    """On resume, keep the rows up to the checkpoint's step (step rows, and eval rows that say their step); later
+    rows and a final eval row will be redone. A half-written last line (a kill while appending it) is dropped with
+    a note; a damaged line before it stops the run with its line number."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return
+    *lines, tail = f.read_bytes().decode("utf-8", errors="replace").split("\n")    # tail: after the last newline
+    rows = []
+    for i, line in enumerate(lines + [tail], 1):
+        if not line:
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError:
+            if i <= len(lines):
+                raise SystemExit(f"{f}:{i}: not a JSON row (the file was damaged): repair or delete that line, then "
+                                 f"rerun") from None
+            print(f"{f}: dropped a half-written last line (the run was killed while logging it)")
+    at = lambda row: row.get("step", row.get("eval", {}).get("step", step + 1))                # noqa: E731
+    keep = "".join(line + "\n" for line, row in rows if at(row) <= step)
+    with writing(f"{f}: could not rewrite it"):
+        atomic_write(f, lambda tmp: tmp.write_text(keep))
 
 
 def bf16_frozen_groups(model, trains: set) -> list[str]:

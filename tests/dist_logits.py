@@ -27,7 +27,9 @@ def logits(model, x):
 
 def main(init: str, out: str):
     world = parallel.world_from_env()
-    stage, cfg = train.parse_args(["--stage", "bc", "--init", init, "--dtype", "float32", "--device", "cpu"], world)
+    run_dir = str(Path(out).parent / "run")                 # never the repository's runs/
+    stage, cfg = train.parse_args(["--stage", "bc", "--init", init, "--dtype", "float32", "--device", "cpu",
+                                   "--out-dir", run_dir], world)
     run = trainer.Run(stage, cfg, world)
     phases = [trainer.Phase("stage-b", ["policy"], train.bc_loss, 1)]
     root = run.build(lambda device: train.load_init(stage, cfg, Tokenizer.find(init, None), device), phases)

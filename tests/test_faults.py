@@ -1,0 +1,499 @@
+"""Faults and bad input (issue #11): nothing lost, nothing silently wrong, one clear line for every mistake.
+
+Tiers:
+  resume   a damaged run directory (a checkpoint zeroed, overwritten, truncated, missing a file or its train.json; a
+           half-written metrics line) is rerun with the same command: it falls back to the previous intact
+           checkpoint, says so, and logs exactly the curve and final weights of the uninterrupted run (conftest's
+           chain/base: 3 steps, checkpoints at steps 2 and 3);
+  faults   a full disk during a save, a read-only --out-dir, two runs on one directory, a stale lock, a failed
+           `data.py prepare`: one line, and the files before it are still there;
+  refusals what a run will not write into (its --init, a model, another stage's run, other flags);
+  input    bad flag values, bad shards and SFT files, and the generation CLIs of model.py and cola.py: the exit
+           code, one line naming the flag or file, nothing written.
+
+    python -m pytest -q tests/test_faults.py
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cola
+import data
+import model as model_py
+import parallel
+import train
+from conftest import ENV, LM, LM_STEPS, REPO, cmd, read_rows, step_rows
+from tokenizer import Tokenizer
+
+BASE = [*LM, "--steps", LM_STEPS, "--ckpt-every", 2]      # the flags of conftest's chain/base
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The chain's runs used one thread (conftest.ENV); in-process reruns must too, to match them bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def main_exit(argv, capsys, main=train.main) -> str:
+    """The one-line message a CLI stops with (SystemExit(str): exit code 1)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    capsys.readouterr()
+    msg = e.value.code
+    assert isinstance(msg, str), f"exit code {msg!r}, not a message"
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def files_of(d: Path) -> dict:
+    """Every file under d -> its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
+
+def same_run(run: Path, ref: Path):
+    """Every logged step and the exported weights equal those of the uninterrupted run."""
+    from safetensors.torch import load_file
+    assert comparable(step_rows(run)) == comparable(step_rows(ref))
+    a, b = load_file(ref / "final/model.safetensors"), load_file(run / "final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "eval" in read_rows(run)[-1]
+
+
+def rerun(run: Path, capsys, *extra) -> str:
+    """The chain's base command on `run` (in this process); its stdout."""
+    train.main([str(a) for a in ["--stage", "base", "--out-dir", run, *BASE, *extra]])
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def base_copy(chain, tmp_path) -> Path:
+    """A copy of the finished chain/base run (checkpoints step-2 and step-3)."""
+    run = tmp_path / "run"
+    shutil.copytree(chain / "base", run)
+    return run
+
+
+def shard(ckpt: Path) -> Path:
+    return ckpt / "__0_0.distcp"
+
+
+def overwrite(f: Path, at: int, data_: bytes):
+    with open(f, "r+b") as fh:
+        fh.seek(at)
+        fh.write(data_)
+
+
+DAMAGE = {
+    "zeros in a weight": lambda c: overwrite(shard(c), shard(c).stat().st_size // 2, b"\0" * 4096),
+    "random bytes in a weight": lambda c: overwrite(shard(c), shard(c).stat().st_size // 2,
+                                                   np.random.default_rng(0).bytes(4096)),
+    "truncated shard": lambda c: os.truncate(shard(c), shard(c).stat().st_size // 3),
+    "missing .metadata": lambda c: (c / ".metadata").unlink(),
+    "damaged train.json": lambda c: (c / "train.json").write_text('{"step": 3, "fil'),
+    "train.json deleted": lambda c: (c / "train.json").unlink(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: a damaged newest checkpoint -> the previous one, the same curve
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, chain, base_copy, capsys):
+    DAMAGE[damage](base_copy / "checkpoints/step-0000003")
+    out = rerun(base_copy, capsys)
+    assert "resuming base from" in out and "step-0000002 at step 2" in out, out[-2000:]
+    said = "incomplete checkpoint" if damage == "train.json deleted" else "damaged checkpoint"
+    assert said in out and "step-0000003" in out, out[-2000:]
+    same_run(base_copy, chain / "base")
+    assert [d.name for d in parallel.checkpoint_dirs(base_copy)] == ["step-0000002", "step-0000003"]
+    assert parallel.check_checkpoint(base_copy / "checkpoints/step-0000003") is None     # redone, intact
+
+
+def test_no_intact_checkpoint_refuses_and_touches_nothing(base_copy, capsys):
+    DAMAGE["zeros in a weight"](base_copy / "checkpoints/step-0000003")
+    DAMAGE["truncated shard"](base_copy / "checkpoints/step-0000002")
+    before = files_of(base_copy)
+    msg = main_exit(["--stage", "base", "--out-dir", base_copy, *BASE], capsys)
+    assert "step-0000003: damaged checkpoint" in msg and "no intact earlier one" in msg, msg
+    assert f"delete {base_copy / 'checkpoints'}" in msg, msg
+    assert files_of(base_copy) == before
+
+
+def test_nan_message_names_the_verified_checkpoint(base_copy, capsys, monkeypatch):
+    """A damaged checkpoint is never loaded, so never called "the last good one"."""
+    DAMAGE["random bytes in a weight"](base_copy / "checkpoints/step-0000003")
+    real = train.base_loss
+
+    def nan_when_training(model, b):               # evaluation (no gradient) stays finite
+        loss, metrics = real(model, b)
+        return (loss * float("nan") if torch.is_grad_enabled() else loss), metrics
+    monkeypatch.setattr(train, "base_loss", nan_when_training)
+    msg = main_exit(["--stage", "base", "--out-dir", base_copy, *BASE], capsys)
+    assert "loss is nan at step 2" in msg and "step-0000002, step 2) is kept" in msg, msg
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(chain, base_copy, capsys):
+    with open(base_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "phase": "lm", "lo')               # a kill in the middle of an append
+    out = rerun(base_copy, capsys)
+    assert "dropped a half-written last line" in out, out[-2000:]
+    same_run(base_copy, chain / "base")
+    assert all(line.endswith("}") for line in (base_copy / "metrics.jsonl").read_text().splitlines())
+
+
+def test_damaged_metrics_line_is_one_line(base_copy, capsys):
+    lines = (base_copy / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (base_copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    msg = main_exit(["--stage", "base", "--out-dir", base_copy, *BASE], capsys)
+    assert "metrics.jsonl:2: not a JSON row" in msg, msg
+
+
+def test_save_keeps_the_previous_checkpoint_until_the_next(chain):
+    """Two complete, intact checkpoints: the newest and the one before, whose train.json lists every file."""
+    ckpts = parallel.checkpoint_dirs(chain / "base")
+    assert [d.name for d in ckpts] == ["step-0000002", "step-0000003"]
+    for d in ckpts:
+        files = parallel.read_train_state(d)["files"]
+        assert sorted(files) == sorted(p.name for p in d.iterdir() if p.name != "train.json")
+        assert parallel.check_checkpoint(d) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults: a full disk, a read-only directory, two runs at once
+
+
+def test_disk_full_during_a_save_loses_nothing(chain, tmp_path, capsys, monkeypatch):
+    """DCP reports a full disk as a CheckpointException (a BaseException) around a RuntimeError; the run says
+    "No space left on device" with the path, keeps the previous checkpoint, and a rerun finishes the same curve."""
+    import torch.distributed.checkpoint.filesystem as fs
+    real_write, real_save, saves = fs._write_item, parallel.save_checkpoint, []
+
+    def full_disk(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from \
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def second_save_fails(*a, **k):
+        saves.append(1)
+        monkeypatch.setattr(fs, "_write_item", full_disk if len(saves) == 2 else real_write)
+        return real_save(*a, **k)
+    monkeypatch.setattr(parallel, "save_checkpoint", second_save_fails)
+    run = tmp_path / "run"
+    msg = main_exit(["--stage", "base", "--out-dir", run, *BASE], capsys)
+    assert "No space left on device" in msg and "step 3" in msg and str(run) in msg, msg
+    assert parallel.resume_checkpoint(run) == run / "checkpoints/step-0000002"
+    monkeypatch.setattr(parallel, "save_checkpoint", real_save)
+    monkeypatch.setattr(fs, "_write_item", real_write)
+    rerun(run, capsys)
+    same_run(run, chain / "base")
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: str):
+    """A small real filesystem (root only: `mount -t tmpfs`), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_real_full_disk_then_more_space_finishes_the_same_curve(chain, tmp_path, capsys):
+    """A 45 MiB tmpfs holds the base's checkpoint of step 2 (model + AdamW, 39 MB) but not that of step 3 besides
+    it (the model alone, 13 MB): the save of step 3 fails for real."""
+    with mounted_tmpfs(tmp_path / "disk", "45m") as disk:
+        run = disk / "run"
+        msg = main_exit(["--stage", "base", "--out-dir", run, *BASE], capsys)
+        assert "No space left on device" in msg and str(run) in msg, msg
+        assert parallel.resume_checkpoint(run) == run / "checkpoints/step-0000002"
+        subprocess.run(["mount", "-o", "remount,size=128m", str(disk)], check=True)
+        rerun(run, capsys)
+        same_run(run, chain / "base")
+
+
+def test_read_only_out_dir_is_one_line(base_copy, tmp_path, capsys):
+    before = files_of(base_copy)
+    if os.geteuid() != 0:
+        os.chmod(base_copy, 0o555)
+        ro = base_copy
+    else:
+        ctx = mounted_tmpfs(tmp_path / "ro", "128m")
+        ro = ctx.__enter__()
+        shutil.copytree(base_copy, ro / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        ro = ro / "run"
+    try:
+        msg = main_exit(["--stage", "base", "--out-dir", ro, *BASE], capsys)
+        assert str(ro) in msg and ("Read-only file system" in msg or "Permission denied" in msg), msg
+        assert files_of(ro) == before
+    finally:
+        if os.geteuid() != 0:
+            os.chmod(base_copy, 0o755)
+        else:
+            ctx.__exit__(None, None, None)
+
+
+def test_two_runs_on_one_directory(tmp_path, capsys):
+    """The second run stops at once with the holder's pid; the first logs every step once."""
+    run = tmp_path / "run"
+    argv = cmd("base", run, *LM, "--steps", 30, "--ckpt-every", 10)
+    first = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not step_rows(run):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended early"
+            time.sleep(0.05)
+        msg = main_exit(argv[2:], capsys)
+        assert f"is in use by another run (pid {first.pid}" in msg and str(run / ".lock") in msg, msg
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert [r["step"] for r in step_rows(run)] == list(range(1, 31))
+    assert not (run / ".lock").exists(), "the lock outlived its run"
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_lock_is_taken_over_a_live_or_foreign_one_refused(chain, base_copy, capsys):
+    import socket
+    lock = base_copy / ".lock"
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "since": "earlier"}))
+    out = rerun(base_copy, capsys)
+    assert "stale lock" in out and not lock.exists()
+    same_run(base_copy, chain / "base")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for holder in ({"pid": sleeper.pid, "host": socket.gethostname()}, {"pid": 1, "host": "another-machine"}):
+            lock.write_text(json.dumps({**holder, "since": "earlier"}))
+            before = files_of(base_copy)
+            msg = main_exit(["--stage", "base", "--out-dir", base_copy, *BASE], capsys)
+            assert f"pid {holder['pid']} on {holder['host']}" in msg and f"delete {lock}" in msg, msg
+            assert files_of(base_copy) == before
+    finally:
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run refuses to write into
+
+
+def test_refused_out_dirs_are_left_untouched(chain, tmp_path, capsys):
+    model_dir = tmp_path / "llama"
+    shutil.copytree(chain / "base/final", model_dir)
+    other_stage = tmp_path / "other"
+    other_stage.mkdir()
+    shutil.copy(chain / "pretrain/config.json", other_stage / "config.json")
+    cases = {   # out dir -> (argv, expected)
+        chain / "base/final": (["--stage", "pretrain", "--init", chain / "base/final"], "overlaps --init"),
+        chain / "pretrain": (["--stage", "pretrain", "--init", chain / "pretrain/final"], "overlaps --init"),
+        model_dir: (["--stage", "base"], "holds a config.json that is not a run's"),
+        other_stage: (["--stage", "base"], "holds a run of stage 'pretrain', not 'base'"),
+    }
+    cases = [*cases.items(), (chain / "pretrain", (["--stage", "pretrain", "--init", chain / "base/final", "--beta",
+                                                    "0.5"], "was written with --beta 0.03, this run has 0.5"))]
+    for out, (argv, expected) in cases:
+        before = files_of(out)
+        msg = main_exit([*argv, *LM, "--out-dir", out], capsys)
+        assert expected in msg and "--out-dir" in msg, msg
+        assert files_of(out) == before, out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad flag values: one line, before anything is written
+
+
+FLAGS = [   # (stage, flags, expected)
+    ("base", ["--lr", "-1e-3"], "--lr -0.001: expected a finite number > 0"),
+    ("base", ["--lr", "nan"], "--lr nan: expected a finite number > 0"),
+    ("base", ["--min-lr", "inf"], "--min-lr inf: expected a finite number >= 0"),
+    ("base", ["--seq-len", "0"], "--seq-len 0: expected an integer >= 1"),
+    ("base", ["--ckpt-every", "0"], "--ckpt-every 0: expected an integer >= 1"),
+    ("base", ["--log-every", "0"], "--log-every 0: expected an integer >= 1"),
+    ("base", ["--eval-batches", "0"], "--eval-batches 0: expected an integer >= 1"),
+    ("base", ["--steps", "0"], "--steps 0: expected an integer >= 1"),
+    ("base", ["--steps", "-5"], "--steps -5: expected an integer >= 1"),
+    ("base", ["--global-batch", "0"], "--global-batch 0: expected an integer >= 1"),
+    ("base", ["--micro-batch", "0"], "--micro-batch 0: expected an integer >= 1"),
+    ("base", ["--grad-clip", "-1"], "--grad-clip -1.0: expected a finite number > 0"),
+    ("base", ["--warmup-steps", "-2"], "--warmup-steps -2: expected an integer >= -1"),
+    ("base", ["--beta2", "1"], "--beta2 1.0: expected a finite number >= 0 and < 1"),
+    ("base", ["--stop-at", "-1"], "--stop-at -1: expected an integer >= 0"),
+    ("pretrain", ["--gumbel-tau", "0"], "--gumbel-tau 0.0: expected a finite number > 0"),
+    ("sft", ["--epochs", "0"], "--epochs 0.0: expected a finite number > 0"),
+    ("sft", ["--steps", "-1"], "--steps -1: expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("stage,flags,expected", FLAGS, ids=[" ".join(f[1]) + f" ({f[0]})" for f in FLAGS])
+def test_bad_flag_value_is_one_line(stage, flags, expected, tmp_path, capsys):
+    init = [] if stage == "base" else ["--init", tmp_path / "somewhere"]
+    msg = main_exit(["--stage", stage, *init, *flags, "--out-dir", tmp_path / "run"], capsys)
+    assert msg == expected, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_number_flag_declares_its_range():
+    """The bounds live next to the fields (trainer.arg's `valid`), once for every stage."""
+    for stage, cls in train.STAGE_ARGS.items():
+        loose = [f.name for f in fields(cls) if f.type in ("int", "float") and not f.metadata["valid"]]
+        assert not loose, f"{stage}: no range declared for {loose}"
+
+
+@pytest.mark.parametrize("stage", ["base", "fta-i"])
+def test_stage_help_says_each_default_once(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage", stage, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    entries = " ".join(out.split()).split(" --")
+    assert all(entry.count("default") <= 1 for entry in entries), [e for e in entries if e.count("default") > 1]
+    assert "(default: )" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data: shards and SFT files, checked when the run opens them
+
+
+def shard_dir(tmp_path: Path, ids, meta: dict | None = None, raw: bytes | None = None) -> Path:
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "shard_00000.bin").write_bytes(raw if raw is not None else np.asarray(ids, dtype=np.uint32).tobytes())
+    if meta is not None:
+        (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+SHARDS = {   # name -> (ids, meta, raw bytes, expected)
+    "ids beyond the vocabulary": (np.arange(1000) % 600, None, None, "token id 599 is outside the vocabulary of 512"),
+    "meta.json of another tokenizer": (np.arange(1000) % 500, {"tokenizer": "tokenizer.model", "vocab_size": 128256},
+                                       None, "prepared with tokenizer tokenizer.model (128256 tokens)"),
+    "a 3-byte shard": (None, None, b"abc", "shard_00000.bin has 3 bytes, not a whole number of uint32 tokens"),
+    "too small for one window": (np.arange(10), None, None, "10 tokens, fewer than one window of --seq-len + 1 = 65"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDS))
+def test_bad_shards_are_one_line(case, tmp_path, capsys):
+    ids, meta, raw, expected = SHARDS[case]
+    d = shard_dir(tmp_path, ids, meta, raw)
+    msg = main_exit(["--stage", "base", *LM, "--data", d, "--out-dir", tmp_path / "run"], capsys)
+    assert msg.startswith(f"--data {d}: ") and expected in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+SFT = {   # name -> (file content or None for a missing file, expected)
+    "not UTF-8": (b'{"prompt": "a", "response": "\xff\xfe"}\n', "not UTF-8 text"),
+    "bad JSON": (b'{"prompt": "a", "response": "b"}\n{"prompt": \n', "train.jsonl:2: not valid JSON"),
+    "a missing field": (b'{"prompt": "a", "answer": "b"}\n', 'train.jsonl:1: expected string fields "prompt"'),
+    "a missing file": (None, "train.jsonl not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(SFT))
+def test_bad_sft_file_is_one_line(case, chain, tmp_path, capsys):
+    content, expected = SFT[case]
+    f = tmp_path / "train.jsonl"
+    if content is not None:
+        f.write_bytes(content)
+    msg = main_exit(["--stage", "sft", "--init", chain / "base/final", *LM, "--sft-data", f, "--out-dir",
+                     tmp_path / "run"], capsys)
+    assert msg.startswith(f"--sft-data {f}: ") and expected in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_prepare_keeps_the_old_shards(tmp_path, capsys):
+    tok = Tokenizer()
+    (tmp_path / "a.txt").write_text("First document.\fSecond document.")
+    (tmp_path / "b.txt").write_text("Another corpus.")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    out = tmp_path / "shards"
+    data.prepare([tmp_path / "a.txt"], out, tok)
+    before = files_of(out)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", str(tmp_path / "b.txt"), str(tmp_path / "bad.jsonl"), "--out", str(out)])
+    msg = str(e.value.code)
+    assert "bad.jsonl:2" in msg and "\n" not in msg, msg
+    assert files_of(out) == before                                  # old shards and meta.json intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "bad.jsonl", "shards"]  # no temp dir
+    (out / "notes.txt").write_text("mine")                            # not a shard directory any more: refused
+    with pytest.raises(ValueError, match="holds files that are not shards"):
+        data.prepare([tmp_path / "b.txt"], out, tok)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation CLIs: model.py and cola.py
+
+
+LONG = "x" * 600      # 601 byte tokens: more than the tiny context of 512
+
+
+def test_model_cli_mistakes_are_one_line(chain, tmp_path, capsys):
+    llama, colad = chain / "base/final", chain / "bc/final"
+    cases = [
+        (["--ckpt", tmp_path / "nowhere", "--prompt", "a"], f"--ckpt {tmp_path / 'nowhere'}: directory not found"),
+        (["--ckpt", colad, "--prompt", "a"], "is a CoLA checkpoint: generate with `python cola.py"),
+        (["--ckpt", llama, "--prompt", LONG], "--prompt #1: 601 tokens leave no room in the model's context of 512"),
+        (["--ckpt", llama, "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+        (["--ckpt", llama, "--prompt", "a", "--top-p", "0"], "--top-p 0.0: expected a number in (0, 1]"),
+    ]
+    for argv, expected in cases:
+        msg = main_exit(argv, capsys, model_py.main)
+        assert expected in msg, msg
+
+
+def test_cola_cli_mistakes_are_one_line(chain, capsys):
+    ck = ["--ckpt", chain / "bc/final", "--prompt", "a"]
+    cases = [
+        (["--top-k", "0"], "--top-k 0: expected an integer >= 1"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens -3: expected an integer >= 1"),
+        (["--action", "5"], "--action 5 is only used with --mode fixed (this is --mode policy)"),
+        (["--mode", "fixed", "--action", "99"], "--action 99: expected 0 <= action < 64"),
+        (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0"),
+    ]
+    for argv, expected in cases:
+        msg = main_exit([*ck, *argv], capsys, cola.main)
+        assert expected in msg, msg
+
+
+def test_cola_cli_says_when_the_context_clips_max_new_tokens(chain, capsys):
+    cola.main(["--ckpt", str(chain / "bc/final"), "--prompt", "y" * 500, "--max-new-tokens", "1000000",
+               "--mode", "greedy"])
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 1000000 exceeds what the context of 512 tokens leaves" in err
+    assert "generating at most 11" in err, err
