@@ -5,7 +5,7 @@ Latent (--level latent, the default): a CoLA checkpoint (FTA-P, FTA-I or Stage B
 the base, IDM, codebook, merge module and W_lm stay frozen and bit-identical. A rollout samples a_t ~ pi (top-k 40,
 tau 1) and decodes x_{t+1} = argmax p_WM(. | x_{1:t}, a_t); the RL log-probability is log pi(a_t | x_{1:t}) over
 the K = 64 actions. The KL reference is a frozen copy of the starting *policy only*: the world model is shared, so
-the reference costs one policy (the tiny preset's: 0.26M parameters of 4.1M; at 8B 1.7B of 11.2B), not one model.
+the reference costs one policy (tiny preset: 1.49M parameters of 8.02M; 8B: 1.75B of 11.24B), not a model.
 Token (--level token): a plain Llama (the token-SFT export); every weight trains; tokens are sampled at temperature
 1; the reference is a frozen copy of the whole starting model.
 
@@ -18,7 +18,7 @@ Rewards: tasks.REWARDS: "task" (the rule-based checker: Countdown in the thinkin
 "proxy" (deliberately hackable, for the reward-hacking experiment with --kl-coef 0).
 
 Run it (CPU, tiny preset; start from the tiny pipeline's exports):
-    python rl.py                                        # latent GRPO on Countdown from runs/fta-i/final
+    python rl.py                                        # latent GRPO on countdown-2 from runs/fta-i/final
     python rl.py --algo remax
     python rl.py --level token                          # token GRPO from runs/sft/final
     python rl.py --reward proxy --kl-coef 0             # the reward-hacking experiment
@@ -67,7 +67,7 @@ from cola import CoLA
 from model import PRESETS, Transformer
 from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
-from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics
+from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS, ALGOS, KL_PLACEMENTS, AGGREGATES = ("latent", "token"), ("grpo", "remax"), ("reward", "loss"), \
     ("sequence", "token")
@@ -85,35 +85,35 @@ class RLArgs:
     task: str = arg("countdown", "countdown, arith, or an easier variant countdown-2 / countdown-3 (tasks.py)")
     reward: str = arg("task", "task (the rule-based checker) or proxy (deliberately hackable)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
-    steps: int = arg(200, "RL steps (one rollout batch and its updates each)")
-    prompts_per_step: int = arg(8, "prompts per step; each gets --group samples")
-    group: int = arg(4, "G, samples per prompt (paper, math: 4); ReMax uses 1 sample + 1 greedy rollout")
-    max_new_tokens: int = arg(128, "longest response, tokens")
-    top_k: int = arg(40, "latent: sample a_t from pi's top-k (paper: 40); token level samples the full softmax")
-    temperature: float = arg(1.0, "sampling temperature (paper: 1)")
-    lr: float = arg(5e-7, "AdamW learning rate (paper, math GRPO: 5e-7)")
-    beta1: float = arg(0.9, "Adam beta1")
-    beta2: float = arg(0.95, "Adam beta2")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "max gradient norm")
-    clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)")
-    updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter")
-    kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)")
+    steps: int = arg(200, "RL steps (one rollout batch and its updates each)", ">= 1")
+    prompts_per_step: int = arg(8, "prompts per step; each gets --group samples", ">= 1")
+    group: int = arg(4, "G, samples per prompt (paper, math: 4); ReMax uses 1 sample + 1 greedy rollout", ">= 1")
+    max_new_tokens: int = arg(128, "longest response, tokens", ">= 1")
+    top_k: int = arg(40, "latent: sample a_t from pi's top-k (paper: 40); token level samples the full softmax", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (paper: 1)", "> 0")
+    lr: float = arg(5e-7, "AdamW learning rate (paper, math GRPO: 5e-7)", "> 0")
+    beta1: float = arg(0.9, "Adam beta1", ">= 0, < 1")
+    beta2: float = arg(0.95, "Adam beta2", ">= 0, < 1")
+    weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
+    grad_clip: float = arg(1.0, "max gradient norm", "> 0")
+    clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)", "> 0, < 1")
+    updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter", ">= 1")
+    kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)", ">= 0")
     kl_placement: str = arg("reward", "reward: k1 in the reward (release) or loss: k3 in the loss (DeepSeekMath)")
     aggregate: str = arg("sequence", "sequence: mean per response, then over responses (GRPO paper, release); "
                                      "token: mean over all response tokens of the batch")
-    eval_every: int = arg(20, "steps between held-out evaluations")
-    eval_problems: int = arg(64, "held-out problems per evaluation")
-    ckpt_every: int = arg(50, "steps between resumable checkpoints")
-    log_every: int = arg(1, "steps between metrics.jsonl rows")
+    eval_every: int = arg(20, "steps between held-out evaluations", ">= 1")
+    eval_problems: int = arg(64, "held-out problems per evaluation", ">= 1")
+    ckpt_every: int = arg(50, "steps between resumable checkpoints", ">= 1")
+    log_every: int = arg(1, "steps between metrics.jsonl rows", ">= 1")
     dtype: str = arg("float32", "float32 or bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed of problem order and sampling noise")
+    seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
     # fields trainer.Run reads; RL does not use them
     activation_checkpointing: bool = arg(False, "recompute each block in backward")
     cpu_offload: bool = arg(False, "unused by rl.py (one process)")
-    stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue")
+    stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue", ">= 0")
 
 
 # The tiny preset's defaults: measured on 2 CPU cores (README, "RL over latent actions").
@@ -135,14 +135,8 @@ def parse_args(argv: list[str]) -> RLArgs:
                                  ("preset", cfg.preset, ("tiny", "llama-3.1-8b"))):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
-    for name in ("steps", "prompts_per_step", "group", "max_new_tokens", "updates_per_batch", "eval_every",
-                 "eval_problems", "ckpt_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
     if cfg.algo == "grpo" and cfg.group < 2:
         raise SystemExit(f"--group {cfg.group}: GRPO normalises rewards within a group of at least 2 samples")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0):
-        raise SystemExit(f"--lr {cfg.lr} / --kl-coef {cfg.kl_coef}: expected lr > 0 and kl-coef >= 0, finite")
     cfg.out_dir = cfg.out_dir or f"runs/rl-{cfg.level}-{cfg.algo}"
     if not cfg.init:
         cfg.init = "runs/fta-i/final" if cfg.level == "latent" else "runs/sft/final"
@@ -448,8 +442,9 @@ def main(argv=None):
             if step < cfg.steps:
                 log_metrics(run.dir, {"eval": result})
         if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_at:
-            parallel.save_checkpoint(run.dir, root, opt, {"stage": run.stage, "step": step, "phase": 0,
-                                                          "loader": {}, "config": asdict(cfg)}, run.world)
+            with writing(f"{run.dir}/checkpoints: could not save step {step}"):
+                parallel.save_checkpoint(run.dir, root, opt, {"stage": run.stage, "step": step, "phase": 0,
+                                                              "loader": {}, "config": asdict(cfg)}, run.world)
         if step == cfg.stop_at and step < cfg.steps:
             print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
             return

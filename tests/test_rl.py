@@ -235,7 +235,7 @@ def bad_cases(chain, tmp_path):
         "another preset": (["--init", chain / "bc/final", "--preset", "llama-3.1-8b"],
                            "--preset llama-3.1-8b has dim 4096"),
         "no init": (["--init", tmp_path / "nowhere"], "no config.json"),
-        "negative lr": (["--lr", "-1"], "--lr -1.0"),
+        "negative lr": (["--lr", "-1"], "--lr -1"),
     }
 
 
