@@ -67,6 +67,7 @@ from cola import CoLA
 from model import PRESETS, Transformer
 from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
+from train import init_shape
 from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS, ALGOS, KL_PLACEMENTS, AGGREGATES = ("latent", "token"), ("grpo", "remax"), ("reward", "loss"), \
@@ -158,12 +159,11 @@ def load_model(cfg: RLArgs, device):
     if cfg.level == "token" and is_cola:
         raise SystemExit(f"--init {path} is a CoLA checkpoint: --level token trains a plain Llama (e.g. the sft "
                          f"export, or {path.parent}/final-llama)")
-    model = (CoLA if is_cola else Transformer).from_pretrained(path, device=device)
-    want = PRESETS[cfg.preset].dim
-    got = model.base_args.dim if is_cola else model.args.dim
-    if got != want:
-        raise SystemExit(f"--init {path}: a model of dim {got}, but --preset {cfg.preset} has dim {want}")
-    return model
+    shape, want = init_shape(path), PRESETS[cfg.preset]           # read from config.json: before loading any weight
+    if shape is not None and shape != (want.dim, want.n_layers):
+        raise SystemExit(f"--init {path}: a model of dim {shape[0]} with {shape[1]} layers, but --preset "
+                         f"{cfg.preset} has dim {want.dim} with {want.n_layers} layers")
+    return (CoLA if is_cola else Transformer).from_pretrained(path, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,11 +190,10 @@ def row_uniforms(seed: int, step: int, first: int, rows: int, length: int) -> to
 @torch.no_grad()
 def rollout(model, cfg: RLArgs, tok: Tokenizer, prompts: list[list[int]], choose) -> list[dict]:
     """Generate one response per prompt with the chooser; -> per row {tokens, actions (latent), text}."""
-    if cfg.level == "latent":
-        out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
+    out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
+    if cfg.level == "latent":                      # CoLA returns the action behind every token too
         rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
     else:
-        out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
         rows = [{"tokens": t} for t in out]
     for r in rows:
         r["text"] = tok.decode([t for t in r["tokens"] if t not in tok.stop_tokens])
