@@ -203,12 +203,26 @@ def test_generate_cache_matches_recompute(model64, mode):
                                   atol=1e-9)
             wl = model64.world_logits(h[:, pos], torch.tensor([acts]))      # [1, NEW, V]
             assert wl[0].argmax(-1).tolist() == toks
+            if mode == "policy":                                            # sampled from pi's top-k (k = 4 of 8)
+                kth = lp.topk(4, dim=-1).values[:, -1]                      # [NEW]
+                assert (lp[torch.arange(NEW), torch.tensor(acts)] >= kth).all(), "an action outside the top-k"
     if mode == "fixed":
         assert all(acts == [5] * NEW for acts in a["actions"])
     if mode == "forced":
         assert a["actions"] == forced.tolist()
     if mode == "random":
         assert len({x for acts in a["actions"] for x in acts}) > 1
+
+
+def test_samplers_keep_to_the_top_k():
+    """pi is sampled from its top-k only (paper: k = 40 of 64), by default and through the choosers."""
+    from policy import sample_actions, sampler, seeded_sampler
+    logits = (-torch.arange(64) * 1e-3).float().expand(4000, -1)           # nearly flat: ranks 40-63 hold 37%
+    n = torch.zeros(4000, dtype=torch.long)
+    for draw in (sample_actions(logits, generator=torch.Generator().manual_seed(0)),      # default top_k = 40
+                 sampler(1.0, 40, 1.0, torch.Generator().manual_seed(1))(logits, n),
+                 seeded_sampler(torch.rand(4000, 1, generator=torch.Generator().manual_seed(2)), 1.0, 40)(logits, n)):
+        assert draw.max() < 40 and len(draw.unique()) == 40
 
 
 def test_generate_stops_at_eos(model64):

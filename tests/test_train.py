@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cola
 import model as model_py
@@ -635,6 +636,32 @@ def test_fta_losses_train_the_base(tiny_cola):
         grads = grads_of(tiny_cola, b, lambda m, b: train.fta_p_loss(m, b, base_grad), list(tiny_cola.parameters()))
         assert _has(grads["base"]) and _none(grads["policy"])    # greedy actions: no gradient through pi
     only(tiny_cola, list(tiny_cola.parameters()))
+
+
+def test_losses_count_exactly_the_response_targets(tiny_cola):
+    """Each loss averages the CE of the targets x_j whose mask[j] is True, predicted from position j - 1: checked
+    against a by-hand loop over positions (a mask shifted by one gives another number)."""
+    b = _response_batch()
+    b.mask[0, 12] = False                                  # holes, so mask[:, 1:] and mask[:, :-1] differ
+    b.mask[1, 3] = True
+    x = b.tokens
+    with torch.no_grad():
+        h = tiny_cola.hidden(x)
+        k = tiny_cola.idm_labels(h)                                            # [B, T]
+        a = tiny_cola.policy_logits(h[:, :-1]).argmax(-1)                      # [B, T]
+        logits = {"sft": tiny_cola.base.output(h[:, :-1]), "fta-i": tiny_cola.world_logits(h[:, :-1], k),
+                  "fta-p": tiny_cola.world_logits(h[:, :-1], a), "bc": tiny_cola.policy_logits(h[:, :-1])}
+    targets = {"sft": x, "fta-i": x, "fta-p": x, "bc": torch.cat([x[:, :1], k], 1)}   # target of position j - 1 at j
+
+    def by_hand(name):
+        ces = [F.cross_entropy(logits[name][i, j - 1][None], targets[name][i, j][None]).item()
+               for i in range(x.shape[0]) for j in range(1, x.shape[1]) if b.mask[i, j]]
+        return sum(ces) / len(ces)
+    with torch.no_grad():
+        got = {"sft": train.base_loss(tiny_cola.base, b)[0], "fta-i": train.fta_i_loss(tiny_cola, b)[0],
+               "fta-p": train.fta_p_loss(tiny_cola, b, "subtracted")[0], "bc": train.bc_loss(tiny_cola, b)[0]}
+    for name, loss in got.items():
+        assert loss.item() == pytest.approx(by_hand(name), rel=1e-5), name
 
 
 def test_fta_i_gradient_does_not_pass_through_the_idm(tiny_cola):
