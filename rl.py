@@ -56,6 +56,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -107,6 +108,9 @@ class RLArgs:
     eval_problems: int = arg(64, "held-out problems per evaluation", ">= 1")
     ckpt_every: int = arg(50, "steps between resumable checkpoints", ">= 1")
     log_every: int = arg(1, "steps between metrics.jsonl rows", ">= 1")
+    judge: str = arg("", "a frozen plain Llama that scores the fluency of sampled text (NLL per token) in every "
+                         "evaluation (tiny default: runs/base/final if it exists; 'none' to skip)")
+    eval_only: bool = arg(False, "evaluate --init (held-out task, general text, judge) and print it; train nothing")
     dtype: str = arg("float32", "float32 or bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
@@ -139,6 +143,8 @@ def parse_args(argv: list[str]) -> RLArgs:
     if cfg.algo == "grpo" and cfg.group < 2:
         raise SystemExit(f"--group {cfg.group}: GRPO normalises rewards within a group of at least 2 samples")
     cfg.out_dir = cfg.out_dir or f"runs/rl-{cfg.level}-{cfg.algo}"
+    if not cfg.judge and cfg.preset == "tiny" and Path("runs/base/final").is_dir():
+        cfg.judge = "runs/base/final"
     if not cfg.init:
         cfg.init = "runs/fta-i/final" if cfg.level == "latent" else "runs/sft/final"
         if cfg.preset != "tiny" or not Path(cfg.init).is_dir():
@@ -355,8 +361,9 @@ def rl_step(model, ref, opt, params, cfg: RLArgs, tok: Tokenizer, step: int, dev
 
 
 @torch.no_grad()
-def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None) -> dict:
-    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream)."""
+def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None, judge=None) -> dict:
+    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream); with a judge (a frozen
+    plain Llama), the judge's NLL per token of the sampled responses: fluency, which a hacked policy loses."""
     n = n or cfg.eval_problems
     problems = tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
@@ -376,6 +383,9 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
             b = pack(prompts, rows, device)
             logp, ref_logp = log_probs(model, ref, cfg, b, with_grad=False)
             out["kl"] = (k1(logp, ref_logp) * b["mask"]).sum().item() / max(b["mask"].sum().item(), 1)
+            if judge is not None:
+                nll = -token_log_probs(judge(b["x"][:, :-1]), b["x"][:, 1:], b["mask"])         # [B, L-1]
+                out["judge_nll"] = nll.sum().item() / max(b["mask"].sum().item(), 1)
             if cfg.level == "latent":
                 h = model.hidden(b["x"][:, :-1])
                 p = model.policy_logits(h).float().softmax(-1)                               # [B, L-1, K]
@@ -383,6 +393,22 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
                 out["entropy"] = ent[b["mask"]].mean().item()
                 out["actions_used"] = len(set(a for r in rows for a in r["actions"]))
     return out
+
+
+@torch.no_grad()
+def general_text_loss(model, cfg: RLArgs, tok: Tokenizer, device, batches: int = 4) -> float:
+    """Held-out general text (the val split's stdlib docstrings, no task text): the loss of what RL can change.
+    Latent: the world model driven by the greedy policy (the base is frozen, so its own LM loss cannot move);
+    token: the language model itself. The retention claim: latent RL should not raise it, token RL may."""
+    import data
+    from train import VAL_SEED, cola_metrics, lm_metrics
+    args = model.base_args if cfg.level == "latent" else model.args
+    seq = min(448, args.max_seq_len - 1)
+    shards = data.general_text_shards(SimpleNamespace(data="", val_data="", seed=0), tok)
+    loader = data.TokenLoader(shards, 8, seq, seed=VAL_SEED)
+    metric = (lambda b: cola_metrics(model, b)["wm_policy"]) if cfg.level == "latent" else \
+        (lambda b: lm_metrics(model, b)["lm"])
+    return sum(metric(loader.next_batch().to(device)) for _ in range(batches)) / batches
 
 
 def well_formed(problem: tasks.Problem, text: str) -> bool:
@@ -406,11 +432,24 @@ def main(argv=None):
     if "-h" not in argv and "--help" not in argv and parallel.world_from_env().launched:
         raise SystemExit("rl.py runs on one process for now: start it with python, not torchrun")
     cfg = parse_args(argv)
+    judge = None
+    if cfg.judge and cfg.judge != "none":
+        judge = Transformer.from_pretrained(cfg.judge).eval().requires_grad_(False)
+    if cfg.eval_only:                          # nothing is written: a checkpoint's numbers, e.g. before and after RL
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
+        model = load_model(cfg, device).eval()
+        judge = judge.to(device) if judge is not None else None
+        result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device, judge=judge),
+                  "general_loss": general_text_loss(model, cfg, tok, device)}
+        print(json.dumps({"init": cfg.init, **result}))
+        return result
     run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, parallel.World())
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     groups = ["policy"] if cfg.level == "latent" else ["base"]
     root = run.build(lambda device: load_model(cfg, device), [Phase("rl", groups, None, cfg.steps)])
     model, device = root.model, run.device
+    judge = judge.to(device) if judge is not None else None
     ref = frozen_reference(model, cfg.level)
     params = [p for g in groups for p in model.param_groups()[g]]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -425,7 +464,7 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=run.stage, dynamic_ncols=True)
     if step == 0:
-        log_metrics(run.dir, {"eval": {"step": 0, **evaluate(model, ref, cfg, tok, device)}})
+        log_metrics(run.dir, {"eval": {"step": 0, **evaluate(model, ref, cfg, tok, device, judge=judge)}})
     result = {}
     while step < cfg.steps:
         with run.amp:
@@ -437,7 +476,7 @@ def main(argv=None):
             log_metrics(run.dir, {"step": step, **m})
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with run.amp:
-                result = {"step": step, **evaluate(model, ref, cfg, tok, device)}
+                result = {"step": step, **evaluate(model, ref, cfg, tok, device, judge=judge)}
             if step < cfg.steps:
                 log_metrics(run.dir, {"eval": result})
         if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_at:
