@@ -82,3 +82,14 @@ def chain(tmp_path_factory, task) -> Path:
     return root
 
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's in-process runs: the chain's subprocess runs used one (ENV), and in-process
+    reruns must too to match them bit for bit. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -40,13 +40,7 @@ from tokenizer import Tokenizer
 BASE = [*LM, "--steps", LM_STEPS, "--ckpt-every", 2]      # the flags of conftest's chain/base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The chain's runs used one thread (conftest.ENV); in-process reruns must too, to match them bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread, as the chain
 
 
 # ----------------------------------------------------------------------------------------------------------------

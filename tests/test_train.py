@@ -39,12 +39,7 @@ from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, TRAIN, cmd, read_rows,
 
 K = cola.COLA_PRESETS["tiny"].n_actions          # 64
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread, as the chain
 
 
 # ----------------------------------------------------------------------------------------------------------------
