@@ -54,7 +54,7 @@ def sample_actions(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
 
 def sampler(temperature: float = 1.0, top_k: int | None = 40, top_p: float = 1.0, generator=None):
     """a ~ softmax(logits / temperature) restricted to the top_k (and top_p nucleus); temperature 0 = argmax."""
-    return lambda logits, n: sample(logits, temperature, top_p, top_k, generator=generator)
+    return lambda logits, n: sample_actions(logits, temperature, top_k, top_p, generator)
 
 
 def greedy():

@@ -71,8 +71,10 @@ from tokenizer import Tokenizer
 from train import init_shape
 from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics, writing
 
-LEVELS, ALGOS, KL_PLACEMENTS, AGGREGATES = ("latent", "token"), ("grpo", "remax"), ("reward", "loss"), \
-    ("sequence", "token")
+LEVELS = ("latent", "token")
+ALGOS = ("grpo", "remax")
+KL_PLACEMENTS = ("reward", "loss")
+AGGREGATES = ("sequence", "token")
 
 
 @dataclass
