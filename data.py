@@ -583,7 +583,8 @@ def sft_tensors(cfg, tok: Tokenizer, split: str):
             records = load_sft_jsonl(path)
         else:
             n = cfg.n_records if split == "train" else max(64, cfg.n_records // 10)
-            records = [r for kind in KINDS for r in task_sft_records(kind, split, n // 2, seed=cfg.seed)]
+            kinds = KINDS if cfg.task == "mix" else (cfg.task,)
+            records = [r for kind in kinds for r in task_sft_records(kind, split, n // len(kinds), seed=cfg.seed)]
         return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
     except (ValueError, FileNotFoundError) as e:          # the records' file, line and field: one line
         raise SystemExit(f"{flag} {path or '(embedded tasks)'}: {str(e).removeprefix('data: ')}") from None

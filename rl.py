@@ -17,6 +17,11 @@ Algorithms, each written inline below with the paper's symbols:
 Rewards: tasks.REWARDS: "task" (the rule-based checker: Countdown in the thinking format, boxed arithmetic) or
 "proxy" (deliberately hackable, for the reward-hacking experiment with --kl-coef 0).
 
+Several processes: `torchrun --nproc_per_node=N rl.py ...` splits each step's prompts (whole groups) over the ranks;
+each sample's noise comes from (seed, step, its global index), so N processes draw the same rollouts as one. The part
+RL trains is FSDP2-sharded, the frozen world model replicated on every rank (build() says why), and held-out
+evaluation runs on rank 0.
+
 Run it (CPU, tiny preset; start from the tiny pipeline's exports):
     python rl.py                                        # latent GRPO on countdown-2 from runs/fta-i/final
     python rl.py --algo remax
@@ -44,7 +49,6 @@ Choices where the paper is silent (and the release's, where it says):
 
 Deviations from the paper / official code:
   - tasks: our Countdown and arithmetic (tasks.py) instead of MATH-500 and agent benchmarks;
-  - one process only for now: under torchrun it stops with a message (train.py's stages run sharded);
   - no GAE / value function (the release's PPO-style advantage with V = 0 and lambda 0.95): outcome advantages.
 """
 from __future__ import annotations
@@ -69,7 +73,8 @@ from model import PRESETS, Transformer
 from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
 from train import init_shape
-from trainer import Phase, Run, arg, log_metrics, parse_config, trim_metrics, writing
+from parallel import Root
+from trainer import Run, arg, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS = ("latent", "token")
 ALGOS = ("grpo", "remax")
@@ -129,7 +134,7 @@ TINY = dict(lr=3e-4, steps=30, prompts_per_step=8, group=4, max_new_tokens=160, 
 LARGE = {"grpo": dict(lr=5e-7, kl_coef=1e-3, group=4), "remax": dict(lr=1e-5, kl_coef=1e-4)}
 
 
-def parse_args(argv: list[str]) -> RLArgs:
+def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLArgs:
     pre = {a.split("=")[0]: i for i, a in enumerate(argv)}
     preset = argv[pre["--preset"] + 1] if "--preset" in pre and pre["--preset"] + 1 < len(argv) else "tiny"
     algo = argv[pre["--algo"] + 1] if "--algo" in pre and pre["--algo"] + 1 < len(argv) else "grpo"
@@ -144,6 +149,9 @@ def parse_args(argv: list[str]) -> RLArgs:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
     if cfg.algo == "grpo" and cfg.group < 2:
         raise SystemExit(f"--group {cfg.group}: GRPO normalises rewards within a group of at least 2 samples")
+    if cfg.prompts_per_step % world.size:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of the {world.size} processes "
+                         f"(each rank rolls out whole groups of the same number of prompts)")
     cfg.out_dir = cfg.out_dir or f"runs/rl-{cfg.level}-{cfg.algo}"
     if not cfg.judge and cfg.preset == "tiny" and Path("runs/base/final").is_dir():
         cfg.judge = "runs/base/final"
@@ -233,26 +241,29 @@ def pack(prompts: list[list[int]], rows: list[dict], device) -> dict:
     return {"x": x.to(device), "mask": m.to(device), "actions": a.to(device)}
 
 
-def log_probs(model, ref, cfg: RLArgs, b: dict, with_grad: bool) -> torch.Tensor:
-    """log pi(a_t | x_{1:t}) [B, L-1] of the taken actions (latent) or tokens (token level), 0 off the response.
-    ref: also the reference's, under no gradient -> (logp, ref_logp)."""
-    x, m = b["x"], b["mask"]
+def log_probs(learner, cfg: RLArgs, b: dict, with_grad: bool, ref: bool = False):
+    """log pi(a_t | x_{1:t}) [B, L-1] of the taken actions (latent) or tokens (token level), 0 off the response,
+    under the trained weights (learner.trained); ref: also the frozen reference's, under no gradient."""
+    x, m, model, trained = b["x"], b["mask"], learner.model, learner.trained
     if cfg.level == "latent":
         with torch.no_grad():
             h = model.hidden(x[:, :-1])            # frozen base: states x_{1:t}             [B, L-1, D]
+        rope = model.base.rope(0, h.shape[1], h.device)                                      # [L-1, Dh/2, 2]
         with torch.set_grad_enabled(with_grad):
-            logp = action_log_probs(model.policy_logits(h), b["actions"], m)                 # [B, L-1]
-        if ref is None:
-            return logp
-        with torch.no_grad():
-            rope = model.base.rope(0, h.shape[1], h.device)
-            return logp, action_log_probs(ref(h, rope), b["actions"], m)                     # ref: a Policy
-    with torch.set_grad_enabled(with_grad):
-        logp = token_log_probs(model(x[:, :-1]), x[:, 1:], m)                                # [B, L-1]
-    if ref is None:
+            logp = action_log_probs(trained(lambda pol, h, r: pol(h, r), h, rope), b["actions"], m)    # [B, L-1]
+        ref_logits = (lambda: learner.ref(h, rope)) if ref else None                        # ref: a Policy
+    else:
+        with torch.set_grad_enabled(with_grad):
+            logp = token_log_probs(trained(lambda lm, x: lm(x), x[:, :-1]), x[:, 1:], m)     # [B, L-1]
+        ref_logits = (lambda: learner.ref(x[:, :-1])) if ref else None
+    if not with_grad:
+        parallel.reshard(trained)                  # FSDP keeps the root's gathered weights after a no-grad forward
+    if ref_logits is None:
         return logp
     with torch.no_grad():
-        return logp, token_log_probs(ref(x[:, :-1]), x[:, 1:], m)
+        ref_logp = (action_log_probs(ref_logits(), b["actions"], m) if cfg.level == "latent"
+                    else token_log_probs(ref_logits(), x[:, 1:], m))
+    return logp, ref_logp
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -282,15 +293,17 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Masked mean: per response then over responses ("sequence"), or over all response tokens ("token")."""
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_tokens: float | None = None) -> torch.Tensor:
+    """Masked mean: per response then over responses ("sequence"), or over all response tokens ("token").
+    n_tokens: the token normaliser when the batch is split over ranks: the response tokens of all ranks / the
+    number of ranks, so that the ranks' average (FSDP averages gradients) is the mean over every token."""
     m = mask.float()
     if how == "sequence":
         return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    return (per_token * m).sum() / m.sum().clamp(min=1)
+    return (per_token * m).sum() / (m.sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1.0))
 
 
-def grpo_loss(logp, old_logp, ref_logp, A, mask, cfg: RLArgs):
+def grpo_loss(logp, old_logp, ref_logp, A, mask, cfg: RLArgs, n_tokens: float | None = None):
     """Eq: L = -mean [min(rho A, clip(rho, 1 - eps, 1 + eps) A)] (+ beta k3 with --kl-placement loss)."""
     rho = torch.exp(logp - old_logp)                                                         # [B, L-1]
     A = A[:, None]                                                                           # [B, 1]
@@ -298,64 +311,89 @@ def grpo_loss(logp, old_logp, ref_logp, A, mask, cfg: RLArgs):
     per_token = -surrogate
     if cfg.kl_placement == "loss":
         per_token = per_token + cfg.kl_coef * k3(logp, ref_logp)
-    return aggregate(per_token, mask, cfg.aggregate), {"clip_frac": aggregate(
+    return aggregate(per_token, mask, cfg.aggregate, n_tokens), {"clip_frac": aggregate(
         ((rho - 1).abs() > cfg.clip_eps).float(), mask, "token").item(), "ratio_max": rho[mask].max().item()}
 
 
-def remax_loss(logp, ref_logp, A, mask, cfg: RLArgs):
+def remax_loss(logp, ref_logp, A, mask, cfg: RLArgs, n_tokens: float | None = None):
     """Eq: L = -mean [A log pi(a_t | x_{1:t})], A = R(sample) - R(greedy) (+ beta k3 with --kl-placement loss)."""
     per_token = -A[:, None] * logp
     if cfg.kl_placement == "loss":
         per_token = per_token + cfg.kl_coef * k3(logp, ref_logp)
-    return aggregate(per_token, mask, cfg.aggregate), {}
+    return aggregate(per_token, mask, cfg.aggregate, n_tokens), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One RL step: rollouts, rewards, advantages, the update
 
 
-def rl_step(model, ref, opt, params, cfg: RLArgs, tok: Tokenizer, step: int, device) -> dict:
+def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: parallel.World, device) -> dict:
+    """Rollouts of this rank's share of the step's prompts (whole groups), rewards, advantages, the update, and the
+    step's metrics over all ranks."""
     t0 = time.time()
     reward_fn = tasks.REWARDS[cfg.reward]
-    P, G = cfg.prompts_per_step, (cfg.group if cfg.algo == "grpo" else 1)
-    problems = problems_at(cfg, step, P)
+    P, G = cfg.prompts_per_step // world.size, (cfg.group if cfg.algo == "grpo" else 1)
+    problems = problems_at(cfg, step, cfg.prompts_per_step)[world.rank * P:(world.rank + 1) * P]
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems for _ in range(G)]
-    u = row_uniforms(cfg.seed, step, 0, len(prompts), cfg.max_new_tokens).to(device)
+    u = row_uniforms(cfg.seed, step, world.rank * P * G, len(prompts), cfg.max_new_tokens).to(device)
     top_k = cfg.top_k if cfg.level == "latent" else None
-    model.eval()
-    rows = rollout(model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
+    learner.model.eval()
+    rows = rollout(learner.model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
     R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
     t_roll = time.time() - t0
     b = pack(prompts, rows, device)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
-        old_logp, ref_logp = log_probs(model, ref, cfg, b, with_grad=False)
+        old_logp, ref_logp = log_probs(learner, cfg, b, with_grad=False, ref=True)
     kl_seq = (k1(old_logp, ref_logp) * b["mask"]).sum(1).cpu()                               # [B]
     R_train = R - cfg.kl_coef * kl_seq if cfg.kl_placement == "reward" else R                # Eq: k1 in the reward
     if cfg.algo == "grpo":
         A = grpo_advantages(R_train, G)
     else:                                          # ReMax: the greedy rollout of the same prompt is the baseline
-        greedy_rows = rollout(model, cfg, tok, prompts, greedy())
+        greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
         R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
         A = R_train - R_greedy
     A = A.to(device)
-    model.train()
+    n_tok = b["mask"].sum().item()
+    n_tokens = parallel.mean_over_ranks(world, {"n": n_tok})["n"]      # the token normaliser per rank (aggregate)
+    params = [p for p in learner.trained.parameters() if p.requires_grad]
+    learner.trained.train()
     stats = {}
     for _ in range(cfg.updates_per_batch):
-        logp = log_probs(model, None, cfg, b, with_grad=True)
+        logp = log_probs(learner, cfg, b, with_grad=True)
         if cfg.algo == "grpo":
-            loss, stats = grpo_loss(logp, old_logp, ref_logp, A, b["mask"], cfg)
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, A, b["mask"], cfg, n_tokens)
         else:
-            loss, stats = remax_loss(logp, ref_logp, A, b["mask"], cfg)
+            loss, stats = remax_loss(logp, ref_logp, A, b["mask"], cfg, n_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        gnorm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)).item()
         opt.step()
-    n_tok = b["mask"].sum().item()
-    return {"reward": R.mean().item(), "success": (R == 1.0).float().mean().item(), "loss": loss.item(),
-            "kl": (k1(old_logp, ref_logp) * b["mask"]).sum().item() / max(n_tok, 1), "grad_norm": gnorm,
-            "adv_abs": A.abs().mean().item(), "resp_len": n_tok / len(rows), "rollout_s": round(t_roll, 3),
-            "update_s": round(time.time() - t0 - t_roll, 3), "rollout_tok_per_s": round(n_tok / max(t_roll, 1e-9), 1),
-            **stats}
+    sync(learner)
+    t_update = time.time() - t0 - t_roll
+    # per-rank sums, averaged over ranks: ratios of these averages are ratios of the sums over all ranks
+    s = parallel.mean_over_ranks(world, {
+        "reward": R.sum().item(), "success": (R == 1.0).sum().item(), "rows": len(rows), "tokens": n_tok,
+        "kl": (k1(old_logp, ref_logp) * b["mask"]).sum().item(), "adv_abs": A.abs().sum().item(),
+        "clipped": stats.get("clip_frac", 0.0) * n_tok, "loss": loss.item(), "rollout_s": t_roll,
+        "update_s": t_update})
+    out = {"reward": s["reward"] / s["rows"], "success": s["success"] / s["rows"], "loss": s["loss"],
+           "kl": s["kl"] / max(s["tokens"], 1), "grad_norm": gnorm, "adv_abs": s["adv_abs"] / s["rows"],
+           "resp_len": s["tokens"] / s["rows"], "rollout_s": round(s["rollout_s"], 3),
+           "update_s": round(s["update_s"], 3),
+           "rollout_tok_per_s": round(s["tokens"] * world.size / max(s["rollout_s"], 1e-9), 1)}
+    if cfg.algo == "grpo":
+        out["clip_frac"] = s["clipped"] / max(s["tokens"], 1)
+        out["ratio_max"] = max_over_ranks(world, stats["ratio_max"])
+    return out
+
+
+def max_over_ranks(world: parallel.World, x: float) -> float:
+    if not world.launched:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,7 +421,8 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
         out[f"{name}_len"] = sum(len(r["tokens"]) for r in rows) / n
         if name == "sampled":
             b = pack(prompts, rows, device)
-            logp, ref_logp = log_probs(model, ref, cfg, b, with_grad=False)
+            view = SimpleNamespace(model=model, trained=Root(model.policy if cfg.level == "latent" else model), ref=ref)
+            logp, ref_logp = log_probs(view, cfg, b, with_grad=False, ref=True)
             out["kl"] = (k1(logp, ref_logp) * b["mask"]).sum().item() / max(b["mask"].sum().item(), 1)
             if judge is not None:
                 nll = -token_log_probs(judge(b["x"][:, :-1]), b["x"][:, 1:], b["mask"])         # [B, L-1]
@@ -429,67 +468,117 @@ def frozen_reference(model, level: str):
     return ref.eval()
 
 
+def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
+    """The learner: .model, the whole starting checkpoint, which generates every rollout and gives the frozen base's
+    states; .trained, a parallel.Root around the part RL trains (the policy, or the whole LM at token level), whose
+    parameters the optimizer steps; .ref, the frozen reference; .replica, the part of .model that sync() refreshes.
+
+    One process: .trained wraps the model's own policy (or the model itself), so nothing is copied.
+    torchrun: every rank loads the checkpoint and holds the frozen world model whole (replicated, not sharded: a
+    rollout runs one forward per token, and a sharded base would all-gather every block for each of them), while
+    .trained is an FSDP2-sharded float32 copy of the trained part; after every update sync() gathers it into .model's
+    replica, so each rank generates its own rollouts with no collective inside generation (ranks finish their
+    rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (README, memory
+    plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
+    from trainer import bf16_frozen_groups
+    model = load_model(cfg, torch.device("cpu"))
+    trains = {"policy"} if cfg.level == "latent" else {"base"}
+    if cfg.dtype == "bfloat16":                # frozen weights that are bf16 values already (the official base)
+        for name in bf16_frozen_groups(model, trains):
+            getattr(model, name, model).to(torch.bfloat16)
+    model = model.to(device).requires_grad_(False)
+    part = model.policy if cfg.level == "latent" else model
+    ref = frozen_reference(model, cfg.level)  # before any update
+    if not world.launched:
+        return SimpleNamespace(model=model, trained=Root(part.requires_grad_(True)), ref=ref, replica=None)
+    from torch.distributed.device_mesh import init_device_mesh
+    trained = Root(copy.deepcopy(part).float().requires_grad_(True))
+    parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)),
+                        torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+    return SimpleNamespace(model=model, trained=trained, ref=ref, replica=part)
+
+
+@torch.no_grad()
+def sync(learner):
+    """torchrun: the sharded trained weights, gathered, into the replica that generates (a collective)."""
+    if learner.replica is None:
+        return
+    for dst, src in zip(learner.replica.parameters(), learner.trained.model.parameters()):
+        dst.copy_(parallel.local_tensor(src))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" not in argv and "--help" not in argv and parallel.world_from_env().launched:
-        raise SystemExit("rl.py runs on one process for now: start it with python, not torchrun")
-    cfg = parse_args(argv)
-    judge = None
-    if cfg.judge and cfg.judge != "none":
-        judge = Transformer.from_pretrained(cfg.judge).eval().requires_grad_(False)
+    world = parallel.world_from_env()
+    cfg = parse_args(argv, world)
     if cfg.eval_only:                          # nothing is written: a checkpoint's numbers, e.g. before and after RL
+        if world.launched:
+            raise SystemExit("--eval-only runs on one process: start it with python, not torchrun")
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
         model = load_model(cfg, device).eval()
-        judge = judge.to(device) if judge is not None else None
-        result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device, judge=judge),
+        result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device, judge=load_judge(cfg, device)),
                   "general_loss": general_text_loss(model, cfg, tok, device)}
         print(json.dumps({"init": cfg.init, **result}))
         return result
-    run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, parallel.World())
+    run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world)
+    device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
-    groups = ["policy"] if cfg.level == "latent" else ["base"]
-    root = run.build(lambda device: load_model(cfg, device), [Phase("rl", groups, None, cfg.steps)])
-    model, device = root.model, run.device
-    judge = judge.to(device) if judge is not None else None
-    ref = frozen_reference(model, cfg.level)
-    params = [p for g in groups for p in model.param_groups()[g]]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    run.start(root)
+    learner = build(cfg, world, device)
+    judge = parallel.on_main(world, lambda: load_judge(cfg, device))      # evaluation runs on rank 0
+    opt = torch.optim.AdamW([p for p in learner.trained.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    run.start(Root(learner.model))
     step = 0
     if run.latest is not None:
         saved = parallel.read_train_state(run.latest)
-        parallel.load_checkpoint(run.latest, root, opt)
+        parallel.load_checkpoint(run.latest, learner.trained, opt, world)
+        sync(learner)
         step = saved["step"]
-        trim_metrics(run.dir, step)
-        print(f"resuming {run.stage} from {run.latest} at step {step}")
+        if world.main:
+            trim_metrics(run.dir, step)
+            print(f"resuming {run.stage} from {run.latest} at step {step}")
+
+    def held_out(at: int) -> dict | None:      # rank 0 evaluates the replica (no collective); the others wait
+        with run.amp:
+            return parallel.on_main(world, lambda: {"step": at, **evaluate(learner.model, learner.ref, cfg, tok,
+                                                                           device, judge=judge)})
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, desc=run.stage, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=run.stage, dynamic_ncols=True, disable=not world.main)
     if step == 0:
-        log_metrics(run.dir, {"eval": {"step": 0, **evaluate(model, ref, cfg, tok, device, judge=judge)}})
+        first = held_out(0)
+        if world.main:
+            log_metrics(run.dir, {"eval": first})
     result = {}
     while step < cfg.steps:
         with run.amp:
-            m = rl_step(model, ref, opt, params, cfg, tok, step, device)
+            m = rl_step(learner, opt, cfg, tok, step, world, device)
         step += 1
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
-        if step % cfg.log_every == 0:
+        if world.main and step % cfg.log_every == 0:
             log_metrics(run.dir, {"step": step, **m})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            with run.amp:
-                result = {"step": step, **evaluate(model, ref, cfg, tok, device, judge=judge)}
-            if step < cfg.steps:
+            result = held_out(step)
+            if world.main and step < cfg.steps:
                 log_metrics(run.dir, {"eval": result})
         if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_at:
             with writing(f"{run.dir}/checkpoints: could not save step {step}"):
-                parallel.save_checkpoint(run.dir, root, opt, {"stage": run.stage, "step": step, "phase": 0,
-                                                              "loader": {}, "config": asdict(cfg)}, run.world)
+                parallel.save_checkpoint(run.dir, learner.trained, opt, {
+                    "stage": run.stage, "step": step, "phase": 0, "loader": {}, "config": asdict(cfg)}, world)
         if step == cfg.stop_at and step < cfg.steps:
-            print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
+            if world.main:
+                print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
             return
     bar.close()
-    run.export(root, result)                 # final/, and the last evaluation as the last metrics row
+    run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
+
+
+def load_judge(cfg: RLArgs, device):
+    """The frozen plain Llama that scores fluency in evaluations (--judge), or None."""
+    if not cfg.judge or cfg.judge == "none":
+        return None
+    return Transformer.from_pretrained(cfg.judge, device=device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import data
 import parallel
+import tasks
 from checkpoint import args_from_hf_config, detect_layout, read_json
 from cola import CoLA
 from data import Batch
@@ -138,6 +139,8 @@ class FinetuneArgs(Common):
     warmup_steps: int = arg(-1, "warmup steps (-1: 3%% of steps, the paper's)", ">= -1")
     weight_decay: float = arg(0.0, "AdamW weight decay (release: 0 in fine-tuning)", ">= 0")
     n_records: int = arg(4000, "embedded task records when --sft-data is not given", ">= 2")
+    task: str = arg("mix", "embedded task records: mix (Countdown and arithmetic, half each) or one task of "
+                           "tasks.TASKS, e.g. countdown-2 for the checkpoints RL starts from at the tiny preset")
 
 
 @dataclass
@@ -240,6 +243,8 @@ def check_flags(stage: str, cfg, world: World = World()):
         raise SystemExit(f"--dtype {cfg.dtype!r}: expected bfloat16 or float32")
     if stage == "pretrain" and cfg.quantizer not in ("direct", "vq"):
         raise SystemExit(f"--quantizer {cfg.quantizer!r}: expected direct or vq")
+    if stage in ("fta-i", "fta-p", "sft") and cfg.task not in ("mix",) + tasks.TASKS:
+        raise SystemExit(f"--task {cfg.task!r}: expected mix or one of {', '.join(tasks.TASKS)}")
     if stage == "fta-p" and cfg.base_grad not in ("subtracted", "merge"):
         raise SystemExit(f"--base-grad {cfg.base_grad!r}: expected subtracted or merge")
     if cfg.cpu_offload and not world.launched:

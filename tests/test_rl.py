@@ -20,6 +20,7 @@ import rl
 import tasks
 from cola import CoLA
 from conftest import ENV, REPO, read_rows, run_ok, step_rows
+from parallel import World
 from policy import greedy, seeded_sampler
 from tokenizer import Tokenizer
 
@@ -34,6 +35,15 @@ def rl_cmd(out, *args):
 
 def cfg_of(*argv):
     return rl.parse_args(["--init", "x", *map(str, argv)])
+
+
+CPU, ONE = torch.device("cpu"), World()
+
+
+def learner_of(cfg):
+    """rl.build on one process, with its optimizer over what RL trains."""
+    learner = rl.build(cfg, ONE, CPU)
+    return learner, torch.optim.AdamW([p for p in learner.trained.parameters() if p.requires_grad], lr=cfg.lr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,7 +134,8 @@ def test_rollout_logprobs_equal_teacher_forced(latent):
     out = model.generate(prompts, 6, eos=tok.stop_tokens, choose=seeded_sampler(torch.rand(2, 6), 1.0, 40))
     rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
     b = rl.pack(prompts, rows, "cpu")
-    logp = rl.log_probs(model, None, cfg, b, with_grad=False)
+    view = rl.SimpleNamespace(model=model, trained=rl.Root(model.policy), ref=None)
+    logp = rl.log_probs(view, cfg, b, with_grad=False)
     recorded = torch.zeros_like(logp)
     for i, (p, lp) in enumerate(zip(prompts, out["logprobs"])):
         recorded[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp)
@@ -134,18 +145,12 @@ def test_rollout_logprobs_equal_teacher_forced(latent):
 
 
 def test_latent_step_changes_the_policy_only(latent):
-    cfg, model, tok = latent
-    model = CoLA.from_pretrained(cfg.init)
+    cfg, _, tok = latent
+    learner, opt = learner_of(cfg)
+    model = learner.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = rl.frozen_reference(model, "latent")
-    params = model.param_groups()["policy"]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(3):                                 # until some group has unequal rewards
-        m = rl.rl_step(model, ref, opt, params, cfg, tok, step, torch.device("cpu"))
+        m = rl.rl_step(learner, opt, cfg, tok, step, ONE, CPU)
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("policy.") for k in changed), sorted(changed)[:5]
@@ -155,13 +160,11 @@ def test_latent_step_changes_the_policy_only(latent):
 def test_token_step_changes_the_base(chain):
     cfg = cfg_of("--level", "token", "--init", chain / "sft/final", *FAST)
     tok = Tokenizer.find(cfg.init, None)
-    model = rl.load_model(cfg, torch.device("cpu"))
+    learner, opt = learner_of(cfg)
+    model, ref = learner.model, learner.ref
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = rl.frozen_reference(model, "token")
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(3):
-        rl.rl_step(model, ref, opt, params, cfg, tok, step, torch.device("cpu"))
+        rl.rl_step(learner, opt, cfg, tok, step, ONE, CPU)
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
 
@@ -179,14 +182,13 @@ def test_remax_baseline_is_the_greedy_rollout_of_the_same_prompt(latent, monkeyp
     monkeypatch.setattr(rl, "rollout", spy)
     seen = {}
 
-    def record(logp, ref_logp, A, mask, cfg):
+    def record(logp, ref_logp, A, mask, cfg, n_tokens=None):
         seen["A"] = A
         return (logp * 0).sum(), {}
     monkeypatch.setattr(rl, "remax_loss", record)
-    model = CoLA.from_pretrained(cfg.init)
-    params = model.param_groups()["policy"]
-    rl.rl_step(model, rl.frozen_reference(model, "latent"), torch.optim.AdamW(params, lr=0.0), params, cfg, tok, 0,
-               torch.device("cpu"))
+    learner, opt = learner_of(cfg)
+    model = learner.model
+    rl.rl_step(learner, opt, cfg, tok, 0, ONE, CPU)
     (p1, sampled), (p2, greedy_rows) = calls
     assert p1 == p2                                             # the same prompts, one greedy rollout each
     direct = model.generate(p1, cfg.max_new_tokens, eos=tok.stop_tokens, choose=greedy())["tokens"]
@@ -257,7 +259,41 @@ def test_bad_input_one_line_before_work(case, chain, tmp_path, monkeypatch, caps
 def test_reward_that_returns_nan_stops_with_one_line(latent, monkeypatch):
     cfg, model, tok = latent
     monkeypatch.setitem(tasks.REWARDS, "task", lambda p, c: float("nan"))
-    params = model.param_groups()["policy"]
+    learner, opt = learner_of(cfg)
     with pytest.raises(SystemExit, match="returned nan .* must be finite numbers in \\[0, 1\\]"):
-        rl.rl_step(model, rl.frozen_reference(model, "latent"), torch.optim.AdamW(params, lr=0.0), params, cfg, tok,
-                   0, torch.device("cpu"))
+        rl.rl_step(learner, opt, cfg, tok, 0, ONE, CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo, float32) against one
+
+
+def test_two_processes_equal_one(chain, tmp_path):
+    """Rollouts split over 2 ranks (each sample's noise from its global index), the policy FSDP2-sharded, the world
+    model replicated: the same rollouts and rewards, losses within 1e-5 relative, the same evaluations and export.
+    The proxy reward varies within every group, so every step has a gradient; two updates per batch use the clip."""
+    script = tmp_path / "rl_varied.py"                   # the tiny chain's samples score 0 on the task and proxy
+    script.write_text(                                  # rewards; this one varies with the text (of fta-p's model)
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport rl, tasks\n"
+        f"tasks.REWARDS['task'] = lambda p, c: sum(map(ord, c)) % 7 / 6\nrl.main()\n")
+    args = ["--init", chain / "fta-p/final", *FAST, "--prompts-per-step", 4, "--steps", 3, "--kl-coef", 0.1,
+            "--updates-per-batch", 2, "--eval-every", 3, "--dtype", "float32", "--judge", "none"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ok([sys.executable, str(script), "--out-dir", str(one), *map(str, args)], timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_ok(torchrun + [str(script), "--out-dir", str(two), *map(str, args)], timeout=600)
+    a, b = step_rows(one), step_rows(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["reward"] == pytest.approx(y["reward"], rel=1e-6) and x["resp_len"] == y["resp_len"]   # rollouts
+        assert x["grad_norm"] > 0
+        for k in ("loss", "kl", "adv_abs", "grad_norm", "clip_frac"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(abs(x[k]), abs(y[k]), 1e-6), (x["step"], k, x[k], y[k])
+    evals = [[r["eval"] for r in read_rows(d) if "eval" in r] for d in (one, two)]
+    assert len(evals[0]) == len(evals[1]) == 2                                   # step 0, and step 3: the result
+    for x, y in zip(*evals):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6) for k in x), (x, y)
+    p, q = CoLA.from_pretrained(one / "final"), CoLA.from_pretrained(two / "final")
+    for (k, x), y in zip(p.state_dict().items(), q.state_dict().values()):
+        assert torch.allclose(x, y, rtol=0, atol=2e-5), k      # Adam steps of lr 1e-3 amplify gradients' rounding
+    assert json.loads((two / "final/config.json").read_text())["train_history"][-1]["stage"] == "rl-latent-grpo"
