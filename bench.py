@@ -17,6 +17,7 @@ Run:
     python bench.py --threads 1                      # steadier on a CPU shared with other jobs
     python bench.py --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
     python bench.py --memory-plan                    # per-GPU bytes of each stage at 8B on 8 GPUs (arithmetic)
+    python bench.py --rl-memory-plan                 # the same for rl.py, latent and token level
 On a GPU the same commands run there (--device cuda); timings synchronise the device.
 
 FLOP counting (Kaplan et al. 2020, PaLM appendix B), per trained token:
@@ -66,8 +67,14 @@ p.add_argument("--rss-preset", default="llama-3.2-1b", choices=sorted(PRESETS), 
 p.add_argument("--tmp", default=tempfile.gettempdir(), help="where --load-rss writes its checkpoints")
 p.add_argument("--memory-plan", action="store_true", help="only print the per-GPU memory plan of every training "
                "stage under FSDP (arithmetic, see memory_plan)")
+p.add_argument("--rl-memory-plan", action="store_true", help="only print the per-GPU memory plan of rl.py at 8B, "
+               "latent and token level (arithmetic, see rl_memory_plan)")
+p.add_argument("--rollouts", type=int, default=16, help="--rl-memory-plan: rollouts per GPU per step")
+p.add_argument("--rl-prompt", type=int, default=512, help="--rl-memory-plan: prompt tokens")
+p.add_argument("--rl-new", type=int, default=1024, help="--rl-memory-plan: generated tokens")
 p.add_argument("--gpus", type=int, default=8, help="--memory-plan: GPUs the state is sharded over")
-p.add_argument("--micro-batch", type=int, default=4, help="--memory-plan: sequences per GPU per forward")
+p.add_argument("--micro-batch", type=int, default=4, help="--memory-plan, --rl-memory-plan: sequences per GPU "
+               "per forward")
 
 
 def sync(device):
@@ -430,9 +437,65 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     return "\n".join([note, head, *lines])
 
 
+def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int, micro: int) -> str:
+    """Per-GPU bytes of rl.py under torchrun at bf16 (rl.build): latent and token level, GRPO.
+
+    replica     the whole starting model in bf16 on every rank: it generates the rollouts and (latent) gives the
+                frozen base's states; 2 B per parameter. Latent: the CoLA (base, IDM, merge, C, policy); token: the LM;
+    reference   the frozen copy of what RL trains, bf16: the policy alone (latent) or the whole LM (token);
+    state       the trained part's fp32 weight and gradient and AdamW's m and v, 16 B per parameter / GPUs;
+    buffers     FSDP's gathered bf16 root group and two blocks of the trained part;
+    KV cache    generation: 2 (k, v) x layers x kv-heads x head dim x 2 B per token, for the base and (latent) the
+                policy, over rollouts x (prompt + new) tokens;
+    update      one micro batch of `micro` rollouts forward and backward with activation checkpointing on the
+                trained blocks (their 2 D inputs, one block recomputed), the loss over the classes it scores
+                (10 B per token per class: K = 64 actions or V tokens), and (latent) the frozen base's states h
+                [micro, T, D] in bf16, which the policy reads.
+    Not counted: the CUDA context and fragmentation (1-3 GB), the judge (evaluation only, rank 0), transient
+    per-step logits of generation (rollouts x V x 4 B, 66 MB at 16 rollouts).
+    """
+    from cola import COLA_PRESETS, CoLA
+    with torch.device("meta"):
+        m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
+    a, c = m.base_args, m.args
+    n = {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
+    head_dim = a.dim // a.n_heads
+    kv_per_token = lambda layers: 2 * layers * a.n_kv_heads * head_dim * 2                 # noqa: E731
+    T = prompt + new
+    G = 2**30
+    rows = []
+    for level in ("latent", "token"):
+        lat = level == "latent"
+        trained = n["policy"] if lat else n["base"]
+        layers = c.n_policy_layers if lat else a.n_layers
+        stack = m.policy if lat else m.base
+        block = sum(p.numel() for p in stack.layers[0].parameters())
+        root = trained - layers * block
+        replica = 2 * (sum(n.values()) if lat else n["base"])
+        ref = 2 * trained
+        state = 16 * trained / gpus
+        buffers = 2 * root + 2 * 2 * block
+        kv = rollouts * T * (kv_per_token(a.n_layers) + (kv_per_token(c.n_policy_layers) if lat else 0))
+        tokens = micro * T
+        update = tokens * (layers * 2 * a.dim + block_activation_bytes(a) + 10 * (c.n_actions if lat else
+                                                                                  a.vocab_size))
+        update += tokens * 2 * a.dim if lat else 0
+        total = replica + ref + state + buffers + kv + update
+        rows.append((level, trained, replica, ref, state, buffers, kv, update, total))
+    head = ("| level | trained | replica (bf16) | reference | state | FSDP buffers | KV cache | update | total |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r[0]} | {r[1] / 1e9:.2f} B | " + " | ".join(f"{v / G:.1f}" for v in r[2:]) + " |" for r in rows]
+    note = (f"GiB per GPU: rl.py, preset {preset}, {gpus} GPUs, {rollouts} rollouts per GPU of {prompt} prompt + "
+            f"{new} new tokens, update micro batch {micro} with activation checkpointing")
+    return "\n".join([note, head, *lines])
+
+
 if __name__ == "__main__":
     a = p.parse_args()
-    if a.memory_plan:
+    if a.rl_memory_plan:
+        print(rl_memory_plan(a.preset if a.preset != "tiny" else "llama-3.1-8b", a.gpus, a.rollouts, a.rl_prompt,
+                             a.rl_new, a.micro_batch))
+    elif a.memory_plan:
         print(memory_plan(a.preset if a.preset != "tiny" else "llama-3.1-8b", a.gpus, a.micro_batch,
                           a.seq if a.seq != 256 else 2048))
     elif a.load_rss:

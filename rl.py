@@ -106,6 +106,9 @@ class RLArgs:
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     grad_clip: float = arg(1.0, "max gradient norm", "> 0")
     clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)", "> 0, < 1")
+    micro_batch: int = arg(0, "rollouts per forward/backward in the update (gradients accumulate over them); 0: "
+                              "all of a rank's rollouts at once (tiny default; at 8B see bench.py --rl-memory-plan)",
+                           ">= 0")
     updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter", ">= 1")
     kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)", ">= 0")
     kl_placement: str = arg("reward", "reward: k1 in the reward (release) or loss: k3 in the loss (DeepSeekMath)")
@@ -123,7 +126,7 @@ class RLArgs:
     seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
     # fields trainer.Run reads; RL does not use them
-    activation_checkpointing: bool = arg(False, "recompute each block in backward")
+    activation_checkpointing: bool = arg(False, "recompute each trained block in backward (token level at 8B)")
     cpu_offload: bool = arg(False, "unused by rl.py (one process)")
     stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue", ">= 0")
 
@@ -241,6 +244,12 @@ def pack(prompts: list[list[int]], rows: list[dict], device) -> dict:
     return {"x": x.to(device), "mask": m.to(device), "actions": a.to(device)}
 
 
+def micro_batches(b: dict, size: int) -> list[dict]:
+    """The packed batch in chunks of `size` rows (0: one chunk); "first" is the chunk's first row in b."""
+    size = size or len(b["x"])
+    return [{**{k: v[i:i + size] for k, v in b.items()}, "first": i} for i in range(0, len(b["x"]), size)]
+
+
 def log_probs(learner, cfg: RLArgs, b: dict, with_grad: bool, ref: bool = False):
     """log pi(a_t | x_{1:t}) [B, L-1] of the taken actions (latent) or tokens (token level), 0 off the response,
     under the trained weights (learner.trained); ref: also the frozen reference's, under no gradient."""
@@ -342,8 +351,10 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
     t_roll = time.time() - t0
     b = pack(prompts, rows, device)
+    chunks = micro_batches(b, cfg.micro_batch)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
-        old_logp, ref_logp = log_probs(learner, cfg, b, with_grad=False, ref=True)
+        old_logp, ref_logp = (torch.cat(t) for t in zip(*(log_probs(learner, cfg, c, with_grad=False, ref=True)
+                                                          for c in chunks)))
     kl_seq = (k1(old_logp, ref_logp) * b["mask"]).sum(1).cpu()                               # [B]
     R_train = R - cfg.kl_coef * kl_seq if cfg.kl_placement == "reward" else R                # Eq: k1 in the reward
     if cfg.algo == "grpo":
@@ -357,15 +368,20 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     n_tokens = parallel.mean_over_ranks(world, {"n": n_tok})["n"]      # the token normaliser per rank (aggregate)
     params = [p for p in learner.trained.parameters() if p.requires_grad]
     learner.trained.train()
-    stats = {}
     for _ in range(cfg.updates_per_batch):
-        logp = log_probs(learner, cfg, b, with_grad=True)
-        if cfg.algo == "grpo":
-            loss, stats = grpo_loss(logp, old_logp, ref_logp, A, b["mask"], cfg, n_tokens)
-        else:
-            loss, stats = remax_loss(logp, ref_logp, A, b["mask"], cfg, n_tokens)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, clipped, ratio_max = 0.0, 0.0, 1.0
+        for c in chunks:                           # gradient accumulation: the sum of the chunks' parts of the loss
+            these = slice(c["first"], c["first"] + len(c["x"]))
+            logp = log_probs(learner, cfg, c, with_grad=True)
+            args = (logp, old_logp[these], ref_logp[these], A[these], c["mask"], cfg, n_tokens)
+            part, stats = grpo_loss(*args) if cfg.algo == "grpo" else remax_loss(*args[:1], *args[2:])
+            if cfg.aggregate == "sequence":        # a mean over the rank's responses: weigh by the chunk's share
+                part = part * len(c["x"]) / len(b["x"])
+            part.backward()
+            loss += part.item()
+            clipped += stats.get("clip_frac", 0.0) * c["mask"].sum().item()
+            ratio_max = max(ratio_max, stats.get("ratio_max", 1.0))
         gnorm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)).item()
         opt.step()
     sync(learner)
@@ -374,7 +390,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     s = parallel.mean_over_ranks(world, {
         "reward": R.sum().item(), "success": (R == 1.0).sum().item(), "rows": len(rows), "tokens": n_tok,
         "kl": (k1(old_logp, ref_logp) * b["mask"]).sum().item(), "adv_abs": A.abs().sum().item(),
-        "clipped": stats.get("clip_frac", 0.0) * n_tok, "loss": loss.item(), "rollout_s": t_roll,
+        "clipped": clipped, "loss": loss, "rollout_s": t_roll,
         "update_s": t_update})
     out = {"reward": s["reward"] / s["rows"], "success": s["success"] / s["rows"], "loss": s["loss"],
            "kl": s["kl"] / max(s["tokens"], 1), "grad_norm": gnorm, "adv_abs": s["adv_abs"] / s["rows"],
@@ -383,7 +399,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
            "rollout_tok_per_s": round(s["tokens"] * world.size / max(s["rollout_s"], 1e-9), 1)}
     if cfg.algo == "grpo":
         out["clip_frac"] = s["clipped"] / max(s["tokens"], 1)
-        out["ratio_max"] = max_over_ranks(world, stats["ratio_max"])
+        out["ratio_max"] = max_over_ranks(world, ratio_max)
     return out
 
 
@@ -480,22 +496,26 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     replica, so each rank generates its own rollouts with no collective inside generation (ranks finish their
     rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (README, memory
     plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
-    from trainer import bf16_frozen_groups
-    model = load_model(cfg, torch.device("cpu"))
-    trains = {"policy"} if cfg.level == "latent" else {"base"}
-    if cfg.dtype == "bfloat16":                # frozen weights that are bf16 values already (the official base)
-        for name in bf16_frozen_groups(model, trains):
-            getattr(model, name, model).to(torch.bfloat16)
-    model = model.to(device).requires_grad_(False)
+    from trainer import bf16_frozen_groups, enable_activation_checkpointing
+    model = load_model(cfg, torch.device("cpu")).requires_grad_(False)
     part = model.policy if cfg.level == "latent" else model
     ref = frozen_reference(model, cfg.level)  # before any update
-    if not world.launched:
+    bf16 = cfg.dtype == "bfloat16"
+    if not world.launched:                     # frozen weights that are bf16 values already (the official base)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(part.layers)
+        for name in bf16_frozen_groups(model, {"policy"} if cfg.level == "latent" else {"base"}) if bf16 else []:
+            getattr(model, name, model).to(torch.bfloat16)
+        model, ref = model.to(device), ref.to(device)
         return SimpleNamespace(model=model, trained=Root(part.requires_grad_(True)), ref=ref, replica=None)
     from torch.distributed.device_mesh import init_device_mesh
-    trained = Root(copy.deepcopy(part).float().requires_grad_(True))
-    parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)),
-                        torch.bfloat16 if cfg.dtype == "bfloat16" else None)
-    return SimpleNamespace(model=model, trained=trained, ref=ref, replica=part)
+    trained = Root(copy.deepcopy(part).float().requires_grad_(True).to(device))       # the fp32 master weights
+    if cfg.activation_checkpointing:           # before fully_shard
+        enable_activation_checkpointing(trained.model.layers)
+    parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)), torch.bfloat16 if bf16 else None)
+    if bf16:                                   # what only generates or scores: bf16 (bench.py --rl-memory-plan)
+        model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)
+    return SimpleNamespace(model=model.to(device), trained=trained, ref=ref.to(device), replica=part)
 
 
 @torch.no_grad()

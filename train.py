@@ -8,10 +8,11 @@ under action guidance), one short function per stage. PAPER.md maps each equatio
     fta-i     FTA-I: (1) the base fine-tuned under the frozen IDM's actions, (2) the policy cloned on the same data
     fta-p     FTA-P: the base fine-tuned under the frozen greedy policy's actions
     sft       token-level SFT of the plain base (the paper's "Llama SFT" baseline)
-    pipeline  all of the above at the tiny preset, then a table of the paper's effects in miniature
+    pipeline  all of the above at the tiny preset, then GRPO latent vs token (rl.py), and a table of the paper's
+              effects in miniature
 
 Run it (CPU, embedded data, no download; each stage starts from the previous one's runs/<stage>/final):
-    python train.py --stage pipeline                       # everything, ~15 min on 2 cores, prints a table
+    python train.py --stage pipeline                       # everything, ~22 min on 2 cores, prints a table
     python train.py --stage base
     python train.py --stage pretrain                       # --init runs/base/final by default at the tiny preset
     python train.py --stage bc                             # then fta-i / fta-p (from bc), sft (from base)

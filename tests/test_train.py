@@ -157,6 +157,10 @@ def test_pipeline_smallest_scale(tmp_path):
         assert 1 <= int(alive) <= K and int(of) == K
     for name in ("base", "pretrain", "pretrain-vq", "bc", "fta-i", "fta-p", "sft"):
         assert load_ckpt(out / name)["stage"] and read_rows(out / name)[-1].get("eval"), name
+    for level, start in (("latent", "fta-i"), ("token", "sft")):        # the RL part: 2 GRPO steps from each
+        history = json.loads((out / f"rl-{level}-grpo/final/config.json").read_text())["train_history"]
+        assert [h["stage"] for h in history[-2:]] == [start, f"rl-{level}-grpo"]
+    assert "RL latent / token: held-out success, greedy" in table
 
 
 # ----------------------------------------------------------------------------------------------------------------
