@@ -44,6 +44,8 @@ def run_pipeline(a) -> dict:
     table = results_table(r, time.time() - t0)
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
+    from eval import after_pipeline      # usage (direct vs VQ), diversity, PNGs; says how to plot without matplotlib
+    after_pipeline(root, a.scale)
     return r
 
 

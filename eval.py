@@ -1,0 +1,861 @@
+"""eval.py: what the latent actions do, measured (PAPER.md §6), and the plots of every run.
+
+    controllability  world-model loss given the IDM's actions against the base LM's loss on the same held-out text,
+                     overall and per action (paper: 0.45 against 1.77 nats)
+    actions          what the K actions mean: each one's usage share, the tokens of the transitions it labels, the
+                     tokens the world model writes under it, and one prefix continued under several fixed actions
+                     side by side
+    diversity        semantic diversity as in the paper: M continuations per prefix, QD = 1 / mean pairwise cosine
+                     similarity of their embeddings, for random latent actions, base token sampling and random tokens
+                     (paper: 1.92 / 1.54 / 1.30); distinct-n beside it. --sanity: the measure on held-out text itself
+    plot             PNG files: the loss curve of each stage (<run>/loss.png) and, in the runs directory, losses.png,
+                     action_usage.png (Stage A: direct assignment against the VQ ablation), rl_reward.png (RL over
+                     latent actions against tokens, from rl.py's run directories) and diversity.png
+
+Run it (CPU, on the tiny pipeline's exports; each command prints its table and writes <run>/eval/<command>.json when
+--ckpt is a run's final/):
+    python eval.py controllability --ckpt runs/pretrain/final
+    python eval.py actions --ckpt runs/pretrain/final --prompt "Return the "
+    python eval.py diversity --ckpt runs/pretrain/final
+    python eval.py diversity --ckpt runs/pretrain/final --sanity
+    python eval.py plot --runs runs                 # needs matplotlib, an optional dependency: pip install matplotlib
+    python -m pytest -q tests/test_eval.py
+
+Deviations from the paper / official code:
+  - **embeddings**: the paper embeds continuations with BGE-M3, which cannot be downloaded here. Our substitute is
+    the frozen base LM itself: its final normed hidden states h of [BOS] + continuation, mean-pooled over the
+    continuation, then standardised per dimension with the mean and std of the same embedding over held-out general
+    text. Raw hidden states are anisotropic: on runs/pretrain/final, 8 unrelated held-out docstrings have a mean
+    pairwise cosine of 0.965 raw, and 8 random token strings 0.932, so raw states would rank random tokens the more
+    diverse. On standardised embeddings unrelated texts have cosine similarity near 0, so QD grows without bound as
+    the similarity of a group approaches 0; BGE-M3's similarities have a positive floor. Compare rankings with the
+    paper, not values;
+  - distinct-n (distinct word n-grams / all word n-grams of a group) is reported beside QD as the lexical measure;
+  - "base token sampling" samples the base at temperature 1 over the full vocabulary; "random tokens" draws uniformly
+    from the tokenizer's ordinary (non-special) tokens; "random latent actions" draws a_t uniformly from the K actions
+    and decodes the world model greedily (PAPER.md §2, "Generation"). Generation does not stop at eos, so every
+    continuation has the same length;
+  - held-out text: the embedded corpus's val split (what the training stages evaluate on) for controllability and
+    actions; its stdlib docstrings alone (no task text) for prefixes and the embedding statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The paper's quality-diversity numbers (BGE-M3 embeddings; PAPER.md §6).
+PAPER_QD = {"random latent actions": 1.92, "base token sampling": 1.54, "random tokens": 1.30}
+METHODS = tuple(PAPER_QD)
+PLOT_HINT = "pip install matplotlib, then: python eval.py plot --runs {runs}"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: checkpoints, the held-out text
+
+
+def device_of(name: str) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_cola(ckpt: str, device, what: str = "--ckpt"):
+    """A CoLA export past Stage A, or one line saying what is wrong with the directory."""
+    from cola import CoLA
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise SystemExit(f"{what} {ckpt}: directory not found")
+    try:
+        model = CoLA.from_pretrained(path, device=device)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"{what} {ckpt}: {e}") from None
+    if model.initialised_from_llama:
+        raise SystemExit(f"{what} {ckpt} is a plain Llama (no IDM, codebook or merge module): pass a CoLA checkpoint "
+                         f"after Stage A, e.g. runs/pretrain/final")
+    return model.eval().requires_grad_(False)
+
+
+def load_llama(ckpt: str, device, what: str):
+    from model import Transformer
+    if not Path(ckpt).is_dir():
+        raise SystemExit(f"{what} {ckpt}: directory not found")
+    try:
+        return Transformer.from_pretrained(ckpt, device=device).eval().requires_grad_(False)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"{what} {ckpt}: {e}") from None
+
+
+def held_out_batches(tok, n_batches: int, batch: int, seq_len: int, device) -> list:
+    """The held-out windows the training stages evaluate on (train.VAL_SEED order, val split of the embedded corpus):
+    n_batches Batch(tokens [batch, seq_len + 1], ...). With the pipeline's sizes (8 x 8 x 448) these are lm_val."""
+    import data
+    from train import VAL_SEED
+    cfg = SimpleNamespace(data="", val_data="", seed=0, seq_len=seq_len)
+    loader = data.TokenLoader(data.lm_shards(cfg, tok)[1], batch, seq_len, seed=VAL_SEED)
+    return [loader.next_batch().to(device) for _ in range(n_batches)]
+
+
+def general_text(tok) -> np.ndarray:
+    """The held-out general-text stream (stdlib docstrings only, each [BOS] doc [EOS]) as one uint32 array."""
+    import data
+    cfg = SimpleNamespace(data="", val_data="", seed=0)
+    return np.concatenate([np.fromfile(p, dtype=np.uint32) for p in data.general_text_shards(cfg, tok)])
+
+
+def documents(stream: np.ndarray, bos: int) -> list[np.ndarray]:
+    """Split a [BOS] doc [EOS] stream into its documents (each starting with its BOS)."""
+    starts = np.flatnonzero(stream == bos)
+    return [stream[a:b] for a, b in zip(starts, list(starts[1:]) + [len(stream)])]
+
+
+def amp(dtype: str, device):
+    """The training stages' autocast (trainer.autocast): bfloat16, or nothing for float32."""
+    from trainer import autocast
+    return autocast(dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Controllability and what each action means (PAPER.md §6: world model given IDM actions vs the base LM)
+
+
+@torch.no_grad()
+def transitions(model, x: torch.Tensor) -> dict:
+    """Per transition x_{1:t} -> x_{t+1} of windows x [B, T+1]: the IDM's action k [B, T] (argmax, look-ahead), the
+    target x_{t+1} [B, T], the base LM's CE [B, T] and the world model's CE given k [B, T]."""
+    h = model.hidden(x)                                                                      # [B, T+1, D]
+    k = model.idm_labels(h)                                                                  # [B, T]
+    y = x[:, 1:]                                                                             # [B, T]
+    lm = F.cross_entropy(model.base.output(h[:, :-1]).float().transpose(1, 2), y, reduction="none")      # [B, T]
+    wm = F.cross_entropy(model.world_logits(h[:, :-1], k).float().transpose(1, 2), y, reduction="none")  # [B, T]
+    return {"k": k, "y": y, "lm": lm, "wm": wm}
+
+
+@torch.no_grad()
+def controllability(model, batches, dtype: str = "bfloat16") -> dict:
+    """Mean CE (nats/token) of the base LM and of the world model given the IDM's actions, overall and per action:
+    for each action k, the transitions the IDM labels k, their share, and both losses on them."""
+    K = model.args.n_actions
+    n, lm, wm = (torch.zeros(K, dtype=torch.float64) for _ in range(3))                     # [K]
+    for b in batches:
+        with amp(dtype, b.tokens.device):
+            t = transitions(model, b.tokens)
+        m = b.mask[:, 1:]                                                                    # [B, T]
+        k = t["k"][m].cpu()
+        n += torch.bincount(k, minlength=K).double()
+        lm += torch.bincount(k, t["lm"][m].double().cpu(), minlength=K)
+        wm += torch.bincount(k, t["wm"][m].double().cpu(), minlength=K)
+    total = n.sum().item()
+    per = [{"action": a, "share": n[a].item() / total, "lm": lm[a].item() / n[a].item() if n[a] else None,
+            "wm_idm": wm[a].item() / n[a].item() if n[a] else None} for a in range(K)]
+    return {"transitions": int(total), "lm": lm.sum().item() / total, "wm_idm": wm.sum().item() / total,
+            "alive": int((n > 0).sum()), "n_actions": K, "per_action": per}
+
+
+@torch.no_grad()
+def action_tokens(model, batches, top: int = 5, positions: int = 2048, dtype: str = "bfloat16") -> dict:
+    """For each action k: the tokens x_{t+1} of the held-out transitions the IDM labels k ("labels"), and the tokens
+    the world model writes greedily when a_t = k is imposed on the states of the first `positions` held-out
+    transitions ("writes"). Each a list of (token id, share), most frequent first."""
+    K, V = model.args.n_actions, model.base_args.vocab_size
+    labelled = torch.zeros(K * V, dtype=torch.float64)                                      # [K*V]
+    states = []
+    for b in batches:
+        with amp(dtype, b.tokens.device):
+            h = model.hidden(b.tokens)                                                       # [B, T+1, D]
+            k = model.idm_labels(h)                                                          # [B, T]
+        m = b.mask[:, 1:]                                                                    # [B, T]
+        labelled += torch.bincount((k * V + b.tokens[:, 1:])[m].cpu(), minlength=K * V).double()
+        if sum(len(s) for s in states) < positions:
+            states.append(h[:, :-1][m])                                                      # [n, D]
+    s = torch.cat(states)[:positions][None]                                                  # [1, N, D]
+    written = torch.zeros(K, V, dtype=torch.float64)                                        # [K, V]
+    for a in range(K):
+        with amp(dtype, s.device):
+            out = model.world_logits(s, torch.full(s.shape[:2], a, dtype=torch.long, device=s.device)).argmax(-1)
+        written[a] = torch.bincount(out.flatten().cpu(), minlength=V).double()              # out [1, N]
+
+    def tops(counts):                                                                        # [V] -> [(id, share)]
+        total = counts.sum().item()
+        vals, ids = counts.topk(min(top, V))
+        return [(int(i), v / total) for i, v in zip(ids.tolist(), vals.tolist()) if v > 0] if total else []
+    labelled = labelled.view(K, V)
+    return {"labels": [tops(labelled[a]) for a in range(K)], "writes": [tops(written[a]) for a in range(K)]}
+
+
+@torch.no_grad()
+def side_by_side(model, prompt: list[int], actions: list[int], n_new: int) -> dict:
+    """One prefix continued under each fixed action a_t = a (CoLA.generate, mode "fixed"; tokens decoded greedily),
+    and by the base LM alone (greedy), for comparison: {label: new token ids}."""
+    rows = {f"action {a}": model.generate([prompt], n_new, mode="fixed", action=a)["tokens"][0] for a in actions}
+    rows["base LM, greedy"] = model.base.generate([prompt], n_new, temperature=0.0)[0]
+    return rows
+
+
+def show(tok, ids) -> str:
+    """Token ids as one printable line (newlines and tabs escaped)."""
+    return tok.decode(list(ids)).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Semantic diversity (PAPER.md §6): QD = 1 / mean pairwise cosine similarity within each group of M continuations
+
+
+@torch.no_grad()
+def embed(base, seqs: list[list[int]], bos: int, chunk: int = 64) -> torch.Tensor:
+    """Our substitute for BGE-M3: the frozen base's h of [BOS] + sequence, mean-pooled over the sequence's positions.
+    seqs: N token lists (any lengths >= 1) -> [N, D] float32."""
+    device = base.tok_embeddings.weight.device
+    out = []
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i:i + chunk]
+        L = max(len(s) for s in part)
+        x = torch.full((len(part), L + 1), bos, dtype=torch.long, device=device)            # [n, L+1]
+        keep = torch.zeros(len(part), L + 1, dtype=torch.bool, device=device)               # [n, L+1]
+        for j, s in enumerate(part):
+            x[j, 1:1 + len(s)] = torch.tensor(s, dtype=torch.long)
+            keep[j, 1:1 + len(s)] = True            # right padding: causal, so it never reaches a kept position
+        h = base.hidden(x).float()                                                           # [n, L+1, D]
+        w = keep.float()[..., None]                                                          # [n, L+1, 1]
+        out.append((h * w).sum(1) / w.sum(1).clamp_min(1))                                   # [n, D]
+    return torch.cat(out)                                                                    # [N, D]
+
+
+def embedding_stats(base, stream: np.ndarray, length: int, bos: int, n: int = 512) -> tuple:
+    """Per-dimension mean and std [D] of `embed` over up to n non-overlapping chunks of `length` tokens of held-out
+    general text: what standardisation subtracts and divides by."""
+    n = min(n, len(stream) // length)
+    if n < 2:
+        raise ValueError(f"eval: the held-out text has {len(stream)} tokens, fewer than two chunks of {length}")
+    chunks = [stream[i * length:(i + 1) * length].tolist() for i in range(n)]
+    e = embed(base, chunks, bos)                                                             # [n, D]
+    return e.mean(0), e.std(0)
+
+
+def standardise(e: torch.Tensor, stats: tuple) -> torch.Tensor:
+    """(e - mean) / std per dimension: e [..., D]."""
+    mean, std = stats
+    return (e - mean) / (std + 1e-6)
+
+
+def mean_pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
+    """emb [P, M, D] (P groups of M embeddings, M >= 2) -> [P]: the mean cosine similarity over the M (M - 1) / 2
+    pairs i < j of each group."""
+    P, M, _ = emb.shape
+    if M < 2:
+        raise ValueError(f"mean_pairwise_cosine: groups need M >= 2 members, got M = {M}")
+    u = F.normalize(emb.double(), dim=-1)                                                    # [P, M, D]
+    sim = u @ u.transpose(1, 2)                                                              # [P, M, M]
+    off = ~torch.eye(M, dtype=torch.bool, device=emb.device)                                 # [M, M]
+    return (sim[:, off].sum(-1) / (M * (M - 1))).to(emb.dtype)                               # [P]
+
+
+def quality_diversity(similarity: float) -> float:
+    """Eq (PAPER.md §6): QD = 1 / mean similarity; inf when the mean similarity is <= 0 (groups no more alike than
+    unrelated texts, which standardised embeddings allow)."""
+    return 1.0 / similarity if similarity > 0 else math.inf
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Lexical diversity of a group: distinct word n-grams / all word n-grams over its texts (whitespace words);
+    0.0 when the texts hold no n-gram."""
+    grams = [tuple(ws[i:i + n]) for t in texts for ws in [t.split()] for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score_groups(groups: list[list[list[int]]], embedder, tok, stats) -> dict:
+    """groups: P groups of M token lists -> mean similarity, QD, distinct-1 and distinct-2 (means over groups)."""
+    P, M = len(groups), len(groups[0])
+    e = standardise(embed(embedder, [s for g in groups for s in g], tok.bos_id), stats)     # [P*M, D]
+    sim = mean_pairwise_cosine(e.view(P, M, -1)).mean().item()
+    texts = [[tok.decode(s) for s in g] for g in groups]
+    return {"similarity": sim, "qd": quality_diversity(sim),
+            "distinct_1": sum(distinct_n(t, 1) for t in texts) / P,
+            "distinct_2": sum(distinct_n(t, 2) for t in texts) / P}
+
+
+@torch.no_grad()
+def continuations(model, prefixes: list[list[int]], m: int, n_new: int, n_ordinary: int, seed: int) -> dict:
+    """M continuations of n_new tokens per prefix for each method: {method: P groups of M token lists}."""
+    device = model.base.tok_embeddings.weight.device
+    rows = [p for p in prefixes for _ in range(m)]
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {"random latent actions": model.generate(rows, n_new, mode="random", generator=g)["tokens"],
+           "base token sampling": model.base.generate(rows, n_new, temperature=1.0, top_p=1.0, generator=g),
+           "random tokens": torch.randint(n_ordinary, (len(rows), n_new), generator=g, device=device).tolist()}
+    return {k: [v[i * m:(i + 1) * m] for i in range(len(prefixes))] for k, v in out.items()}
+
+
+def diversity_prefixes(tok, n: int, length: int, seed: int) -> list[list[int]]:
+    """n prefixes of `length` tokens: the openings ([BOS] + first tokens) of held-out docstrings, chosen by seed."""
+    docs = [d for d in documents(general_text(tok), tok.bos_id) if len(d) > length]
+    if len(docs) < n:
+        raise ValueError(f"eval: only {len(docs)} held-out documents are longer than {length} tokens; ask for fewer "
+                         f"prefixes or shorter ones")
+    pick = np.random.default_rng(seed).choice(len(docs), n, replace=False)
+    return [docs[i][:length].tolist() for i in sorted(pick)]
+
+
+@torch.no_grad()
+def diversity(model, tok, embedder=None, n_prefixes: int = 16, m: int = 8, prefix_len: int = 32, n_new: int = 48,
+              seed: int = 0, n_stats: int = 512) -> dict:
+    """The paper's semantic-diversity comparison on held-out prefixes, with our embedding (module docstring)."""
+    embedder = embedder or model.base
+    prefixes = diversity_prefixes(tok, n_prefixes, prefix_len, seed)
+    n_ordinary = min(tok.special_tokens.values())          # ordinary tokens are the ids below the first special one
+    groups = continuations(model, prefixes, m, n_new, n_ordinary, seed)
+    stats = embedding_stats(embedder, general_text(tok), n_new, tok.bos_id, n_stats)
+    out = {"prefixes": n_prefixes, "m": m, "prefix_len": prefix_len, "n_new": n_new, "seed": seed,
+           "embedding": "frozen base LM hidden states, mean-pooled, standardised per dimension (substitute for "
+                        "BGE-M3)", "methods": {}}
+    for name, gs in groups.items():
+        out["methods"][name] = {**score_groups(gs, embedder, tok, stats), "paper_qd": PAPER_QD[name],
+                                "example": show(tok, gs[0][0])}
+    out["example_prefix"] = show(tok, prefixes[0][1:])
+    return out
+
+
+@torch.no_grad()
+def diversity_sanity(embedder, tok, n_groups: int = 16, m: int = 8, length: int = 48, seed: int = 0) -> dict:
+    """The measure on texts whose diversity is known, no generation involved. Groups of M chunks of `length` tokens:
+    "one document" (M chunks of the same held-out docstring: one topic), "different documents" (M docstrings) and
+    "random tokens". A semantic measure should rank random tokens lowest; distinct-n ranks them highest."""
+    rng = np.random.default_rng(seed)
+    stream = general_text(tok)
+    docs = [d[1:] for d in documents(stream, tok.bos_id)]
+    long = [d for d in docs if len(d) >= m * length]
+    if len(long) < n_groups or len(docs) < m:
+        raise ValueError(f"eval: {len(long)} held-out documents hold {m} chunks of {length} tokens; ask for fewer "
+                         f"groups or shorter chunks")
+    n_ordinary = min(tok.special_tokens.values())
+
+    def chunk(d):                                                                           # a random chunk of d
+        i = int(rng.integers(0, len(d) - length + 1))
+        return d[i:i + length].tolist()
+    one = [[long[i][j * length:(j + 1) * length].tolist() for j in range(m)]
+           for i in rng.choice(len(long), n_groups, replace=False)]
+    different = [[chunk(docs[i]) for i in rng.choice(len(docs), m, replace=False)] for _ in range(n_groups)]
+    rand = [[rng.integers(0, n_ordinary, length).tolist() for _ in range(m)] for _ in range(n_groups)]
+    stats = embedding_stats(embedder, stream, length, tok.bos_id)
+    return {"groups": n_groups, "m": m, "length": length, "seed": seed, "methods": {
+        name: score_groups(g, embedder, tok, stats) for name, g in
+        (("one document", one), ("different documents", different), ("random tokens", rand))}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Action usage after Stage A: direct assignment (a CoLA export) and the VQ ablation (its last checkpoint)
+
+
+@torch.no_grad()
+def usage_counts(model, batches, assign, dtype: str = "bfloat16") -> list[int]:
+    """How often each of the K actions is chosen on held-out windows; assign(model, tokens) -> [B, T] actions."""
+    K = model.args.n_actions
+    n = torch.zeros(K, dtype=torch.long)
+    for b in batches:
+        with amp(dtype, b.tokens.device):
+            n += torch.bincount(assign(model, b.tokens)[b.mask[:, 1:]].cpu(), minlength=K)
+    return n.tolist()
+
+
+def direct_assign(model, x):
+    return model.idm_labels(model.hidden(x))                                                  # [B, T]
+
+
+def vq_assign(model, x):
+    from train import nearest_code
+    return nearest_code(model.idm_logits(model.hidden(x))[:, 1:].float(), model.codebook.weight.float())
+
+
+def load_vq(run_dir: Path, device):
+    """The VQ ablation exports nothing (its IDM head is d -> d): rebuild train.VQCoLA from the run's config.json and
+    load its newest checkpoint (every weight, the frozen base included)."""
+    import parallel
+    from cola import COLA_PRESETS
+    from model import PRESETS
+    from train import VQCoLA
+    cfg = json.loads((run_dir / "config.json").read_text())
+    ckpt = parallel.latest_checkpoint(run_dir)
+    if ckpt is None:                           # the VQ run is still at its first step
+        raise SystemExit(f"{run_dir}: no complete checkpoint of the VQ ablation to read")
+    model = VQCoLA(PRESETS[cfg["preset"]], COLA_PRESETS[cfg["preset"]])
+    parallel.load_checkpoint(ckpt, parallel.Root(model))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def stage_a_runs(runs: Path) -> dict:
+    """{"direct": run dir, "vq": run dir} of the Stage A runs under `runs` (names pretrain / pretrain-vq preferred)."""
+    found = {}
+    for d in sorted(p.parent for p in runs.glob("*/config.json")):
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except ValueError:
+            continue
+        if cfg.get("stage") != "pretrain":
+            continue
+        kind = "vq" if cfg.get("quantizer") == "vq" else "direct"
+        if kind not in found or d.name in ("pretrain", "pretrain-vq"):
+            found[kind] = d
+    return found
+
+
+def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "bfloat16") -> dict:
+    """Action usage of Stage A's direct and VQ runs under `runs`, cached in <run>/eval/usage.json."""
+    from tokenizer import Tokenizer
+    out = {}
+    import parallel
+    for kind, d in stage_a_runs(runs).items():
+        cache = d / "eval" / "usage.json"
+        ckpt = parallel.latest_checkpoint(d) if kind == "vq" else d / "final"
+        if ckpt is None or not (ckpt / ("train.json" if kind == "vq" else "config.json")).exists():
+            continue                           # nothing trained there (yet)
+        made = (ckpt / ("train.json" if kind == "vq" else "config.json")).stat().st_mtime
+        if cache.exists() and cache.stat().st_mtime >= made:                 # computed after the model was written
+            out[kind] = json.loads(cache.read_text())
+            continue
+        model = load_cola(str(d / "final"), device) if kind == "direct" else load_vq(d, device)
+        cfg = json.loads((d / "config.json").read_text())
+        batches = held_out_batches(Tokenizer(), n_batches, cfg["micro_batch"], cfg["seq_len"], device)
+        counts = usage_counts(model, batches, direct_assign if kind == "direct" else vq_assign, dtype)
+        out[kind] = {"run": d.name, "counts": counts, "alive": sum(c > 0 for c in counts)}
+        write_json(cache, out[kind])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib is optional: imported only here)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(step rows, eval rows) of a run's metrics.jsonl; an unreadable line (a run being killed) is skipped."""
+    steps, evals = [], []
+    f = run_dir / "metrics.jsonl"
+    for line in f.read_text().splitlines() if f.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        (steps if "step" in row else evals).append(row)
+    return steps, evals
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    """Every run directory under `runs` (one with a metrics.jsonl), at any depth."""
+    return sorted(p.parent for p in runs.rglob("metrics.jsonl"))
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def loss_series(steps: list[dict]) -> dict:
+    """{label: (x, y)} to draw for a run: each phase's loss, and its parts (ce, vq, reg) when they differ from it.
+    An RL run (rl.py: rows with a reward) draws its reward and KL instead: GRPO's loss is ~0 by construction (the
+    advantages of a group sum to 0 and the ratio starts at 1 every step), so its curve says nothing."""
+    rl = any("reward" in r for r in steps)
+    series = {}
+    for r in steps:
+        phase = r.get("phase", "")
+        for key in (("reward", "kl") if rl else ("loss", "ce", "vq", "reg")):
+            if key in r and (rl or key == "loss" or r[key] != r.get("loss")):
+                label = f"{phase} {key}".strip() if phase else key
+                xs, ys = series.setdefault(label, ([], []))
+                xs.append(r["step"])
+                ys.append(r[key])
+    return series
+
+
+def plot_losses(plt, runs: Path) -> list[Path]:
+    """<run>/loss.png for every run with loss rows, and runs/losses.png: all of them on one page."""
+    written, panels = [], []
+    for d in run_dirs(runs):
+        series = loss_series(read_metrics(d)[0])
+        if not series:
+            continue
+        panels.append((d, series))
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        draw_losses(ax, d, series, runs)
+        fig.tight_layout()
+        written.append(save(fig, plt, d / "loss.png"))
+    if panels:
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+        for ax, (d, series) in zip(axes.flat, panels):
+            draw_losses(ax, d, series, runs)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        written.append(save(fig, plt, runs / "losses.png"))
+    return written
+
+
+def draw_losses(ax, d: Path, series: dict, runs: Path):
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, lw=1.4)
+    rl = "reward" in series
+    ax.set_title(f"{d.relative_to(runs) if d != runs else d.name}: training {'reward' if rl else 'loss'}", fontsize=10)
+    ax.set_xlabel("RL step" if rl else "optimizer step")
+    ax.set_ylabel("reward; KL (nats / token)" if rl else
+                  "loss (nats / token)" + ("; vq: mean squared distance" if any("vq" in k for k in series) else ""))
+    values = [y for _, ys in series.values() for y in ys]
+    if min(values) <= 0:
+        ax.axhline(0, color="grey", lw=0.5)
+    elif max(values) / min(values) > 20:          # the VQ ablation: its codebook loss dwarfs the CE
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_usage(plt, runs: Path, usage: dict) -> Path | None:
+    """runs/action_usage.png: each action's share of held-out transitions after Stage A, most used first, for direct
+    assignment and for the VQ ablation side by side."""
+    kinds = [k for k in ("direct", "vq") if k in usage]
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        counts = np.array(usage[kind]["counts"], dtype=float)
+        share = np.sort(counts / counts.sum())[::-1]
+        K = len(counts)
+        ax.bar(np.arange(K), share, color="tab:blue" if kind == "direct" else "tab:red")
+        ax.axhline(1 / K, color="grey", ls="--", lw=0.8, label=f"uniform 1/{K}")
+        name = "direct assignment (CoLA)" if kind == "direct" else "VQ codebook (ablation)"
+        ax.set_title(f"{name}, {usage[kind]['run']}: {usage[kind]['alive']} / {K} actions used", fontsize=10)
+        ax.set_xlabel("action, by rank of usage")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("share of held-out transitions")
+    fig.tight_layout()
+    return save(fig, plt, runs / "action_usage.png")
+
+
+def rl_runs(runs: Path) -> list[tuple[Path, dict]]:
+    """rl.py's run directories under `runs` (config.json with a level and a stage rl-*), with their configs."""
+    out = []
+    for d in run_dirs(runs):
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if str(cfg.get("stage", "")).startswith("rl-") and cfg.get("level") in ("latent", "token"):
+            out.append((d, cfg))
+    return out
+
+
+def plot_rl(plt, runs: Path) -> Path | None:
+    """runs/rl_reward.png: training reward per step (left) and the held-out sampled well-formed rate (right), RL over
+    latent actions in blue, over tokens in orange, one line per run."""
+    found = rl_runs(runs)
+    if not found:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for d, cfg in found:
+        steps, evals = read_metrics(d)
+        color = "tab:blue" if cfg["level"] == "latent" else "tab:orange"
+        label = f"{cfg['level']} {cfg.get('algo', '')} ({d.relative_to(runs)})"
+        if steps:
+            left.plot([r["step"] for r in steps], [r["reward"] for r in steps], color=color, alpha=0.8, lw=1.2,
+                      label=label)
+        pts = sorted((e["eval"]["step"], e["eval"]["sampled_format"]) for e in evals
+                     if isinstance(e.get("eval"), dict) and "sampled_format" in e["eval"])
+        if pts:
+            right.plot(*zip(*pts), marker="o", color=color, lw=1.2, label=label)
+    left.set_title("training reward (mean over the step's samples)", fontsize=10)
+    right.set_title("held-out: sampled responses well formed", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, plt, runs / "rl_reward.png")
+
+
+def diversity_results(runs: Path) -> tuple[Path, dict] | None:
+    """The newest eval/diversity.json under `runs` (the pipeline writes pretrain/eval/diversity.json)."""
+    found = sorted(runs.glob("*/eval/diversity.json"), key=lambda p: p.stat().st_mtime)
+    return (found[-1], json.loads(found[-1].read_text())) if found else None
+
+
+def plot_diversity(plt, runs: Path) -> Path | None:
+    """runs/diversity.png: QD per method, ours (frozen-base embeddings) beside the paper's (BGE-M3); distinct-1, -2."""
+    res = diversity_results(runs)
+    if res is None:
+        return None
+    f, div = res
+    names = [n for n in METHODS if n in div["methods"]]
+    ours = [div["methods"][n]["qd"] for n in names]
+    x = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    finite = [v for v in ours if math.isfinite(v)]
+    top = max(finite + [max(PAPER_QD.values())]) * 1.15
+    left.bar(x - 0.2, [min(v, top) for v in ours], 0.4, label="ours: frozen-base embeddings (substitute)")
+    left.bar(x + 0.2, [PAPER_QD[n] for n in names], 0.4, label="paper: BGE-M3")
+    for xi, v in zip(x, ours):
+        left.text(xi - 0.2, min(v, top), f"{v:.2f}" if math.isfinite(v) else "inf", ha="center", va="bottom",
+                  fontsize=8)
+    left.set_xticks(x, names, fontsize=8)
+    left.set_ylabel("QD = 1 / mean pairwise cosine similarity")
+    left.set_title(f"semantic diversity, {div['m']} continuations x {div['prefixes']} prefixes "
+                   f"({f.parent.parent.name})", fontsize=10)
+    left.set_ylim(0, top * 1.3)                       # room for the legend above the bars
+    left.legend(fontsize=7, loc="upper left")
+    for i, (key, color) in enumerate((("distinct_1", "tab:green"), ("distinct_2", "tab:olive"))):
+        right.bar(x + (i - 0.5) * 0.4, [div["methods"][n][key] for n in names], 0.4, color=color,
+                  label=key.replace("_", "-"))
+    right.set_xticks(x, names, fontsize=8)
+    right.set_ylabel("distinct word n-grams / all n-grams")
+    right.set_title("lexical diversity (distinct-n, the same continuations)", fontsize=10)
+    right.legend(fontsize=7, loc="lower right")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return save(fig, plt, runs / "diversity.png")
+
+
+def save(fig, plt, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(runs: Path, device, n_batches: int = 8) -> list[Path] | None:
+    """Every plot this module draws, from what `runs` holds; None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    usage = usage_of_runs(runs, device, n_batches)
+    written = plot_losses(plt, runs)
+    written += [p for p in (plot_usage(plt, runs, usage), plot_rl(plt, runs), plot_diversity(plt, runs)) if p]
+    return written
+
+
+def after_pipeline(root: Path, scale: float = 1.0):
+    """What the pipeline calls last: action usage (direct vs VQ) and the diversity comparison on its Stage A export,
+    saved as JSON in the run directories, then the plots. Without matplotlib the numbers are still written and the
+    way to get the plots is printed. Sizes shrink with --scale like the pipeline's evaluations."""
+    device = device_of("")
+    root = Path(root)
+    small = min(1.0, scale * 10)
+    usage_of_runs(root, device, n_batches=max(1, round(8 * small)))
+    pre = root / "pretrain"
+    if (pre / "final").is_dir():
+        from tokenizer import Tokenizer
+        model = load_cola(str(pre / "final"), device)
+        div = diversity(model, Tokenizer(), n_prefixes=max(2, round(16 * small)), m=max(2, round(8 * small)),
+                        n_new=max(8, round(48 * small)), n_stats=max(32, round(512 * small)))
+        write_json(pre / "eval" / "diversity.json", div)
+        print(diversity_table(div))
+    written = plot_all(root, device)
+    if written is None:
+        print("plots skipped: matplotlib is not installed (optional). To draw them: " + PLOT_HINT.format(runs=root))
+    else:
+        print("plots: " + ", ".join(str(p) for p in written))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def controllability_table(c: dict, top: int) -> str:
+    lines = [f"held-out transitions: {c['transitions']}; actions used by the IDM: {c['alive']} / {c['n_actions']}",
+             f"base LM loss {c['lm']:.3f} nats/token; world model given the IDM's actions {c['wm_idm']:.3f} "
+             f"({c['wm_idm'] / c['lm']:.2f}x the base's; paper: 0.45 vs 1.77)", "",
+             "| action | share | base LM loss | world model loss | gain |", "|---|---|---|---|---|"]
+    per = sorted((p for p in c["per_action"] if p["share"] > 0), key=lambda p: -p["share"])
+    for p in per[:top]:
+        lines.append(f"| {p['action']} | {p['share']:.3f} | {p['lm']:.3f} | {p['wm_idm']:.3f} | "
+                     f"{p['lm'] - p['wm_idm']:+.3f} |")
+    if len(per) > top:
+        lines.append(f"({len(per) - top} more used actions: --top {len(per)} lists them)")
+    return "\n".join(lines)
+
+
+def actions_table(tok, c: dict, toks: dict, rows: dict, prompt: list[int], top: int) -> str:
+    def fmt(pairs):
+        return ", ".join(f"{show(tok, [i])!r} {s:.2f}" for i, s in pairs[:3])
+    per = sorted((p for p in c["per_action"] if p["share"] > 0), key=lambda p: -p["share"])
+    lines = ["| action | share | tokens of the transitions it labels | tokens the world model writes under it |",
+             "|---|---|---|---|"]
+    for p in per[:top]:
+        a = p["action"]
+        lines.append(f"| {a} | {p['share']:.3f} | {fmt(toks['labels'][a])} | {fmt(toks['writes'][a])} |")
+    lines += ["", f"prefix: {show(tok, [t for t in prompt if t != tok.bos_id])!r}"]
+    w = max(len(k) for k in rows)
+    lines += [f"  {k:<{w}}  {show(tok, v)!r}" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def diversity_table(div: dict) -> str:
+    lines = [f"{div['m']} continuations of {div['n_new']} tokens for each of {div['prefixes']} held-out prefixes; "
+             f"embeddings: {div['embedding']}", "",
+             "| method | mean pairwise cosine | QD (ours) | QD (paper, BGE-M3) | distinct-1 | distinct-2 |",
+             "|---|---|---|---|---|---|"]
+    for name, r in div["methods"].items():
+        lines.append(f"| {name} | {r['similarity']:.3f} | {r['qd']:.2f} | {r['paper_qd']:.2f} | "
+                     f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} |")
+    return "\n".join(lines)
+
+
+def sanity_table(s: dict) -> str:
+    lines = [f"sanity set: {s['groups']} groups of {s['m']} held-out chunks of {s['length']} tokens (no generation)",
+             "", "| group | mean pairwise cosine | QD | distinct-1 | distinct-2 |", "|---|---|---|---|---|"]
+    for name, r in s["methods"].items():
+        lines.append(f"| {name} | {r['similarity']:.3f} | {r['qd']:.2f} | {r['distinct_1']:.3f} | "
+                     f"{r['distinct_2']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj):
+    from checkpoint import atomic_write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def out_path(a, name: str) -> Path | None:
+    """--out, else <run>/eval/<name>.json when --ckpt is a run's final/ export, else nothing is written."""
+    if a.out:
+        return Path(a.out)
+    ckpt = Path(a.ckpt)
+    return ckpt.parent / "eval" / f"{name}.json" if ckpt.name == "final" else None
+
+
+def positive(flag: str, value: int, least: int = 1):
+    if value < least:
+        raise SystemExit(f"{flag} {value}: expected an integer >= {least}")
+
+
+def check_flags(a):
+    """Numbers that need no model, each mistake one line naming its flag."""
+    if a.cmd in ("controllability", "actions"):
+        positive("--batches", a.batches)
+        positive("--top", a.top)
+        positive("--seq-len", a.seq_len)
+        if a.cmd == "actions":
+            positive("--max-new-tokens", a.max_new_tokens)
+            if a.actions and not re.fullmatch(r"\d+(,\d+)*", a.actions):
+                raise SystemExit(f"--actions {a.actions!r}: expected comma-separated action indices, e.g. 0,5,9")
+    else:
+        positive("--prefixes", a.prefixes)
+        positive("--m", a.m, 2)
+        positive("--max-new-tokens", a.max_new_tokens)
+        positive("--prefix-len", a.prefix_len, 2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate CoLA's latent actions (PAPER.md §6) and plot the runs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--ckpt", required=True, help="CoLA checkpoint past Stage A (e.g. runs/pretrain/final)")
+        p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+        p.add_argument("--out", default="", help="JSON file for the numbers (default: <run>/eval/<command>.json "
+                                                 "when --ckpt is a run's final/)")
+        return p
+
+    for name in ("controllability", "actions"):
+        p = common(sub.add_parser(name, help=f"{name} (see the module docstring)"))
+        p.add_argument("--batches", type=int, default=8, help="held-out batches of 8 windows (the pipeline's: 8)")
+        p.add_argument("--seq-len", type=int, default=448, help="window length (the pipeline's: 448)")
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="autocast as in training's evaluations (bfloat16) or none (float32)")
+        p.add_argument("--top", type=int, default=16 if name == "controllability" else 12,
+                       help="actions listed, most used first")
+        if name == "actions":
+            p.add_argument("--prompt", default="Return the ", help="the prefix continued under fixed actions")
+            p.add_argument("--actions", default="", help="comma-separated actions to show (default: the 8 most used)")
+            p.add_argument("--max-new-tokens", type=int, default=48)
+    p = common(sub.add_parser("diversity", help="semantic diversity, QD (see the module docstring)"))
+    p.add_argument("--embedder", default="", help="plain Llama whose hidden states embed the texts (default: the "
+                                                  "checkpoint's own frozen base, e.g. runs/base/final's weights)")
+    p.add_argument("--prefixes", type=int, default=16, help="held-out prefixes (sanity: groups)")
+    p.add_argument("--m", type=int, default=8, help="M, continuations per prefix (sanity: chunks per group)")
+    p.add_argument("--prefix-len", type=int, default=32, help="tokens per prefix, [BOS] included")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per continuation (sanity: per chunk)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sanity", action="store_true", help="score held-out text itself: one document, different "
+                                                         "documents, random tokens (no generation)")
+    p = sub.add_parser("plot", help="PNG files of every run under --runs (needs matplotlib)")
+    p.add_argument("--runs", default="runs", help="the pipeline's --out-dir (run directories inside)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+    a = ap.parse_args(argv)
+
+    from tokenizer import Tokenizer
+    if a.cmd == "plot":
+        runs = Path(a.runs)
+        if not runs.is_dir():
+            raise SystemExit(f"--runs {a.runs}: directory not found (run `python train.py --stage pipeline` first)")
+        if not run_dirs(runs):
+            raise SystemExit(f"--runs {a.runs}: no run directory (metrics.jsonl) inside")
+        written = plot_all(runs, device_of(a.device))
+        if written is None:
+            raise SystemExit("eval.py plot needs matplotlib, an optional dependency: " + PLOT_HINT.format(runs=a.runs))
+        print("\n".join(f"wrote {p}" for p in written))
+        return written
+    check_flags(a)
+    device = device_of(a.device)
+    model = load_cola(a.ckpt, device)
+    tok = Tokenizer.find(a.ckpt, None)
+    ctx, K = model.base_args.max_seq_len, model.args.n_actions
+    if a.cmd in ("controllability", "actions"):
+        if a.seq_len >= ctx:
+            raise SystemExit(f"--seq-len {a.seq_len}: windows of {a.seq_len + 1} tokens exceed the model's context "
+                             f"of {ctx}")
+        acts = [int(s) for s in a.actions.split(",")] if getattr(a, "actions", "") else []
+        if any(not 0 <= x < K for x in acts):
+            raise SystemExit(f"--actions: {next(x for x in acts if not 0 <= x < K)} is outside [0, {K}) (K = the "
+                             f"checkpoint's number of actions)")
+        prompt = tok.encode(a.prompt, bos=True, eos=False) if a.cmd == "actions" else []
+        if a.cmd == "actions" and len(prompt) + a.max_new_tokens > ctx:
+            raise SystemExit(f"--prompt and --max-new-tokens: {len(prompt)} + {a.max_new_tokens} tokens exceed the "
+                             f"model's context of {ctx}")
+        batches = held_out_batches(tok, a.batches, 8, a.seq_len, device)
+        c = controllability(model, batches, a.dtype)
+        result = c
+        if a.cmd == "controllability":
+            print(controllability_table(c, a.top))
+        else:
+            acts = acts or [p["action"] for p in sorted(c["per_action"], key=lambda p: -p["share"])[:8]]
+            toks = action_tokens(model, batches, dtype=a.dtype)
+            rows = side_by_side(model, prompt, acts, a.max_new_tokens)
+            print(actions_table(tok, c, toks, rows, prompt, a.top))
+            result = {"controllability": c, "tokens": toks, "prompt": a.prompt,
+                      "side_by_side": {k: tok.decode(v) for k, v in rows.items()}}
+    else:
+        if a.prefix_len + a.max_new_tokens > ctx:
+            raise SystemExit(f"--prefix-len {a.prefix_len} + --max-new-tokens {a.max_new_tokens} exceed the model's "
+                             f"context of {ctx}")
+        embedder = load_llama(a.embedder, device, "--embedder") if a.embedder else None
+        try:
+            if a.sanity:
+                result = diversity_sanity(embedder or model.base, tok, a.prefixes, a.m, a.max_new_tokens, a.seed)
+                print(sanity_table(result))
+            else:
+                result = diversity(model, tok, embedder, a.prefixes, a.m, a.prefix_len, a.max_new_tokens, a.seed)
+                print(diversity_table(result))
+        except ValueError as e:
+            raise SystemExit(str(e).removeprefix("eval: ")) from None
+    out = out_path(a, "diversity-sanity" if getattr(a, "sanity", False) else a.cmd)
+    if out is not None:
+        write_json(out, result)
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
