@@ -276,6 +276,13 @@ def test_bad_input_one_line_before_work(case, chain, tmp_path, monkeypatch, caps
     assert not out.exists() or not (out / "metrics.jsonl").exists()
 
 
+def test_prompts_that_do_not_split_over_the_ranks_stop_with_one_line():
+    with pytest.raises(SystemExit) as e:
+        rl.parse_args(["--init", "x", "--prompts-per-step", "3"], World(rank=0, size=2, launched=True))
+    msg = str(e.value.code)
+    assert "--prompts-per-step 3 is not a multiple of the 2 processes" in msg and "\n" not in msg
+
+
 def test_reward_that_returns_nan_stops_with_one_line(latent, monkeypatch):
     cfg, model, tok = latent
     monkeypatch.setitem(tasks.REWARDS, "task", lambda p, c: float("nan"))
