@@ -64,8 +64,9 @@ class Assignment:
     pending: str = ""          # set while the code the assignment needs has not landed
 
 
-M, C, T, R, CT, EV = ("tests/test_model.py::", "tests/test_cola.py::", "tests/test_train.py::", "tests/test_rl.py::",
-                      "tests/test_course.py::", "tests/test_eval.py::")
+M, C, T, R, CT, EV, Q = ("tests/test_model.py::", "tests/test_cola.py::", "tests/test_train.py::",
+                         "tests/test_rl.py::", "tests/test_course.py::", "tests/test_eval.py::", "tests/test_mcts.py::")
+TREE = Q + "test_backup_puct_and_td_test_by_hand"            # a hand-built tree: PUCT, backup, the TD test
 PARITY = M + "test_hf_checkpoint_written_by_us"                 # logits and greedy tokens == transformers' Llama
 
 ASSIGNMENTS = [
@@ -147,8 +148,15 @@ ASSIGNMENTS = [
                    Function("rl.py", "grpo_loss", [R + "test_grpo_clipped_loss_by_hand"]),
                    Function("rl.py", "remax_loss", [R + "test_remax_loss_is_reinforce"]),
                ]),
-    Assignment(8, "Tree search over latent actions: MCTS-Q", "PAPER.md §5; Algorithm 3",
-               pending="lands with mcts.py: its functions and grading tests are added when mcts.py is merged"),
+    Assignment(8, "Tree search over latent actions: the Double-DQN target, PUCT, the backup and MCTS-Q's TD test",
+               "PAPER.md §5; Algorithm 3", [
+                   Function("mcts.py", "double_dqn_targets", [Q + "test_double_dqn_targets_by_hand"]),
+                   Function("mcts.py", "puct", [CT + "test_a8_puct_by_formula", TREE]),
+                   Function("mcts.py", "edge_value", [CT + "test_a8_edge_value_by_formula", TREE]),
+                   Function("mcts.py", "backup", [TREE]),
+                   Function("mcts.py", "td_error", [CT + "test_a8_td_error_by_formula", TREE]),
+                   Function("mcts.py", "td_consistent", [CT + "test_a8_td_consistent_by_formula", TREE]),
+               ]),
 ]
 BY_N = {a.n: a for a in ASSIGNMENTS}
 

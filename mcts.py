@@ -80,7 +80,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -100,7 +99,7 @@ from model import ModelArgs, Transformer
 from parallel import Root
 from policy import seeded_sampler
 from tokenizer import Tokenizer
-from trainer import Run, arg, log_metrics, parse_config, trim_metrics, writing
+from trainer import Run, append_row, arg, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS = ("latent", "token")
 SELECTS = ("best-first", "descent")
@@ -1283,17 +1282,6 @@ def read_rows(f: Path) -> list[dict]:
         except ValueError:
             pass
     return rows
-
-
-def append_row(f: Path, row: dict):
-    """One row in one os.write on an O_APPEND file: evals of other methods may share the file, and a kill leaves at
-    most a half-written last line (read_rows drops it)."""
-    with writing(f"{f}: could not append a row"):
-        fd = os.open(f, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(row) + "\n").encode())
-        finally:
-            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

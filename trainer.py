@@ -167,9 +167,13 @@ def set_trainable(model, names):
 
 
 def log_metrics(run_dir: Path, row: dict):
-    """Append one row to metrics.jsonl in a single write(): a kill leaves at most a half-written last line, which
-    trim_metrics drops on resume."""
-    f = Path(run_dir) / "metrics.jsonl"
+    """Append one row to metrics.jsonl (append_row): trim_metrics drops a half-written last line on resume."""
+    append_row(Path(run_dir) / "metrics.jsonl", row)
+
+
+def append_row(f: Path, row: dict):
+    """One JSON row in a single os.write on an O_APPEND file: a kill leaves at most a half-written last line, and
+    writers sharing the file never interleave within a row."""
     with writing(f"{f}: could not append a row"):
         fd = os.open(f, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -37,12 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 torch_rng = lambda seed: torch.Generator().manual_seed(seed)          # noqa: E731
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread (small tensors, shared CPUs)
 
 
 def tiny_cola(seed: int = 0, vq: bool = False):
@@ -374,6 +369,31 @@ def test_a7_aggregate_by_hand():
     assert rl.aggregate(per_token, mask, "token").item() == pytest.approx(7.0 / 3)     # over the 3 counted tokens
 
 
+def test_a8_puct_by_formula():
+    import mcts
+    root = mcts.Node(seg=[0], N=4, V=0.5)
+    child = mcts.Node(seg=[1], parent=root, prior=0.25, N=1, V=0.2)
+    assert mcts.puct(child, 0.7) == pytest.approx(0.2 + 0.7 * 0.25 * math.sqrt(4) / 2)
+    assert mcts.puct(root, 0.7) == pytest.approx(0.5 + 0.7 * 1.0 * math.sqrt(4) / 5)     # the root: its own N
+
+
+def test_a8_edge_value_by_formula():
+    import mcts
+    n, c = mcts.Node(seg=[0], R=0.1), mcts.Node(seg=[1], R=0.6, V=0.3)
+    assert mcts.edge_value(n, c, 0.9) == pytest.approx((0.6 - 0.1) + 0.9 * 0.3)
+
+
+def test_a8_td_error_by_formula():
+    import mcts
+    assert mcts.td_error(0.5, 0.4, 0.99) == pytest.approx((0.5 - 0.99 * 0.4) ** 2)
+
+
+def test_a8_td_consistent_by_formula():
+    import mcts
+    assert mcts.td_consistent(0.5, 0.45, 0.99) and not mcts.td_consistent(0.5, 0.3, 0.99)   # 0.0030 / 0.0392
+    assert not mcts.td_consistent(0.1, 0.0, 1.0) and mcts.td_consistent(0.1, 0.0, 1.0, threshold=0.02)  # 0.01: strict
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tool, in a temporary copy of the repository
 
@@ -586,8 +606,7 @@ def test_outside_git_the_store_is_dot_course(pristine, tmp_path):
 
 
 def test_unknown_and_pending_assignments_are_one_line(pristine):
-    for args, want in ((("check", 99), "no such assignment"), (("start", 8), "lands with mcts.py"),
-                       (("solution", 0), "no such assignment")):
+    for args, want in ((("check", 99), "no such assignment"), (("solution", 0), "no such assignment")):
         p = course_cli(pristine, *args)
         assert p.returncode != 0 and want in p.stderr and len(p.stderr.strip().splitlines()) == 1, out(p)
 

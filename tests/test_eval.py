@@ -22,12 +22,7 @@ import eval as ev
 from tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread (small tensors, shared CPUs)
 
 
 def tiny_llama(seed=0, vocab=512):
