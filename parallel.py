@@ -113,6 +113,15 @@ def mean_over_ranks(world: World, values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
 
 
+def max_over_ranks(world: World, x: float) -> float:
+    """The largest of the ranks' values."""
+    if not world.launched:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)                            # a CPU tensor: gloo reduces it
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def broadcast_object(world: World, obj):
     """Rank 0's picklable object on every rank."""
     if not world.launched:

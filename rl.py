@@ -399,17 +399,8 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
            "rollout_tok_per_s": round(s["tokens"] * world.size / max(s["rollout_s"], 1e-9), 1)}
     if cfg.algo == "grpo":
         out["clip_frac"] = s["clipped"] / max(s["tokens"], 1)
-        out["ratio_max"] = max_over_ranks(world, ratio_max)
+        out["ratio_max"] = parallel.max_over_ranks(world, ratio_max)
     return out
-
-
-def max_over_ranks(world: parallel.World, x: float) -> float:
-    if not world.launched:
-        return x
-    import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
