@@ -16,7 +16,7 @@ Run:
     python bench.py --no-hf                          # ours only (transformers is optional)
     python bench.py --threads 1                      # steadier on a CPU shared with other jobs
     python bench.py --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
-    python bench.py --memory-plan                    # per-GPU bytes of each stage at 8B on 8 GPUs (arithmetic)
+    python bench.py --memory-plan                    # bytes of each stage at 8B: one process, per GPU on 8
     python bench.py --rl-memory-plan                 # the same for rl.py, latent and token level
 On a GPU the same commands run there (--device cuda); timings synchronise the device.
 
@@ -65,8 +65,8 @@ p.add_argument("--no-hf", action="store_true", help="skip the transformers compa
 p.add_argument("--load-rss", action="store_true", help="only measure peak RSS of from_pretrained (see docstring)")
 p.add_argument("--rss-preset", default="llama-3.2-1b", choices=sorted(PRESETS), help="shapes for --load-rss")
 p.add_argument("--tmp", default=tempfile.gettempdir(), help="where --load-rss writes its checkpoints")
-p.add_argument("--memory-plan", action="store_true", help="only print the per-GPU memory plan of every training "
-               "stage under FSDP (arithmetic, see memory_plan)")
+p.add_argument("--memory-plan", action="store_true", help="only print the memory plan of every training stage, "
+               "one process and per GPU on --gpus GPUs (memory.plan)")
 p.add_argument("--rl-memory-plan", action="store_true", help="only print the per-GPU memory plan of rl.py at 8B, "
                "latent and token level (arithmetic, see rl_memory_plan)")
 p.add_argument("--rollouts", type=int, default=16, help="--rl-memory-plan: rollouts per GPU per step")
@@ -365,76 +365,33 @@ def load_rss(a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory plan of each training stage under FSDP (bytes per GPU; arithmetic from the real module sizes, not measured)
-
-
-def block_activation_bytes(a: ModelArgs) -> int:
-    """Bytes per token a Llama block keeps for backward in bf16, flash attention (no T x T scores): the inputs of
-    both RMSNorms and of wq/wk/wv and w1/w3 (4 x D), q, k, v after RoPE and the attention output (2 D + 2 D_kv),
-    and on the SwiGLU side w1's and w3's outputs, silu's output and their product (4 x F)."""
-    d_kv = a.n_kv_heads * (a.dim // a.n_heads)
-    return 2 * (4 * a.dim + 2 * a.dim + 2 * d_kv + 4 * a.ffn_hidden)
+# Memory plan of each training stage (bytes per GPU; memory.plan, arithmetic checked against fake-tensor runs)
 
 
 def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
-    """Per-GPU bytes of every stage at micro batch x seq tokens, state sharded over `gpus` (ZeRO-3, train.py under
-    torchrun, bf16 mixed precision).
-
-    state       trained parameters 16 B each (fp32 weight, fp32 gradient, AdamW m and v); a frozen base 2 B (the
-                official weights are bf16 values, kept in bf16: train.bf16_frozen_groups), frozen new modules 4 B
-                (trained in fp32 by an earlier stage, kept exact); all divided by the number of GPUs;
-    buffers     what FSDP gathers in bf16: the root group (embeddings, W_lm, norms, heads, C) for the whole step, the
-                current and the prefetched block; plus the root's fp32 gradients before they are reduce-scattered
-                when the base trains (its embeddings and W_lm);
-    activations the blocks gradients flow through keep block_activation_bytes per token (with activation
-                checkpointing only their 2 D input, plus one block recomputed); each merge layer its [s; e] input
-                and 4 F; the loss over V classes keeps bf16 logits, their fp32 copy and the fp32 log-softmax
-                (10 V bytes per token).
-    Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), the frozen base's forward under
-    no_grad (one block's working set at a time).
-    """
-    from cola import COLA_PRESETS, CoLA
-    with torch.device("meta"):
-        m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
-    a, n = m.base_args, {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
-    c = m.args
-    tokens = micro * seq
-    blk = block_activation_bytes(a)
-    merge = 2 * (2 * a.dim + 4 * (c.merge_hidden or a.ffn_hidden))
-    ce_vocab = 10 * a.vocab_size
-    block_params = sum(p.numel() for p in m.base.layers[0].parameters())
-    root = sum(p.numel() for p in m.parameters()) - sum(p.numel() for u in
-                                                        list(m.base.layers) + list(m.idm.layers) +
-                                                        list(m.policy.layers) + [m.merge] for p in u.parameters())
-    # stage -> (groups with optimizer state, as train.py's stage functions train them; blocks with gradient flowing
-    # through; merge layers with gradient; loss classes). FTA-I's IDM runs without gradient (as in the release).
-    stages = {
-        "pretrain": ({"idm", "codebook", "merge"}, c.n_idm_layers, c.n_merge_layers, a.vocab_size),
-        "bc": ({"policy"}, c.n_policy_layers, 0, c.n_actions),
-        "fta-i (phase 1)": ({"base", "policy"}, a.n_layers, c.n_merge_layers, a.vocab_size),
-        "fta-p": ({"base"}, a.n_layers, c.n_merge_layers, a.vocab_size),
-        "sft": ({"base"}, a.n_layers, 0, a.vocab_size),
-    }
+    """Two tables of memory.plan for every stage at its default flags (activation checkpointing at 8B for the
+    stages that train the base, train.LARGE): one process, and per GPU under torchrun on `gpus` GPUs. GiB; "fits"
+    compares total + memory.CONTEXT_BYTES with an 80 GiB GPU, as memory.check_fits does."""
+    import memory
     G = 2**30
-    rows = []
-    for name, (trained, n_blocks, n_merge, classes) in stages.items():
-        groups = {"base"} if name == "sft" else set(n)
-        t = sum(n[g] for g in groups & trained)
-        f = sum(n[g] for g in groups - trained)
-        state = (16 * t + sum((2 if g == "base" else 4) * n[g] for g in groups - trained)) / gpus
-        buffers = 2 * root + 2 * 2 * block_params + (4 * root if "base" in trained else 0)
-        loss = tokens * 10 * classes
-        act = tokens * (n_blocks * blk + n_merge * merge) + loss
-        act_ac = tokens * (n_blocks * 2 * a.dim + blk + n_merge * merge) + loss
-        rows.append((name, t, f, state / G, buffers / G, act / G, act_ac / G, (state + buffers + act) / G,
-                     (state + buffers + act_ac) / G))
-    head = ("| stage | trained | frozen | state | FSDP buffers | activations | activations (AC) | total | "
-            "total (AC) |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r[0]} | {r[1] / 1e9:.2f} B | {r[2] / 1e9:.2f} B | " + " | ".join(f"{v:.1f}" for v in r[3:]) + " |"
-             for r in rows]
-    note = (f"GiB per GPU: preset {preset}, {gpus} GPUs, micro batch {micro} x {seq} tokens; "
-            f"the loss over V = {a.vocab_size} alone {tokens * ce_vocab / G:.1f} GiB")
-    return "\n".join([note, head, *lines])
+    stages = ["pretrain", "bc", "fta-i", "fta-p", "sft"]
+    head = ("| stage | AC | trained | state | frozen | FSDP buffers | bf16 copies | activations | loss | total | "
+            "fits 80 GiB | peak at |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out = []
+    for n in (1, gpus):
+        rows = []
+        for stage in stages:
+            cfg = memory.config(stage, preset, micro_batch=micro, seq_len=seq)
+            p = memory.plan(stage, cfg, n)
+            at = (f"phase {p.phase + 1}, " if len(p.phases) > 1 else "") + p.moment
+            fits = "yes" if p.total + memory.CONTEXT_BYTES <= 80 * G else "no"
+            rows.append(f"| {stage} | {'yes' if cfg.activation_checkpointing else 'no'} | {p.trained / 1e9:.2f} B | "
+                        + " | ".join(f"{v / G:.1f}" for v in (p.state, p.frozen, p.buffers, p.copies,
+                                                             p.activations, p.loss, p.total))
+                        + f" | {fits} | {at} |")
+        where = "one process" if n == 1 else f"{n} GPUs, trained state sharded over {min(n, 8)}"
+        out += ["", f"GiB per GPU, {where}: preset {preset}, micro batch {micro} x {seq} tokens", "", head, *rows]
+    return "\n".join(out[1:])
 
 
 def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int, micro: int) -> str:
@@ -454,6 +411,7 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
     Not counted: the CUDA context and fragmentation (1-3 GB), the judge (evaluation only, rank 0), transient
     per-step logits of generation (rollouts x V x 4 B, 66 MB at 16 rollouts).
     """
+    import memory
     from cola import COLA_PRESETS, CoLA
     with torch.device("meta"):
         m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
@@ -477,8 +435,8 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
         buffers = 2 * root + 2 * 2 * block
         kv = rollouts * T * (kv_per_token(a.n_layers) + (kv_per_token(c.n_policy_layers) if lat else 0))
         tokens = micro * T
-        update = tokens * (layers * 2 * a.dim + block_activation_bytes(a) + 10 * (c.n_actions if lat else
-                                                                                  a.vocab_size))
+        update = tokens * (layers * 2 * a.dim + memory.block_activation_bytes(a, cast=False)
+                           + 10 * (c.n_actions if lat else a.vocab_size))
         update += tokens * 2 * a.dim if lat else 0
         total = replica + ref + state + buffers + kv + update
         rows.append((level, trained, replica, ref, state, buffers, kv, update, total))

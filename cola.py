@@ -192,32 +192,45 @@ class CoLA(nn.Module):
         """Stage B targets k*_t = argmax z_{t+1} (no Gumbel noise): states h [B, T+1, D] -> [B, T] long."""
         return idm_labels(self.idm_logits(h)[:, 1:])                                     # [B, T]
 
-    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
-        """p_WM logits from states h [B, T, D] and action codes e [B, T, D] (e_t = C a_t) -> [B, T, V].
+    def world_state_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """The vector W_lm multiplies, Norm_f(s_2) - h_t, from states h [B, T, D] and action codes e [B, T, D]
+        (e_t = C a_t) -> [B, T, D]. Training losses project it with the chunked lm_head_ce (train.py), so the
+        [B, T, V] logits never exist at once.
 
-        Eq: logits = W_lm(Norm_f(s_2) - h_t). The value is the same either way; base_grad says which side of the
-        difference carries gradient to a trainable base (FTA): "merge", Norm_f(s_2) - sg(h_t), the release's
-        training path (the base learns through the world model's input s_0 = h_t); "subtracted",
-        sg(Norm_f(s_2)) - h_t, the release's greedy-policy path that its FTA-P trains through (the base learns
-        only through the subtracted state).
+        The value is the same either way; base_grad says which side of the difference carries gradient to a
+        trainable base (FTA): "merge", Norm_f(s_2) - sg(h_t), the release's training path (the base learns through
+        the world model's input s_0 = h_t); "subtracted", sg(Norm_f(s_2)) - h_t, the release's greedy-policy path
+        that its FTA-P trains through (the base learns only through the subtracted state).
         """
         s = self.merge(h, e.to(self.codebook.weight.dtype))                              # [B, T, D] s_2
         if base_grad == "merge":
-            return self.base.output(self.base.norm(s) - h.detach())                      # [B, T, V]
+            return self.base.norm(s) - h.detach()                                        # [B, T, D]
         if base_grad == "subtracted":
-            return self.base.output(self.base.norm(s).detach() - h)                      # [B, T, V]
+            return self.base.norm(s).detach() - h                                        # [B, T, D]
         raise ValueError(f"world_logits: base_grad must be 'merge' or 'subtracted', got {base_grad!r}")
+
+    def world_state(self, h: torch.Tensor, actions: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """h [B, T, D] (states x_{1:t}), actions [B, T] long -> Norm_f(s_2) - h_t [B, T, D]."""
+        check_actions(actions, self.args.n_actions, "world_logits")
+        e = F.embedding(actions, self.codebook.weight.t())                               # [B, T, D] e_t = C[:, a_t]
+        return self.world_state_from_code(h, e, base_grad)                               # [B, T, D]
+
+    def world_state_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, D]; gradient flows into a."""
+        e = self.codebook(a.to(self.codebook.weight.dtype))                              # [B, T, D] Eq: e_t = C a~_t
+        return self.world_state_from_code(h, e)                                          # [B, T, D]
+
+    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """p_WM logits. Eq: logits = W_lm(Norm_f(s_2) - h_t): h, e [B, T, D] -> [B, T, V] (world_state_from_code)."""
+        return self.base.output(self.world_state_from_code(h, e, base_grad))             # [B, T, V]
 
     def world_logits(self, h: torch.Tensor, actions: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
         """h [B, T, D] (states x_{1:t}), actions [B, T] long -> logits of x_{t+1} [B, T, V]."""
-        check_actions(actions, self.args.n_actions, "world_logits")
-        e = F.embedding(actions, self.codebook.weight.t())                               # [B, T, D] e_t = C[:, a_t]
-        return self.world_logits_from_code(h, e, base_grad)                              # [B, T, V]
+        return self.base.output(self.world_state(h, actions, base_grad))                 # [B, T, V]
 
     def world_logits_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, V]; gradient flows into a."""
-        e = self.codebook(a.to(self.codebook.weight.dtype))                              # [B, T, D] Eq: e_t = C a~_t
-        return self.world_logits_from_code(h, e)                                         # [B, T, V]
+        return self.base.output(self.world_state_onehot(h, a))                           # [B, T, V]
 
     def world_logits_last(self, h_last: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """One decoding step: h_last [B, D], actions [B] -> [B, V] (world_logits on a length-1 sequence)."""

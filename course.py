@@ -100,11 +100,11 @@ ASSIGNMENTS = [
                                                             C + "test_world_logits_match_formula"]),
                    Function("cola.py", "MergeModule.forward", [CT + "test_a3_merge_module_is_a_residual_stack",
                                                                C + "test_world_logits_match_formula"]),
-                   Function("cola.py", "CoLA.world_logits_from_code", [
+                   Function("cola.py", "CoLA.world_state_from_code", [
                        CT + "test_a3_world_logits_from_code_by_formula",
                        T + "test_fta_p_base_grad_chooses_the_side_of_the_difference"]),
-                   Function("cola.py", "CoLA.world_logits", [C + "test_world_logits_match_formula"]),
-                   Function("cola.py", "CoLA.world_logits_onehot", [C + "test_straight_through_trains_the_idm"]),
+                   Function("cola.py", "CoLA.world_state", [C + "test_world_logits_match_formula"]),
+                   Function("cola.py", "CoLA.world_state_onehot", [C + "test_straight_through_trains_the_idm"]),
                    Function("eval.py", "embed", [EV + "test_embed_mean_pools_each_sequence_alone"]),
                    Function("eval.py", "mean_pairwise_cosine", [EV + "test_mean_pairwise_cosine_by_hand"]),
                    Function("eval.py", "distinct_n", [EV + "test_distinct_n_by_hand"]),
@@ -128,6 +128,9 @@ ASSIGNMENTS = [
     Assignment(6, "Fine-tuning under action guidance: FTA-I and FTA-P against token SFT, and what retention means",
                "PAPER.md §3 (FTA); Algorithm 2", [
                    Function("train.py", "masked_ce", [T + "test_masked_ce_matches_hand_computation"]),
+                   Function("train.py", "ChunkedCE.backward", [
+                       T + "test_chunked_ce_equals_unchunked_values_and_grads",
+                       T + "test_chunked_ce_frozen_head_gets_no_gradient_and_no_mask_counts_nothing"]),
                    Function("train.py", "base_loss", [T + "test_activation_checkpointing_same_loss_and_grads",
                                                       T + "test_losses_count_exactly_the_response_targets"]),
                    Function("train.py", "fta_i_loss", [T + "test_fta_losses_train_the_base",

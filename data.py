@@ -309,7 +309,9 @@ class Batch(NamedTuple):
     ids: torch.Tensor      # [B] long: the rows' positions in the global data stream (they seed per-row noise)
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in self))
+        """tokens and mask on `device`; ids stay on the host, where they seed the noise (no device sync per row)."""
+        return Batch(self.tokens.to(device), self.mask.to(device), self.ids)
+
 
 class EpochOrder:
     """An endless, resumable order over n items that is the same for every world size.

@@ -122,10 +122,19 @@ def idm_labels(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def codebook_usage(k: torch.Tensor, K: int) -> dict:
-    """Codebook health (PAPER.md §3, §6): alive = codes used at least once, top_share = share of the most used code,
-    perplexity = exp(entropy of the usage histogram) (K when uniform, 1 when collapsed)."""
-    counts = torch.bincount(k.flatten().long(), minlength=K).double()                    # [K]
+def codebook_stats(k: torch.Tensor, K: int) -> dict:
+    """Codebook health (PAPER.md §3, §6), as 0-d tensors on k's device (no host sync): alive = codes used at least
+    once, top_share = share of the most used code, perplexity = exp(entropy of the usage histogram) (K when
+    uniform, 1 when collapsed)."""
+    k = k.flatten().long()
+    ones = torch.ones(k.numel(), dtype=torch.float64, device=k.device)
+    counts = torch.zeros(K, dtype=torch.float64, device=k.device).index_add_(0, k, ones)     # [K] (bincount syncs)
     p = counts / counts.sum().clamp_min(1)                                               # [K]
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return {"alive": int((counts > 0).sum()), "top_share": float(p.max()), "perplexity": float(entropy.exp())}
+    return {"alive": (counts > 0).sum(), "top_share": p.max(), "perplexity": entropy.exp()}
+
+
+def codebook_usage(k: torch.Tensor, K: int) -> dict:
+    """codebook_stats as Python numbers (alive an int)."""
+    s = codebook_stats(k, K)
+    return {"alive": int(s["alive"]), "top_share": float(s["top_share"]), "perplexity": float(s["perplexity"])}

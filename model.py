@@ -201,13 +201,17 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)                                    # [B, Hkv, S, Dh]
         S = k.shape[2]
+        if q.is_cuda and q.dtype == torch.float32:     # CUDA's float32 kernel (memory-efficient) takes no GQA, and
+            G = self.n_heads // self.n_kv_heads         # SDPA would fall back to materialising T x T scores per head:
+            k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)                  # share heads by hand
+        gqa = k.shape[1] != q.shape[1]
         if S == T:      # no past: plain causal mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:    # one new token sees every cached position
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:           # a chunk after a cached prefix: query i (position S-T+i) sees keys j <= S-T+i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)   # [T, S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))                              # [B, T, D]
 
 

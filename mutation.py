@@ -31,16 +31,18 @@ from pathlib import Path
 SCOPE = {
     "idm.py": [  # f_inverse, direct action assignment, the regulariser (PAPER.md §2-3, Algorithm 1)
         "new_module_std", "ActionStack.__init__", "ActionStack.forward", "ActionStack.init_weights", "IDM.forward",
-        "gumbel_softmax_st", "entropy_regulariser", "idm_labels", "codebook_usage"],
+        "gumbel_softmax_st", "entropy_regulariser", "idm_labels", "codebook_stats", "codebook_usage"],
     "policy.py": [  # pi, its sampler (top-k 40) and the choosers, the RL log-prob
         "Policy.forward", "Policy.setup_cache", "Policy.clear_cache", "sample_actions", "sampler", "greedy", "fixed",
         "uniform", "forced", "seeded_sampler", "action_log_probs"],
     "cola.py": [  # merge module, world-model logits, look-ahead labels, latent generation and its positions
         "action_chooser", "check_actions", "MergeMLP.forward", "MergeModule.forward", "CoLA.hidden", "CoLA.idm_logits",
-        "CoLA.idm_labels", "CoLA.world_logits_from_code", "CoLA.world_logits", "CoLA.world_logits_onehot",
-        "CoLA.world_logits_last", "CoLA.policy_logits", "CoLA.generate"],
+        "CoLA.idm_labels", "CoLA.world_state_from_code", "CoLA.world_state", "CoLA.world_state_onehot",
+        "CoLA.world_logits_from_code", "CoLA.world_logits", "CoLA.world_logits_onehot", "CoLA.world_logits_last",
+        "CoLA.policy_logits", "CoLA.generate"],
     "train.py": [  # every stage's loss and the metrics computed from them (Algorithms 1 and 2)
-        "masked_ce", "row_uniforms", "base_loss", "pretrain_loss", "nearest_code", "vq_pretrain_loss", "bc_loss",
+        "masked_ce", "ce_chunk_rows", "lm_head_ce", "ChunkedCE.forward", "ChunkedCE.backward", "row_uniforms",
+        "base_loss", "pretrain_loss", "nearest_code", "vq_pretrain_loss", "bc_loss",
         "fta_i_loss", "fta_p_loss", "lm_metrics", "cola_metrics"],
     "rl.py": [  # advantages, KL estimators, aggregation, the GRPO / ReMax losses, the batch they read (Algorithm 4)
         "grpo_advantages", "k1", "k3", "aggregate", "grpo_loss", "remax_loss", "pack", "log_probs",
@@ -55,7 +57,6 @@ SCOPE = {
 # (it is reported as stale) when the line itself changes. Reasons starting "cpu-only" are counted apart: a run on
 # an accelerator would tell them (device arguments).
 WHY = {
-    "zeros": "unused codes add zero counts: alive, top share and perplexity are unchanged",
     "boolmask": "a bool mask promotes to the same float values",
     "promote": "onehot - y + y promotes the int64 one-hot to y's float32: the same values",
     "bias": "bias=None is bias=False",
@@ -94,7 +95,6 @@ WHY = {
 }
 EQUIVALENT: list[tuple[str, str, str]] = [
     # idm.py
-    ("codebook_usage", "counts = torch.bincount(k.flatten().long(), ).double()", "zeros"),
     ("entropy_regulariser", "m = mask.to(None)", "boolmask"),
     ("gumbel_softmax_st", "onehot = F.one_hot(k, zf.shape[-1]).to(None)", "promote"),
     ("ActionStack.__init__", "self.head = nn.Linear(args.dim, n_actions, bias=None)", "bias"),

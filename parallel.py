@@ -3,21 +3,26 @@
 One process (`python train.py ...`) and N processes (`torchrun --nproc_per_node=N train.py ...`) run the same
 training code. What differs lives here:
 
-    World / world_from_env   who am I: torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-    init_process_group       NCCL on GPUs (plus gloo for CPU tensors), gloo on CPU
+    World / world_from_env   who am I: torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
+    init_process_group       NCCL on GPUs (plus gloo for CPU tensors), gloo on CPU, a short timeout; a gloo group
+                             with a long one for waits on slow work (rank 0's reads and exports, checkpoint writes)
     Root                     the FSDP root: every computation on the model runs as root(fn, *args)
-    apply_fsdp               fully_shard each Llama block (base, IDM, policy), the merge module, then the root
+    apply_fsdp               fully_shard each trained Llama block (base, IDM, policy) and the merge module if it
+                             trains, then the root; frozen modules stay whole on every rank; backward prefetches
+                             only what backward uses; device_mesh: 1-D, or 2-D (shard in a node, replicate across)
     load_full_state          rank 0's full state dict broadcast into the sharded model, tensor by tensor
-    save_checkpoint / load_checkpoint / resume_checkpoint
-                             torch.distributed.checkpoint (DCP) directories, resumable on any world size; train.json
-                             records every file's size and CRC-32, checked before a run resumes from it
+    save_checkpoint / start_save / load_checkpoint / resume_checkpoint
+                             torch.distributed.checkpoint (DCP) directories, resumable on any world size, written in
+                             the foreground or a background thread; train.json records every file's size and CRC-32,
+                             checked before a run resumes from it
     full_state_dict          the whole model gathered on rank 0 (for the safetensors export)
-    mean_over_ranks, barrier
+    mean_over_ranks, all_ranks, max_over_ranks, barrier
 
-Sharding (the 8B stages of PAPER.md §3, on 8 x 80 GB GPUs): parameters, gradients and AdamW state are
-split over the ranks (ZeRO-3). Each FSDP unit is all-gathered just before its forward and freed after it, and
-gathered again for backward; gradients are reduce-scattered. Frozen modules hold no gradient and no optimizer
-state and, when training in bfloat16, are stored in bfloat16 (half the bytes).
+Sharding (the 8B stages of PAPER.md §3, on 8 x 80 GB GPUs): the trained parameters, their gradients and AdamW state
+are split over the ranks (ZeRO-3). Each FSDP unit is all-gathered just before its forward and freed after it, and
+gathered again for backward; gradients are reduce-scattered. Frozen modules hold no gradient and no optimizer state,
+are stored in bfloat16 when their values are bf16 already (the official base), and are not sharded: a frozen module
+costs memory on every rank (memory.py plans it) but no communication at all.
 
 Model files (model.py, idm.py, policy.py, cola.py) know nothing of torch.distributed.
 
@@ -43,6 +48,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# One process saves and loads DCP checkpoints without a process group (no_dist), on purpose; DCP warns each time,
+# from the background thread too under --async-save, where a `catch_warnings` around the call cannot reach it.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Who am I
@@ -54,6 +62,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     launched: bool = False          # started by torchrun (a process group exists, even with one process)
+    local_size: int = 0             # processes on this node (torchrun's LOCAL_WORLD_SIZE); 0: all (one node)
 
     @property
     def main(self) -> bool:
@@ -76,41 +85,67 @@ def world_from_env() -> World:
                          + ", ".join(f"{v}={os.environ[v]!r}" for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
     if not (size >= 1 and 0 <= rank < size and local >= 0):
         raise SystemExit(f"environment variable RANK={rank} is not in [0, WORLD_SIZE={size})")
-    return World(rank, size, local, launched=True)
+    local_size = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return World(rank, size, local, launched=True, local_size=int(local_size) if local_size.isdigit() else size)
 
 
-def init_process_group(world: World, device_flag: str) -> torch.device:
-    """The training device; under torchrun also the process group (NCCL + gloo on GPUs, gloo on CPU)."""
+# Collectives time out after `timeout` seconds (10 minutes by default: a rank that died or hangs surfaces as an error
+# on the others within minutes, not hours). Waiting for rank 0's own slow work (reading the 8B checkpoint, an export
+# of 16-40 GB) or for every rank's writes (a checkpoint, 40-110 GB at 8B) goes through SLOW, a gloo group with a
+# 2-hour timeout, so the training collectives (NCCL on GPUs) can keep the short one.
+SLOW_TIMEOUT = timedelta(hours=2)
+_slow = None                        # the gloo process group of on_main, barrier, broadcast_object and checkpoints
+
+
+def init_process_group(world: World, device_flag: str, timeout: float = 600) -> torch.device:
+    """The training device; under torchrun also the process groups: NCCL (CUDA tensors) + gloo (CPU tensors) on
+    GPUs, gloo on CPU, each timing out after `timeout` seconds, and the long-waiting gloo group SLOW."""
+    global _slow
     use_cuda = device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit(f"--device {device_flag}: CUDA is not available on this machine")
     if not world.launched:
         return torch.device(device_flag or ("cuda" if use_cuda else "cpu"))
-    # A long timeout: ranks wait in a collective while rank 0 alone writes an export (~70 GB at 8B after fta-i).
-    timeout = timedelta(hours=2)
     if use_cuda:
-        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        if world.local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK {world.local_rank}: this node has {torch.cuda.device_count()} visible "
+                             f"GPU(s): start at most that many processes per node (--nproc_per_node), one per GPU")
+        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timedelta(seconds=timeout))
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    _slow = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
     return device
 
 
 def barrier(world: World):
     if world.launched:
-        dist.barrier()
+        dist.barrier(group=_slow)
 
 
-def mean_over_ranks(world: World, values: dict[str, float]) -> dict[str, float]:
-    """Each metric averaged over the ranks (every rank saw the same number of micro batches)."""
-    if not world.launched or not values:
-        return values
+def mean_over_ranks(world: World, values: dict, device: torch.device | None = None) -> dict[str, float]:
+    """Each metric averaged over the ranks (every rank saw the same number of micro batches). Values may be floats
+    or 0-d tensors on `device` (the training device: NCCL reduces CUDA tensors): one all-reduce, then one copy to
+    the host for all of them."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)      # a CPU tensor: gloo reduces it
-    dist.all_reduce(t)
-    return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])     # [n]
+    if world.launched:
+        dist.all_reduce(t)
+        t /= world.size
+    return dict(zip(keys, t.tolist()))
+
+
+def all_ranks(world: World, flag: bool, device: torch.device | None = None) -> bool:
+    """True when `flag` is true on every rank (one all-reduce on the training device)."""
+    if not world.launched:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def max_over_ranks(world: World, x: float) -> float:
@@ -127,7 +162,7 @@ def broadcast_object(world: World, obj):
     if not world.launched:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_slow)
     return box[0]
 
 
@@ -172,21 +207,47 @@ class Root(nn.Module):
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded one by one: each Llama block of the base, the IDM and the policy, and the merge module."""
+    """The modules sharded one by one, in forward order: each trained Llama block of the base, the IDM and the
+    policy, and the merge module if it trains. Frozen modules are not units: apply_fsdp leaves them whole."""
     if hasattr(model, "base"):                                  # CoLA
         units = list(model.base.layers) + list(model.idm.layers) + [model.merge] + list(model.policy.layers)
     else:                                                       # a plain Transformer
         units = list(model.layers)
-    return [m for m in units if any(True for _ in m.parameters())]
+    return [m for m in units if any(p.requires_grad for p in m.parameters())]
+
+
+def backward_chains(model: nn.Module) -> list[list[nn.Module]]:
+    """The units in the order each loss's forward runs them with gradient, one list per chain that backward walks in
+    reverse: the base's blocks; the IDM's blocks then the merge module (Stage A's gradient reaches the IDM through
+    the merge module); the policy's blocks. Only trained units (fsdp_units)."""
+    units = set(fsdp_units(model))
+    if hasattr(model, "base"):
+        chains = [list(model.base.layers), list(model.idm.layers) + [model.merge], list(model.policy.layers)]
+    else:
+        chains = [list(model.layers)]
+    return [c for c in ([m for m in chain if m in units] for chain in chains) if c]
 
 
 def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: bool = False):
-    """fully_shard every unit, then the root (bottom-up; each call is one all-gather / reduce-scatter group).
+    """Shard the trained part with FSDP2 and leave the frozen part whole on every rank.
+
+    Trained: fully_shard every unit (fsdp_units), then the root (its remaining trained parameters: embeddings and
+    W_lm of a trained base, norms, heads, the codebook C); each call is one all-gather / reduce-scatter group.
+    Frozen (requires_grad False, final before this call): not sharded but replicated, stored in the dtype they
+    have (the official base in bf16: 16 GB at 8B). A frozen module then costs no collective at all, where sharded
+    it would be all-gathered for every micro batch (15 GB per rank per micro batch for Stage A's base at 8B, and
+    across nodes on two), in exchange for 14 GB more per GPU (memory.py plans both).
+
+    Prefetching: FSDP2 by default prefetches, in backward, the unit that ran before in forward, and it counts units
+    that ran without gradient (fta-i's second phase runs the trained base under no_grad before the policy), so
+    backward would all-gather a block it never uses. Each unit is told instead which unit its backward reaches next
+    (backward_chains); the first of a chain names itself, which FSDP skips (already gathered). The last unit of the
+    forward keeps its parameters gathered after forward, as backward needs them at once.
 
     param_dtype bfloat16: parameters are gathered and computed in bf16, gradients reduced in fp32, the sharded
-    master weights stay in the dtype they have (fp32 for trained modules). Requires_grad must be final before
-    this call (FSDP reads it when it first runs). cpu_offload keeps the shards, gradients and AdamW state in host
-    memory; the optimizer step then runs on the CPU.
+    master weights stay in the dtype they have (fp32 for trained modules). cpu_offload keeps the shards, gradients
+    and AdamW state in host memory; the optimizer step then runs on the CPU. mesh: 1-D (shard over every rank) or
+    2-D ("replicate", "shard"): shard within a node, replicate across nodes (HSDP; device_mesh).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     # cast_forward_inputs=False: a block's inputs include the float32 RoPE table, which must stay float32 (bf16
@@ -194,16 +255,48 @@ def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: b
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
                               cast_forward_inputs=False)
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    units = fsdp_units(root.model)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=unit is not units[-1])
+    frozen = {p for p in root.parameters() if not p.requires_grad}
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=frozen)
+    for chain in backward_chains(root.model):
+        for i, unit in enumerate(chain):
+            unit.set_modules_to_backward_prefetch([chain[max(0, i - 1)]])
+
+
+def start_phase(root: Root, groups: list[str]):
+    """Before a training phase: of the units it trains (those holding parameters of `groups`), the last in forward
+    order keeps its parameters gathered after forward (its backward comes next), the others free theirs. FTA-I's
+    phases train different units (the base, then the policy), so this is set per phase."""
+    if not hasattr(root, "reshard"):
+        return                                                  # one process: nothing is sharded
+    trained = {id(p) for name in groups for p in root.model.param_groups()[name]}
+    units = [u for u in fsdp_units(root.model) if any(id(p) in trained for p in u.parameters())]
     for unit in fsdp_units(root.model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        unit.set_reshard_after_forward(not (units and unit is units[-1]))
+
+
+def device_mesh(world: World, device: torch.device, shard: int = 0):
+    """The ranks FSDP shards over: all of them (1-D), or groups of `shard` ranks (default: one node's,
+    LOCAL_WORLD_SIZE) that each hold a whole sharded copy and average gradients across groups (2-D, HSDP): on
+    several nodes only the gradients' all-reduce crosses the network, not every all-gather."""
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = shard or world.local_size or world.size
+    if world.size % shard:
+        raise SystemExit(f"--shard-group {shard}: the {world.size} processes do not split into groups of {shard}")
+    if shard == world.size:
+        return init_device_mesh(device.type, (world.size,))
+    return init_device_mesh(device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def reshard(root: Root):
-    """Free the root's gathered parameters (FSDP keeps the root's gathered after a forward without backward, and
-    the module then holds the gathered tensors, not the sharded parameters the optimizer steps)."""
-    if hasattr(root, "reshard"):
-        root.reshard()
+    """Free the gathered parameters a forward without backward left behind (FSDP keeps the root's, and the last
+    unit's, gathered after forward; the module then holds the gathered tensors, not the sharded parameters the
+    optimizer steps and checkpoints save)."""
+    for m in root.modules():
+        if hasattr(m, "reshard"):
+            m.reshard()
 
 
 def load_full_state(root: Root, full: dict | None, world: World):
@@ -283,7 +376,7 @@ def file_digests(ckpt: Path, names: list[str], world: World) -> dict[str, list[i
     if not world.launched:
         return mine
     parts = [None] * world.size
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, mine, group=_slow)
     return {k: v for part in parts for k, v in part.items()}
 
 
@@ -336,10 +429,19 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
     failed write raises OSError naming the checkpoint (DCP wraps the cause in a CheckpointException, which is a
     BaseException; it is unwrapped here).
     """
+    return start_save(run_dir, root, optimizer, train_state, world).wait()
+
+
+def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: World,
+               asynchronous: bool = False) -> "PendingSave":
+    """save_checkpoint in two halves: the DCP write starts now, PendingSave.wait() ends it (train.json, old
+    checkpoints removed). asynchronous: DCP copies the state to host memory now (training may change it right
+    after) and writes the files in a background thread while training goes on; wait() before the next save, the
+    export and the end of the run. Until wait() the checkpoint has no train.json: a crash meanwhile leaves it
+    incomplete, removed at the next start, and the previous checkpoints complete."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    from checkpoint import atomic_write
     path = Path(run_dir) / "checkpoints" / f"step-{train_state['step']:07d}"
     if world.main and path.exists():            # a leftover of an earlier run: never mix its files with ours
         remove_checkpoint(path)
@@ -350,25 +452,53 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
         msd, osd = get_state_dict(root, optimizer)
         state = {"model": msd, "optim": osd}
     try:
-        with warnings.catch_warnings():         # one process: DCP warns that it assumes one process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=path, no_dist=not world.launched)
+        save = dcp.async_save if asynchronous else dcp.save
+        future = save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow)
     except CheckpointException as e:
         raise write_error(e, path) from None
-    barrier(world)
-    names = broadcast_object(world, sorted(p.name for p in path.iterdir()) if world.main else None)
-    files = file_digests(path, names, world)
+    return PendingSave(Path(run_dir), path, future if asynchronous else None, optimizer is not None, train_state,
+                       world)
 
-    def finish():
-        atomic_write(path / "train.json", lambda t: t.write_text(json.dumps(
-            {**train_state, "has_optim": optimizer is not None, "world_size": world.size, "files": files}, indent=1)))
-        older = [d for d in complete_checkpoints(run_dir) if d < path]
-        keep = {path, *older[max(0, len(older) - (KEEP - 1)):]}
-        for old in checkpoint_dirs(run_dir):
-            if old not in keep:
-                remove_checkpoint(old)
-    on_main(world, finish)                      # a failure on rank 0 stops every rank
-    return path
+
+@dataclass
+class PendingSave:
+    run_dir: Path
+    path: Path
+    future: object                  # DCP's future of the background write (None: written already)
+    has_optim: bool
+    train_state: dict
+    world: World
+
+    def written(self) -> bool:
+        """This rank's files are written (its background write has finished)."""
+        return self.future is None or self.future.done()
+
+    def wait(self) -> Path:
+        """The files written on every rank, then train.json (rank 0, last) and the older checkpoints removed."""
+        from torch.distributed.checkpoint.api import CheckpointException
+        from checkpoint import atomic_write
+        path, world = self.path, self.world
+        if self.future is not None:
+            try:
+                getattr(self.future, "upload_completion", self.future).result()
+            except CheckpointException as e:
+                raise write_error(e, path) from None
+            self.future = None
+        barrier(world)
+        names = broadcast_object(world, sorted(p.name for p in path.iterdir()) if world.main else None)
+        files = file_digests(path, names, world)
+
+        def finish():
+            atomic_write(path / "train.json", lambda t: t.write_text(json.dumps(
+                {**self.train_state, "has_optim": self.has_optim, "world_size": world.size, "files": files},
+                indent=1)))
+            older = [d for d in complete_checkpoints(self.run_dir) if d < path]
+            keep = {path, *older[max(0, len(older) - (KEEP - 1)):]}
+            for old in checkpoint_dirs(self.run_dir):
+                if old not in keep:
+                    remove_checkpoint(old)
+        on_main(world, finish)                  # a failure on rank 0 stops every rank
+        return path
 
 
 def write_error(e: BaseException, path: Path) -> OSError:
@@ -409,9 +539,7 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
         msd, osd = get_state_dict(root, optimizer)
         state = {"model": msd, "optim": osd}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched)
+        dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched, process_group=_slow)
     except (CheckpointException, OSError) as e:
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
         raise SystemExit(f"{ckpt}: cannot read this checkpoint ({type(cause).__name__}: "

@@ -53,12 +53,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import memory
 import parallel
 import tasks
 from checkpoint import args_from_hf_config, detect_layout, read_json
 from cola import CoLA
 from data import Batch
-from idm import codebook_usage, entropy_regulariser, gumbel_softmax_st
+from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_softmax_st
 from model import PRESETS, ModelArgs, Transformer
 from parallel import World
 from tokenizer import Tokenizer
@@ -95,8 +96,14 @@ class Common:
     dtype: str = arg("bfloat16", "autocast dtype: bfloat16 or float32 (no autocast)")
     activation_checkpointing: bool = arg(False, "recompute each block in backward to save memory")
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
+    shard_group: int = arg(0, "under torchrun: ranks that shard the trained state together; groups replicate it "
+                              "(HSDP). 0 = the processes of one node (LOCAL_WORLD_SIZE)", ">= 0")
+    collective_timeout: int = arg(600, "under torchrun: seconds a training collective may wait before the run stops "
+                                       "(a dead or hung rank)", ">= 1")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed for init, data order and Gumbel noise", ">= 0")
+    async_save: bool = arg(False, "write checkpoints in a background thread while training goes on (DCP async_save; "
+                                  "each rank first copies its state to host memory)")
     ckpt_every: int = arg(1000, "steps between resumable checkpoints (checkpoints/step-N)", ">= 1")
     log_every: int = arg(10, "steps between metrics.jsonl lines", ">= 1")
     eval_batches: int = arg(20, "held-out micro batches for the evaluations before and after training", ">= 1")
@@ -174,10 +181,16 @@ TINY = {
     "fta-i": TINY_FT, "fta-p": TINY_FT, "sft": TINY_FT,
 }
 COMMON_TINY = dict(ckpt_every=100, log_every=10, eval_batches=8)
-# The 8B preset: the stages that train the 8B base recompute each block in backward. Without it their activations at
-# micro batch 4 x 2048 alone take 51-58 GiB per GPU and the total exceeds an 80 GB GPU (`python bench.py
-# --memory-plan`: fta-i 84, fta-p 76, sft 72 GiB before the CUDA context; 35-41 GiB with it).
-LARGE = {s: dict(activation_checkpointing=True) for s in ("fta-i", "fta-p", "sft")}
+# The 8B preset: the stages that train the 8B base recompute each block in backward. Without it, on 8 GPUs, fta-i
+# and fta-p exceed an 80 GB GPU and sft comes close (memory.plan: 80.5, 83.1, 70.9 GiB per GPU before the CUDA
+# context; 33.4, 36.1, 23.9 GiB with it; `python bench.py --memory-plan`).
+# Checkpoints at 8B hold 33-110 GB: written in the background (--async-save), they no longer stall training.
+LARGE = {s: dict(async_save=True, activation_checkpointing=s in ("fta-i", "fta-p", "sft")) for s in STAGES}
+
+# What each stage trains: one list of model.param_groups() names per phase (the rest is frozen). The stage functions
+# below build their phases from it, and memory.py plans each stage's bytes from it.
+TRAINS = {"base": [["base"]], "pretrain": [["idm", "codebook", "merge"]], "bc": [["policy"]],
+          "fta-i": [["base"], ["policy"]], "fta-p": [["base"]], "sft": [["base"]]}
 
 # Where each stage starts: the run whose final/ it reads at the tiny preset, and which checkpoints it accepts
 # ("llama": any plain Llama, ours or Meta's; "cola": the official CoLA release, past both pre-training stages).
@@ -248,6 +261,9 @@ def check_flags(stage: str, cfg, world: World = World()):
         raise SystemExit(f"--task {cfg.task!r}: expected mix or one of {', '.join(tasks.TASKS)}")
     if stage == "fta-p" and cfg.base_grad not in ("subtracted", "merge"):
         raise SystemExit(f"--base-grad {cfg.base_grad!r}: expected subtracted or merge")
+    if world.launched and cfg.shard_group and world.size % cfg.shard_group:
+        raise SystemExit(f"--shard-group {cfg.shard_group}: the {world.size} processes do not split into groups of "
+                         f"{cfg.shard_group}")
     if cfg.cpu_offload and not world.launched:
         raise SystemExit("--cpu-offload shards and offloads with FSDP: launch with torchrun (--nproc_per_node=1 "
                          "works too)")
@@ -289,6 +305,77 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
+# The loss over the vocabulary, in chunks. At 8B a micro batch of 4 x 2048 tokens has logits over V = 128,256
+# classes: 2 GiB in bf16, then a float32 copy and its softmax (10 GiB together), the largest single allocation of
+# Stage A. lm_head_ce computes the same loss, and the same gradients, holding the logits of at most
+# ce_chunk_rows(V) positions at a time, in forward and again in backward (where they are recomputed rather than
+# kept). The idea of fused linear cross-entropy kernels, written in plain PyTorch. At the tiny preset every micro
+# batch fits one chunk, which is the plain computation exactly.
+CE_CHUNK_BYTES = 2**30             # logits bytes per chunk: bf16 logits + float32 copy + float32 softmax/gradient
+
+
+def ce_chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk of lm_head_ce: 12 bytes per logit (bf16 + 2 x float32) within CE_CHUNK_BYTES."""
+    return max(1, CE_CHUNK_BYTES // (12 * vocab_size))
+
+
+def lm_head_ce(head: nn.Linear, s: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               chunk: int | None = None) -> torch.Tensor:
+    """masked_ce(head(s), targets, mask) without the [B, T, V] logits: s [B, T, D], targets and mask [B, T].
+
+    Eq: L = sum_t m_t (logsumexp(W s_t) - (W s_t)[y_t]) / sum_t m_t, W = head.weight [V, D]. chunk: positions
+    per chunk (default ce_chunk_rows(V)); one chunk for all is masked_ce(head(s), ...) itself. Under autocast the
+    matrix multiplies run in its dtype and the softmax in float32, as nn.Linear + masked_ce do.
+    """
+    n, w = s.shape[0] * s.shape[1], head.weight
+    chunk = chunk or ce_chunk_rows(w.shape[0])
+    if chunk >= n:
+        return masked_ce(head(s), targets, mask)
+    device = s.device.type
+    if torch.is_autocast_enabled(device):           # the casts nn.Linear does under autocast (differentiable)
+        dtype = torch.get_autocast_dtype(device)
+        s, w = s.to(dtype), w.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return ChunkedCE.apply(s.flatten(0, 1), w, targets.flatten(), mask.flatten().float(), chunk)
+
+
+class ChunkedCE(torch.autograd.Function):
+    """lm_head_ce's forward and backward, chunk by chunk over the positions. Per chunk c of rows:
+    forward   z = s_c W^T (float32), lse = logsumexp(z), loss += sum m (lse - z[y]);
+    backward  z again, dL/dz = (softmax(z) - onehot(y)) m g / sum m, ds_c = dz W, dW += dz^T s_c (float32 sum)."""
+
+    @staticmethod
+    def forward(ctx, s, w, y, m, chunk):             # s [N, D], w [V, D], y [N] long, m [N] float
+        lse = torch.empty(len(s), dtype=torch.float32, device=s.device)                     # [N]
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for i in range(0, len(s), chunk):
+            z = (s[i:i + chunk] @ w.t()).float()                                            # [c, V]
+            lse[i:i + chunk] = torch.logsumexp(z, -1)
+            picked = z.gather(1, y[i:i + chunk, None])[:, 0]                                # [c] z[y]
+            total += ((lse[i:i + chunk] - picked) * m[i:i + chunk]).sum()
+        denom = m.sum().clamp(min=1)
+        ctx.save_for_backward(s, w, y, m, lse, denom)
+        ctx.chunk = chunk
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, g):
+        s, w, y, m, lse, denom = ctx.saved_tensors
+        scale = m * (g / denom)                                                             # [N]
+        ds = torch.empty_like(s) if ctx.needs_input_grad[0] else None                       # [N, D]
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, len(s), ctx.chunk):
+            sc = s[i:i + ctx.chunk]                                                          # [c, D]
+            dz = torch.exp((sc @ w.t()).float() - lse[i:i + ctx.chunk, None])               # [c, V] softmax
+            dz.scatter_add_(1, y[i:i + ctx.chunk, None], -torch.ones_like(dz[:, :1]))       # - onehot(y)
+            dz = (dz * scale[i:i + ctx.chunk, None]).to(s.dtype)
+            if ds is not None:
+                ds[i:i + ctx.chunk] = dz @ w                                                 # [c, D]
+            if dw is not None:
+                dw += dz.t() @ sc                                                            # [V, D]
+        return ds, None if dw is None else dw.to(w.dtype), None, None, None
+
+
 def row_uniforms(ids, shape: tuple, seed: int, device) -> torch.Tensor:
     """U(0, 1) noise [B, *shape], row i from its own generator seeded by (seed, ids[i]), the row's position in the
     data stream: the same numbers for a sequence whatever the world size, micro batch or resume point."""
@@ -303,8 +390,8 @@ def row_uniforms(ids, shape: tuple, seed: int, device) -> torch.Tensor:
 def base_loss(model: Transformer, b: Batch):
     """Token LM: L = mean_t CE(W_lm h_t, x_{t+1}) over the counted targets (stage `base`; token SFT's responses)."""
     x = b.tokens
-    loss = masked_ce(model(x[:, :-1]), x[:, 1:], b.mask[:, 1:])        # logits [B, T, V]
-    return loss, {"ce": loss.item()}
+    loss = lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:])       # h [B, T, D]
+    return loss, {"ce": loss.detach()}
 
 
 def pretrain_loss(model: CoLA, b: Batch, tau: float, beta: float, seed: int):
@@ -316,11 +403,11 @@ def pretrain_loss(model: CoLA, b: Batch, tau: float, beta: float, seed: int):
     z = model.idm_logits(h)[:, 1:]                 # one-step look-ahead: a_t read at t+1       [B, T, K]
     u = row_uniforms(b.ids, z.shape[1:], seed, z.device)                                     # [B, T, K]
     a_st, y, k = gumbel_softmax_st(z, tau, u=u)    # Eq: a~ = onehot(k) - sg(y) + y             [B, T, K]
-    logits = model.world_logits_onehot(h[:, :-1], a_st)                                      # [B, T, V]
-    ce = masked_ce(logits, x[:, 1:], b.mask[:, 1:])
+    s2 = model.world_state_onehot(h[:, :-1], a_st)  # Norm_f(s_2) - h_t, what W_lm projects    [B, T, D]
+    ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
     reg = entropy_regulariser(y, beta)             # = -beta * mean entropy(y)
-    usage = codebook_usage(k, model.args.n_actions)
-    return ce + reg, {"ce": ce.item(), "reg": reg.item(), "alive": usage["alive"], "top": usage["top_share"]}
+    usage = codebook_stats(k, model.args.n_actions)
+    return ce + reg, {"ce": ce.detach(), "reg": reg.detach(), "alive": usage["alive"], "top": usage["top_share"]}
 
 
 def nearest_code(z_e: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -347,11 +434,11 @@ def vq_pretrain_loss(model: CoLA, b: Batch, commitment: float):
     # collapse dynamics, the count of alive codes) changed run to run; embedding's backward sums in a fixed order.
     e = F.embedding(k, C.t())                      # the same gather                             [B, T, D]
     z_q = z_e + (e - z_e).detach()                 # straight-through to the encoder            [B, T, D]
-    logits = model.world_logits_from_code(h[:, :-1], z_q)                                    # [B, T, V]
-    ce = masked_ce(logits, x[:, 1:], b.mask[:, 1:])
+    s2 = model.world_state_from_code(h[:, :-1], z_q)                                         # [B, T, D]
+    ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
     vq = F.mse_loss(e, z_e.detach()) + commitment * F.mse_loss(z_e, e.detach())
-    usage = codebook_usage(k, model.args.n_actions)
-    return ce + vq, {"ce": ce.item(), "vq": vq.item(), "alive": usage["alive"], "top": usage["top_share"]}
+    usage = codebook_stats(k, model.args.n_actions)
+    return ce + vq, {"ce": ce.detach(), "vq": vq.detach(), "alive": usage["alive"], "top": usage["top_share"]}
 
 
 def bc_loss(model: CoLA, b: Batch):
@@ -364,7 +451,7 @@ def bc_loss(model: CoLA, b: Batch):
     loss = masked_ce(pi_logits, k_star, m)
     hit = (pi_logits.argmax(-1) == k_star).float()                                           # [B, T]
     acc = (hit * m).sum() / m.sum().clamp(min=1)
-    return loss, {"ce": loss.item(), "acc": acc.item()}
+    return loss, {"ce": loss.detach(), "acc": acc}
 
 
 def fta_i_loss(model: CoLA, b: Batch):
@@ -376,8 +463,8 @@ def fta_i_loss(model: CoLA, b: Batch):
     h = model.hidden(x)                            # the base trains now                        [B, T+1, D]
     with torch.no_grad():
         k = model.idm_labels(h)                    # frozen IDM, computed without gradient      [B, T]
-    loss = masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], b.mask[:, 1:])              # logits [B, T, V]
-    return loss, {"ce": loss.item()}
+    loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], k), x[:, 1:], b.mask[:, 1:])
+    return loss, {"ce": loss.detach()}
 
 
 def fta_p_loss(model: CoLA, b: Batch, base_grad: str):
@@ -387,8 +474,8 @@ def fta_p_loss(model: CoLA, b: Batch, base_grad: str):
     h = model.hidden(x)                                                                      # [B, T+1, D]
     with torch.no_grad():
         a = model.policy_logits(h[:, :-1]).argmax(-1)                                        # [B, T]
-    loss = masked_ce(model.world_logits(h[:, :-1], a, base_grad), x[:, 1:], b.mask[:, 1:])   # logits [B, T, V]
-    return loss, {"ce": loss.item()}
+    loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], a, base_grad), x[:, 1:], b.mask[:, 1:])
+    return loss, {"ce": loss.detach()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,9 +494,10 @@ def cola_metrics(model: CoLA, b: Batch) -> dict:
     h = model.hidden(x)                                                                      # [B, T+1, D]
     k = model.idm_labels(h)                                                                  # [B, T]
     a = model.policy_logits(h[:, :-1]).argmax(-1)                                            # [B, T]
-    return {"lm": masked_ce(model.base.output(h[:, :-1]), x[:, 1:], m).item(),
-            "wm_idm": masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], m).item(),
-            "wm_policy": masked_ce(model.world_logits(h[:, :-1], a), x[:, 1:], m).item(),
+    W = model.base.output
+    return {"lm": lm_head_ce(W, h[:, :-1], x[:, 1:], m).item(),
+            "wm_idm": lm_head_ce(W, model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
+            "wm_policy": lm_head_ce(W, model.world_state(h[:, :-1], a), x[:, 1:], m).item(),
             "policy_acc": ((a == k).float() * m).sum().item() / max(m.sum().item(), 1)}
 
 
@@ -528,7 +616,7 @@ def fit(run: Run, root, phases: list[Phase], loader, evals: dict) -> dict | None
 def stage_base(cfg: BaseArgs, world: World):
     """A tiny Llama from scratch: next-token CE on the embedded corpus, everything trains."""
     run, tok = Run("base", cfg, world), Tokenizer.find(None, cfg.tokenizer or None)
-    phases = [Phase("lm", ["base"], base_loss, cfg.steps)]
+    phases = [Phase("lm", *TRAINS["base"], base_loss, cfg.steps)]
     root = run.build(lambda device: new_tiny_llama(cfg, tok, device), phases)
     lm = lm_data(run, tok)
     result = fit(run, root, phases, lm.train, {"lm_val": (lm.val, lm_metrics)})
@@ -541,7 +629,7 @@ def stage_a(cfg: PretrainArgs, world: World):
     """Stage A (Algorithm 1): base frozen; the IDM, codebook and merge module learn to explain every transition."""
     run, tok = Run("pretrain", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     loss = lambda m, b: pretrain_loss(m, b, cfg.gumbel_tau, cfg.beta, cfg.seed)             # noqa: E731
-    phases = [Phase("stage-a", ["idm", "codebook", "merge"], loss, cfg.steps)]
+    phases = [Phase("stage-a", *TRAINS["pretrain"], loss, cfg.steps)]
     root = run.build(lambda device: load_init("pretrain", cfg, tok, device), phases)
     lm = lm_data(run, tok)
     result = fit(run, root, phases, lm.train, {"lm_val": (lm.val, cola_metrics)})
@@ -556,7 +644,7 @@ def stage_a_vq(cfg: PretrainArgs, world: World):
     IDM head has another shape); its base LM is evaluated to show it stays frozen."""
     run, tok = Run("pretrain", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     loss = lambda m, b: vq_pretrain_loss(m, b, cfg.vq_commitment)                           # noqa: E731
-    phases = [Phase("stage-a", ["idm", "codebook", "merge"], loss, cfg.steps)]
+    phases = [Phase("stage-a", *TRAINS["pretrain"], loss, cfg.steps)]
     root = run.build(lambda device: load_init("pretrain", cfg, tok, device, VQCoLA), phases)
     lm = lm_data(run, tok)
     result = fit(run, root, phases, lm.train, {"lm_val": (lm.val, lambda m, b: lm_metrics(m.base, b))})
@@ -570,7 +658,7 @@ def stage_a_vq(cfg: PretrainArgs, world: World):
 def stage_b(cfg: BCArgs, world: World):
     """Stage B: only the policy learns, by behaviour cloning the frozen IDM's argmax actions."""
     run, tok = Run("bc", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
-    phases = [Phase("stage-b", ["policy"], bc_loss, cfg.steps)]
+    phases = [Phase("stage-b", *TRAINS["bc"], bc_loss, cfg.steps)]
     root = run.build(lambda device: load_init("bc", cfg, tok, device), phases)
     lm = lm_data(run, tok)
     result = fit(run, root, phases, lm.train, {"lm_val": (lm.val, cola_metrics)})
@@ -589,7 +677,8 @@ def stage_fta_i(cfg: FinetuneArgs, world: World):
     the same data. Exports the CoLA (final/) and its fine-tuned base alone (final-llama/)."""
     run, tok = Run("fta-i", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)                 # task_data resolves --steps from --epochs
-    phases = [Phase("fta-i/base", ["base"], fta_i_loss, cfg.steps), Phase("fta-i/bc", ["policy"], bc_loss, cfg.steps)]
+    base, policy = TRAINS["fta-i"]
+    phases = [Phase("fta-i/base", base, fta_i_loss, cfg.steps), Phase("fta-i/bc", policy, bc_loss, cfg.steps)]
     root = run.build(lambda device: load_init("fta-i", cfg, tok, device), phases)
     result = fit(run, root, phases, ft.train, finetune_evals(lm, ft, cola_metrics))
     if result:
@@ -601,7 +690,7 @@ def stage_fta_p(cfg: FTAPArgs, world: World):
     """FTA-P (Algorithm 2): the base learns under the frozen greedy policy's actions (suited to narrow data)."""
     run, tok = Run("fta-p", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)
-    phases = [Phase("fta-p", ["base"], lambda m, b: fta_p_loss(m, b, cfg.base_grad), cfg.steps)]
+    phases = [Phase("fta-p", *TRAINS["fta-p"], lambda m, b: fta_p_loss(m, b, cfg.base_grad), cfg.steps)]
     root = run.build(lambda device: load_init("fta-p", cfg, tok, device), phases)
     result = fit(run, root, phases, ft.train, finetune_evals(lm, ft, cola_metrics))
     if result:
@@ -613,7 +702,7 @@ def stage_sft(cfg: FinetuneArgs, world: World):
     """Token-level SFT of the plain base on the same task data: the paper's "Llama SFT" baseline."""
     run, tok = Run("sft", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)
-    phases = [Phase("sft", ["base"], base_loss, cfg.steps)]
+    phases = [Phase("sft", *TRAINS["sft"], base_loss, cfg.steps)]
     root = run.build(lambda device: load_init("sft", cfg, tok, device, Transformer), phases)
     result = fit(run, root, phases, ft.train, finetune_evals(lm, ft, lm_metrics))
     if result:
@@ -622,8 +711,10 @@ def stage_sft(cfg: FinetuneArgs, world: World):
 
 
 def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
-    """Check the flags, then run the stage's function."""
+    """Check the flags and that the stage fits the GPU (memory.py's plan), then run the stage's function."""
     check_flags(stage, cfg, world)
+    memory.check_fits(stage, cfg, world, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                      shard=cfg.shard_group)
     if stage == "pretrain" and cfg.quantizer == "vq":
         return stage_a_vq(cfg, world)
     return {"base": stage_base, "pretrain": stage_a, "bc": stage_b, "fta-i": stage_fta_i, "fta-p": stage_fta_p,

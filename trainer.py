@@ -288,7 +288,8 @@ class Run:
     """
     # Flags that may differ when a run is resumed (they do not enter the maths).
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
-                         "cpu_offload", "activation_checkpointing", "micro_batch"}
+                         "cpu_offload", "activation_checkpointing", "micro_batch", "shard_group", "collective_timeout",
+                         "async_save"}
     # Flags whose final value is known only once the data is read (fine-tuning derives --steps 0 from --epochs):
     # compared in start() instead of here.
     RESOLVED_LATER = {"steps"}
@@ -299,12 +300,15 @@ class Run:
         self.check_out_dir()                    # reads only: before any process group, lock or file
         self.latest = parallel.latest_checkpoint(self.dir) if cfg.resume else None
         self.check_resumable(exclude=self.RESOLVED_LATER)
-        self.device = parallel.init_process_group(world, cfg.device)
+        self.device = parallel.init_process_group(world, cfg.device, getattr(cfg, "collective_timeout", 600))
+        if getattr(cfg, "cpu_offload", False):  # AdamW steps on the host: its cores shared by this node's ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
         parallel.on_main(world, lambda: acquire_lock(self.dir))
         if cfg.resume:                          # verified now (a collective): maybe an older checkpoint
             self.latest = parallel.resume_checkpoint(self.dir, world)
             self.check_resumable(exclude=self.RESOLVED_LATER)
         self.good = self.latest                 # the newest checkpoint known intact: resumed from, or written now
+        self.pending = None                     # a checkpoint still being written (parallel.start_save)
         self.amp = autocast(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -380,10 +384,12 @@ class Run:
         if not world.launched:
             model = make_model(self.device)
             set_trainable(model, trains)
+            if cfg.dtype == "bfloat16":             # as under torchrun: a frozen bf16 base stored in bf16
+                for name in bf16_frozen_groups(model, trains):
+                    getattr(model, name).to(torch.bfloat16)
             if cfg.activation_checkpointing:
                 enable_activation_checkpointing(model.blocks())
             return Root(model)
-        from torch.distributed.device_mesh import init_device_mesh
         full = parallel.on_main(world, lambda: make_model(torch.device("cpu")))
         bf16 = cfg.dtype == "bfloat16"
         spec = (type(full), full.init_args, bf16_frozen_groups(full, trains) if bf16 else []) if world.main else None
@@ -398,7 +404,7 @@ class Run:
         if cfg.activation_checkpointing:            # before fully_shard
             enable_activation_checkpointing(model.blocks())
         root = Root(model)
-        parallel.apply_fsdp(root, init_device_mesh(self.device.type, (world.size,)),
+        parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, getattr(cfg, "shard_group", 0)),
                             torch.bfloat16 if bf16 else None, cfg.cpu_offload)
         root.to_empty(device="cpu" if cfg.cpu_offload else self.device)
         state = None if full is None else {"model." + k: v for k, v in full.state_dict().items()}
@@ -515,6 +521,7 @@ class Run:
                 offset += ph.steps
                 continue
             params = [p for n in ph.groups for p in groups[n]]
+            parallel.start_phase(root, ph.groups)
             opt = make_optimizer(groups, ph.groups, cfg)
             if resumed is not None:                  # the checkpoint is inside (or at the start of) this phase
                 if resumed["has_optim"]:
@@ -533,11 +540,12 @@ class Run:
                     with self.amp:
                         loss, m = root(ph.loss_fn, batch)
                     (loss / accum).backward()
-                    for k, v in {"loss": loss.item(), **m}.items():
-                        metrics[k] = metrics.get(k, 0.0) + v / accum
+                    for k, v in {"loss": loss, **m}.items():     # summed on the device: no host sync per batch
+                        metrics[k] = metrics.get(k, 0.0) + torch.as_tensor(v).detach().double() / accum
                     tokens += batch.tokens[:, 1:].numel() * world.size
-                metrics = parallel.mean_over_ranks(world, metrics)
+                metrics = parallel.mean_over_ranks(world, metrics, self.device)   # one all-reduce, one sync
                 if not math.isfinite(metrics["loss"]):    # the same verdict on every rank
+                    self.finish_save()                   # a checkpoint of an earlier, finite step
                     bar.close()
                     good = self.good                 # verified when resumed from, or written by this run
                     raise SystemExit(f"{self.stage}: loss is {metrics['loss']} at step {step} ({ph.name}); stopped. "
@@ -556,14 +564,21 @@ class Run:
                     if self.device.type == "cuda":
                         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
                     log_metrics(self.dir, {**row, **metrics})
+                if self.pending is not None and parallel.all_ranks(world, self.pending.written(), self.device):
+                    self.finish_save()                   # written in the background: complete it now
                 stopping = step == cfg.stop_at
                 if step % cfg.ckpt_every == 0 or phase_over or stopping:
                     # at a phase's end the next phase starts a fresh AdamW: save the model alone
                     state = {"stage": self.stage, "step": step, "phase": pi + 1 if phase_over else pi,
                              "loader": loader.state_dict(), "config": asdict(cfg)}
+                    self.finish_save()                       # the previous one, if still being written
                     with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
-                        self.good = parallel.save_checkpoint(self.dir, root, None if phase_over else opt, state, world)
+                        self.pending = parallel.start_save(self.dir, root, None if phase_over else opt, state, world,
+                                                           asynchronous=getattr(cfg, "async_save", False))
+                    if not getattr(cfg, "async_save", False):
+                        self.finish_save()
                 if stopping and step < bar.total:
+                    self.finish_save()
                     bar.close()
                     if world.main:
                         print(f"{self.stage}: stopped after step {step} (--stop-at); its checkpoint is in "
@@ -571,8 +586,17 @@ class Run:
                         release_locks(self.dir)
                     return False
             offset += ph.steps
+        self.finish_save()
         bar.close()
         return True
+
+    def finish_save(self):
+        """Complete the checkpoint being written in the background (--async-save), if any: train.json goes last."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            step = pending.train_state["step"]
+            with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
+                self.good = pending.wait()
 
     def resume_point(self, root: Root) -> tuple[int, dict | None]:
         """(first step to run, the checkpoint's train state or None). A checkpoint saved at a phase boundary holds

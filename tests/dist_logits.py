@@ -1,7 +1,8 @@
 """Helper for tests/test_distributed.py, run under torchrun: build the sharded model of stage bc from INIT (a
-pretrain export) exactly as train.py does (rank 0 reads, FSDP2 shards, rank 0's tensors are broadcast), then write
-the logits of a fixed batch, computed through the sharded model, to OUT (rank 0). Exits non-zero if the parameters
-are not sharded.
+pretrain export) exactly as train.py does (rank 0 reads, FSDP2 shards the trained policy, the frozen base and IDM
+stay whole on every rank, rank 0's tensors are broadcast), then write
+the logits of a fixed batch, computed through the sharded model, to OUT (rank 0). Exits non-zero if the policy is not
+sharded or the frozen base is.
 
     torchrun --standalone --nproc_per_node=2 tests/dist_logits.py INIT OUT
 """
@@ -33,10 +34,12 @@ def main(init: str, out: str):
     run = trainer.Run(stage, cfg, world)
     phases = [trainer.Phase("stage-b", ["policy"], train.bc_loss, 1)]
     root = run.build(lambda device: train.load_init(stage, cfg, Tokenizer.find(init, None), device), phases)
-    wq = root.model.base.layers[0].attention.wq.weight
+    wq = root.model.policy.layers[0].attention.wq.weight                  # trained: sharded
     rows = wq.to_local().shape[0] if hasattr(wq, "to_local") else wq.shape[0]
     if world.size > 1 and rows != -(-wq.shape[0] // world.size):
-        raise SystemExit(f"rank {world.rank}: wq holds {rows} of {wq.shape[0]} rows: not sharded")
+        raise SystemExit(f"rank {world.rank}: the policy's wq holds {rows} of {wq.shape[0]} rows: not sharded")
+    if hasattr(root.model.base.layers[0].attention.wq.weight, "to_local"):  # frozen: whole on every rank
+        raise SystemExit(f"rank {world.rank}: the frozen base is sharded; it should be replicated")
     x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         result = root(logits, x)

@@ -15,6 +15,7 @@ A few seconds per run at toy sizes (seq_len 32, global batch 4); no timing asser
 
     python -m pytest -q tests/test_distributed.py
 """
+import json
 import math
 import sys
 
@@ -94,6 +95,17 @@ def test_two_processes_match_one(runs, stage):
             assert close(v, ev2["after"][split][k], 1e-4), (split, k, v, ev2["after"][split][k])
 
 
+def test_hsdp_groups_match_one_process(runs, chain, task, tmp_path):
+    """--shard-group 1 on 2 processes: a 2-D mesh of 2 replica groups of 1 shard each (HSDP, as across two nodes
+    of one GPU): gradients averaged across the groups, the same losses as one process."""
+    out = tmp_path / "hsdp"
+    run_ok(argv_for("pretrain", out, chain, task, 2, "--shard-group", 1))
+    one, two = step_rows(runs("pretrain", 1)), step_rows(out)
+    assert [r["step"] for r in two] == list(range(1, N + 1))
+    assert_same_rows(one, two)
+    assert json.loads((out / "config.json").read_text())["shard_group"] == 1
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "fta-i"])
 def test_two_processes_export_the_same_model(runs, stage):
     """final/ (CoLA layout, gathered on rank 0) loads and holds one process's weights; fta-i adds final-llama/.
@@ -141,16 +153,18 @@ def test_bf16_two_processes(chain, tmp_path):
 # Resume: a DCP checkpoint of 2 processes, continued on 1 or 2
 
 
-@pytest.mark.parametrize("procs", [1, 2])
-def test_resume_two_process_checkpoint(runs, chain, task, tmp_path, procs):
+@pytest.mark.parametrize("procs,extra", [(1, []), (2, ["--async-save"])])
+def test_resume_two_process_checkpoint(runs, chain, task, tmp_path, procs, extra):
+    """The 2-process run stops at step 10 and resumes on 1 process, or on 2 with checkpoints written in the
+    background (--async-save, both runs)."""
     ref = step_rows(runs("pretrain", 2))
     out = tmp_path / "run"
-    p = run_ok(argv_for("pretrain", out, chain, task, 2, "--stop-at", 10))
+    p = run_ok(argv_for("pretrain", out, chain, task, 2, "--stop-at", 10, *extra))
     assert "stopped after step 10" in p.stdout
     assert [r["step"] for r in step_rows(out)] == list(range(1, 11)) and not (out / "final").exists()
     ck = parallel.latest_checkpoint(out)
     assert ck.name == "step-0000010" and parallel.read_train_state(ck)["world_size"] == 2
-    p = run_ok(argv_for("pretrain", out, chain, task, procs))
+    p = run_ok(argv_for("pretrain", out, chain, task, procs, *extra))
     assert f"at step 10 (written by 2 process(es), now {procs})" in p.stdout, p.stdout[-2000:]
     rows = step_rows(out)
     assert [r["step"] for r in rows] == list(range(1, N + 1))
@@ -177,6 +191,45 @@ def test_sharded_load_matches_one_process_logits(chain, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Communication: what FSDP all-gathers in a training step (tests/dist_gathers.py records it)
+
+# stage -> (--init in the chain, flags, {phase: (units gathered in forward, units gathered in backward)}) for one
+# micro batch. Frozen modules are whole on every rank and never gathered; backward gathers exactly the units it
+# computes gradients for, last forward unit excepted (it stays gathered); "root" is the root group (norms, heads,
+# embeddings, C of the trained part).
+GATHERS = {
+    "pretrain": ("base/final", LM2, {"idm+codebook+merge": (["root", "idm.layers.0", "idm.layers.1", "merge"],
+                                                            ["idm.layers.1", "idm.layers.0"])}),
+    "bc": ("pretrain/final", LM2, {"policy": (["root", "policy.layers.0", "policy.layers.1"], ["policy.layers.0"])}),
+    "fta-i": ("bc/final", TASK2, {
+        "base": (["root"] + [f"base.layers.{i}" for i in range(4)], [f"base.layers.{i}" for i in (2, 1, 0)]),
+        # the policy phase runs the (trained, sharded) base under no_grad: gathered for forward, never in backward
+        "policy": (["root"] + [f"base.layers.{i}" for i in range(4)] + ["policy.layers.0", "policy.layers.1"],
+                   ["policy.layers.0"])}),
+    "sft": ("base/final", TASK2, {"base": (["root"] + [f"layers.{i}" for i in range(4)],
+                                           [f"layers.{i}" for i in (2, 1, 0)])}),
+}
+
+
+@pytest.mark.parametrize("stage", list(GATHERS))
+def test_backward_gathers_only_the_units_it_uses(chain, task, tmp_path, stage):
+    """One optimizer step of 2 micro batches per rank on 2 processes: every micro batch gathers the expected units,
+    in order. Before (everything sharded, FSDP's default prefetch): Stage A also gathered the 4 frozen base blocks
+    in forward, the merge module again in backward, and the last base block in backward for nothing."""
+    import json
+    init, flags, want = GATHERS[stage]
+    out = tmp_path / "gathers.json"
+    argv = cmd(stage, tmp_path / "run", *(task if flags is TASK2 else []), *flags, "--init", chain / init,
+               "--steps", 1, "--global-batch", 4, "--micro-batch", 1)
+    run_ok(TORCHRUN + [str(REPO / "tests/dist_gathers.py"), str(out)] + argv[2:])
+    got = json.loads(out.read_text())
+    assert set(got) == set(want)
+    for phase, (fwd, bwd) in want.items():
+        one = [["forward", u] for u in fwd] + [["backward", u] for u in bwd]
+        assert got[phase][:2 * len(one)] == one * 2, (phase, got[phase])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Launch mistakes: one line, before any process group or file
 
 
@@ -200,6 +253,23 @@ def test_error_world_size_does_not_divide_global_batch(monkeypatch, capsys, tmp_
                                                     "--global-batch", "6", "--micro-batch", "2"])
     assert "--global-batch 6 is not a positive multiple of --micro-batch 2 x 2 processes" in msg, msg
     assert not (tmp_path / "run").exists()
+
+
+def test_error_shard_group_does_not_divide_the_processes(monkeypatch, capsys, tmp_path):
+    msg = launch_error(monkeypatch, capsys, RDZV, ["--stage", "base", "--out-dir", tmp_path / "run",
+                                                    "--shard-group", "3"])
+    assert "--shard-group 3: the 2 processes do not split into groups of 3" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_error_more_processes_than_gpus(monkeypatch):
+    """LOCAL_RANK beyond the node's visible GPUs: one line, instead of two ranks sharing a GPU (local_rank modulo
+    the GPU count, as before) or a CUDA error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    world = parallel.World(rank=2, size=4, local_rank=2, launched=True, local_size=4)
+    with pytest.raises(SystemExit, match=r"LOCAL_RANK 2: this node has 2 visible GPU\(s\): start at most that many"):
+        parallel.init_process_group(world, "cuda")
 
 
 @pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"])
@@ -233,13 +303,32 @@ def test_error_pipeline_under_torchrun(monkeypatch, capsys):
     assert "start it with python, not torchrun" in msg, msg
 
 
+def test_collective_timeouts(monkeypatch):
+    """Training collectives time out after --collective-timeout seconds; the waits for slow work (rank 0 reading
+    or exporting, checkpoint writes) use a separate gloo group that waits 2 hours."""
+    import torch.distributed as dist
+    for k, v in {**RDZV, "WORLD_SIZE": "1", "MASTER_PORT": "29577"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(parallel, "_slow", None)                             # restored after the test
+    parallel.init_process_group(parallel.world_from_env(), "cpu", timeout=7)
+    try:
+        cpu = torch.device("cpu")
+        assert dist.group.WORLD._get_backend(cpu).options._timeout.total_seconds() == 7
+        assert parallel._slow._get_backend(cpu).options._timeout == parallel.SLOW_TIMEOUT
+    finally:
+        dist.destroy_process_group()
+
+
 def test_world_from_env(monkeypatch):
     for k in RDZV:
         monkeypatch.delenv(k, raising=False)
     assert parallel.world_from_env() == parallel.World()                     # plain python: one process
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for k, v in {**RDZV, "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    assert parallel.world_from_env() == parallel.World(rank=1, size=2, local_rank=1, launched=True)
+    assert parallel.world_from_env() == parallel.World(rank=1, size=2, local_rank=1, launched=True, local_size=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                              # two nodes of one process each
+    assert parallel.world_from_env().local_size == 1
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(SystemExit, match=r"RANK=2 is not in \[0, WORLD_SIZE=2\)"):
         parallel.world_from_env()

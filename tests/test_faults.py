@@ -181,11 +181,13 @@ def test_save_keeps_the_previous_checkpoint_until_the_next(chain):
 # Faults: a full disk, a read-only directory, two runs at once
 
 
-def test_disk_full_during_a_save_loses_nothing(chain, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--async-save"]])
+def test_disk_full_during_a_save_loses_nothing(chain, tmp_path, capsys, monkeypatch, extra):
     """DCP reports a full disk as a CheckpointException (a BaseException) around a RuntimeError; the run says
-    "No space left on device" with the path, keeps the previous checkpoint, and a rerun finishes the same curve."""
+    "No space left on device" with the path, keeps the previous checkpoint, and a rerun finishes the same curve.
+    With --async-save the failure surfaces when the background write is waited for, with the same message."""
     import torch.distributed.checkpoint.filesystem as fs
-    real_write, real_save, saves = fs._write_item, parallel.save_checkpoint, []
+    real_write, real_save, saves = fs._write_item, parallel.start_save, []
 
     def full_disk(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from \
@@ -195,12 +197,12 @@ def test_disk_full_during_a_save_loses_nothing(chain, tmp_path, capsys, monkeypa
         saves.append(1)
         monkeypatch.setattr(fs, "_write_item", full_disk if len(saves) == 2 else real_write)
         return real_save(*a, **k)
-    monkeypatch.setattr(parallel, "save_checkpoint", second_save_fails)
+    monkeypatch.setattr(parallel, "start_save", second_save_fails)
     run = tmp_path / "run"
-    msg = main_exit(["--stage", "base", "--out-dir", run, *BASE], capsys)
+    msg = main_exit(["--stage", "base", "--out-dir", run, *BASE, *extra], capsys)
     assert "No space left on device" in msg and "step 3" in msg and str(run) in msg, msg
     assert parallel.resume_checkpoint(run) == run / "checkpoints/step-0000002"
-    monkeypatch.setattr(parallel, "save_checkpoint", real_save)
+    monkeypatch.setattr(parallel, "start_save", real_save)
     monkeypatch.setattr(fs, "_write_item", real_write)
     rerun(run, capsys)
     same_run(run, chain / "base")

@@ -167,14 +167,15 @@ def test_pipeline_smallest_scale(tmp_path):
 # Resume: SIGKILL after a checkpoint, rerun the same command, get the uninterrupted loss curve
 
 
-def kill_after_step(argv, run_dir: Path, step: int, timeout=120) -> None:
-    """Start argv, wait until metrics.jsonl has logged `step` (so the checkpoint before it is on disk), SIGKILL."""
+def kill_after_step(argv, run_dir: Path, step: int, timeout=120, until=lambda: True) -> None:
+    """Start argv, wait until metrics.jsonl has logged `step` (so the checkpoint before it is on disk) and until()
+    holds, SIGKILL."""
     run_dir.mkdir(parents=True)
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         try:
             deadline = time.monotonic() + timeout
-            while not any(r["step"] >= step for r in step_rows(run_dir)):
+            while not (any(r["step"] >= step for r in step_rows(run_dir)) and until()):
                 if proc.poll() is not None:
                     pytest.fail(f"run exited ({proc.returncode}) before step {step}; see {log.name}")
                 if time.monotonic() > deadline:
@@ -240,6 +241,22 @@ def test_resume_pretrain_same_final_weights(pretrain_resume):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_async_save_same_losses(pretrain_resume, chain, tmp_path):
+    """--async-save writes the checkpoint in a background thread and completes it (train.json) once written: a run
+    killed after that resumes from it and logs the uninterrupted run's rows."""
+    ref_rows, *_, ref, _ = pretrain_resume
+    run = tmp_path / "async"
+    argv = cmd("pretrain", run, "--init", chain / "base/final", "--dtype", "float32", "--steps", PRE_N,
+               "--ckpt-every", PRE_EVERY, *LM, "--async-save")
+    kill_after_step(argv, run, PRE_EVERY + 1, until=lambda: parallel.latest_checkpoint(run) is not None)
+    ck = load_ckpt(run)
+    assert ck["step"] == PRE_EVERY and ck["config"]["async_save"] is True
+    p = run_ok(argv)
+    assert f"at step {PRE_EVERY}" in p.stdout, p.stdout[-2000:]
+    assert comparable(step_rows(run)) == comparable(ref_rows)
+    assert [d.name for d in parallel.complete_checkpoints(run)] == ["step-0000008", "step-0000012"]
 
 
 def test_resume_pretrain_every_step_logged_once(pretrain_resume):
@@ -750,3 +767,84 @@ def test_gumbel_noise_belongs_to_the_row_not_the_batch():
     assert a.shape == (2, 3, 4) and torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
     assert not torch.equal(train.row_uniforms([9], (3, 4), seed=2, device="cpu")[0], b[0])
     assert 0 <= a.min() and a.max() < 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked loss over the vocabulary (lm_head_ce)
+
+
+def _head_problem(dtype=torch.float32, n=(3, 37), d=16, v=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(d, v, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, d, generator=g))
+    s = torch.randn(*n, d, generator=g, dtype=dtype).requires_grad_()
+    y = torch.randint(0, v, n, generator=g)
+    m = torch.rand(n, generator=g) < 0.7
+    return head, s, y, m
+
+
+def _loss_and_grads(fn):
+    head, s, y, m = _head_problem()
+    loss = fn(head, s, y, m)
+    loss.backward()
+    return loss.detach(), s.grad, head.weight.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 110])
+def test_chunked_ce_equals_unchunked_values_and_grads(chunk):
+    """Every chunk size (one row, uneven, one chunk for all 111 positions) gives masked_ce(head(s))'s loss and the
+    gradients of both s and W, float32."""
+    want = _loss_and_grads(lambda h, s, y, m: train.masked_ce(h(s), y, m))
+    got = _loss_and_grads(lambda h, s, y, m: train.lm_head_ce(h, s, y, m, chunk=chunk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_under_bf16_autocast_matches_the_plain_path():
+    """Under bf16 autocast both run the projection in bf16 and the softmax in float32: equal within bf16 rounding."""
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _loss_and_grads(fn)
+    want = run(lambda h, s, y, m: train.masked_ce(h(s), y, m))
+    got = run(lambda h, s, y, m: train.lm_head_ce(h, s, y, m, chunk=5))
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_chunked_ce_frozen_head_gets_no_gradient_and_no_mask_counts_nothing():
+    head, s, y, m = _head_problem()
+    head.weight.requires_grad_(False)
+    train.lm_head_ce(head, s, y, m, chunk=4).backward()
+    assert head.weight.grad is None and s.grad is not None
+    empty = train.lm_head_ce(head, s, y, torch.zeros_like(m), chunk=4)
+    assert empty.item() == 0.0
+
+
+def test_chunked_ce_peak_memory_is_bounded_at_8b_shapes():
+    """At the 8B vocabulary and a 4 x 2048 micro batch (fake tensors: shapes only), the plain loss holds the whole
+    [8192, 128256] logits several times over; the chunked one about one chunk's worth beyond its inputs and W's
+    float32 gradient accumulator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    V, D, B, T = 128_256, 4096, 4, 2048
+
+    def peak(fn):
+        with FakeTensorMode():
+            head = torch.nn.Linear(D, V, bias=False, dtype=torch.bfloat16)
+            s = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
+            y, m = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool)
+            tracker = MemTracker()
+            with tracker:
+                fn(head, s, y, m).backward()
+            return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    G = 2**30
+    inputs = (V * D * 2 * 2 + B * T * D * 2 * 2)                  # W and its gradient, s and its gradient (bf16)
+    plain = peak(lambda h, s, y, m: train.masked_ce(h(s), y, m))
+    chunked = peak(lambda h, s, y, m: train.lm_head_ce(h, s, y, m))
+    assert plain - inputs > 10 * G                                # logits bf16 + float32 + softmax: > 10 GiB
+    extra = chunked - inputs
+    assert extra < train.CE_CHUNK_BYTES + V * D * 4 + 0.25 * G, extra / G   # one chunk + dW (float32)
