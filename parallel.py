@@ -452,8 +452,10 @@ def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: W
         msd, osd = get_state_dict(root, optimizer)
         state = {"model": msd, "optim": osd}
     try:
-        save = dcp.async_save if asynchronous else dcp.save
-        future = save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow)
+        with warnings.catch_warnings():         # the module-level filter, for callers that reset filters (pytest)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            save = dcp.async_save if asynchronous else dcp.save
+            future = save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow)
     except CheckpointException as e:
         raise write_error(e, path) from None
     return PendingSave(Path(run_dir), path, future if asynchronous else None, optimizer is not None, train_state,
@@ -539,7 +541,9 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
         msd, osd = get_state_dict(root, optimizer)
         state = {"model": msd, "optim": osd}
     try:
-        dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched, process_group=_slow)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt, no_dist=not world.launched, process_group=_slow)
     except (CheckpointException, OSError) as e:
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
         raise SystemExit(f"{ckpt}: cannot read this checkpoint ({type(cause).__name__}: "
