@@ -10,8 +10,9 @@ Tiers, all in-process on tiny random models, CPU, a few seconds in all:
             (temperature, top-k, Meta's top-p), inverse-CDF draws by hand;
   decoding  positions and the KV cache at the edges (a full-length window, a 2-token chunk, the cache's capacity),
             the chooser's per-row index, eos, prompts holding token 0 (model.py and cola.py);
-  losses    Stage A against its equation with the row's own noise, the VQ ablation and nearest code by brute
-            force, Stage B's accuracy, FTA-P's gradient path, the evaluation metrics by a loop over positions;
+  losses    the chunked loss over the vocabulary by hand (one chunk is masked_ce bit for bit), Stage A against
+            its equation with the row's own noise, the VQ ablation and nearest code by brute force, Stage B's
+            accuracy, FTA-P's gradient path, the evaluation metrics by a loop over positions;
   rl        the clipped surrogate on both sides of the clip for both signs of A, ReMax with the KL in the loss,
             pack and the teacher-forced log-probs against one forward pass per prefix.
 
@@ -310,6 +311,18 @@ def test_world_model_accepts_float32_codes_in_a_bf16_model():
     torch.testing.assert_close(m.world_logits_from_code(h, e), out)
 
 
+def test_world_logits_from_code_passes_base_grad(model):
+    """world_logits_from_code(h, e, "subtracted") = W_lm(sg(Norm_f(s_2)) - h_t): the base learns only through the
+    subtracted h_t, so d(sum of logits)/dh_t = -sum_v W_lm[v] at every position (by hand); "merge" detaches h_t
+    there instead (its gradient reaches h only through the merge module's input)."""
+    h = model.hidden(tokens(2, 3)).detach().requires_grad_()                            # [B, T, D]
+    e = F.embedding(torch.tensor([[1, 2, 3], [4, 5, 6]]), model.codebook.weight.t()).detach()
+    grad = lambda how: torch.autograd.grad(model.world_logits_from_code(h, e, how).sum(), h)[0]   # noqa: E731
+    want = -model.base.output.weight.detach().sum(0).expand_as(h)                        # [B, T, D]
+    torch.testing.assert_close(grad("subtracted"), want)
+    assert not torch.allclose(grad("merge"), want)
+
+
 @torch.no_grad()
 def test_action_indices_outside_k_are_refused(model):
     h = model.hidden(tokens(1, 3))
@@ -370,6 +383,68 @@ def test_masked_ce_of_one_counted_target():
     mask = torch.tensor([[False, True]])
     want = -math.log(math.e / (math.e + 1))
     assert train.masked_ce(logits, torch.tensor([[0, 1]]), mask).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_ce_chunk_rows_by_hand():
+    """Positions per chunk: 2^30 bytes / (12 bytes per logit x V), at least 1."""
+    assert train.CE_CHUNK_BYTES == 2**30
+    assert train.ce_chunk_rows(128_256) == 697                                          # 2^30 // 1,539,072
+    assert train.ce_chunk_rows(2**30 // 12) == 1 and train.ce_chunk_rows(2**30) == 1     # 1, then 0 -> 1
+
+
+def test_lm_head_ce_in_one_chunk_is_masked_ce_bit_for_bit():
+    """When every position fits one chunk (chunk >= B*T, and the default at a small V) lm_head_ce is
+    masked_ce(head(s)) itself: the same loss and gradients bit for bit, so the tiny preset's numbers do not move.
+    B*T = 6 < B*D and < T*T: the count is B*T, not a product with D or T twice."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 101, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(101, 16, generator=g))
+    s = torch.randn(2, 3, 16, generator=g).requires_grad_()                              # [B, T, D]
+    y, m = torch.randint(0, 101, (2, 3), generator=g), torch.tensor([[True, False, True], [True, True, True]])
+
+    def run(fn):
+        loss = fn()
+        return (loss.detach(), *torch.autograd.grad(loss, [s, head.weight]))
+    want = run(lambda: train.masked_ce(head(s), y, m))
+    for chunk in (6, None):
+        got = run(lambda: train.lm_head_ce(head, s, y, m, chunk=chunk))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), chunk
+
+
+def test_chunked_ce_of_one_counted_position_by_hand():
+    """ChunkedCE on 3 positions in chunks of 2, only the middle one counted (sum m = 1: no clamp to 2).
+    W = [[1, 0], [0, 1], [1, 1]], s_1 = (1, 2): z = (1, 2, 3), y_1 = 0: L = log(e + e^2 + e^3) - 1;
+    dL/dz = softmax(z) - onehot(0), ds_1 = dL/dz W, dW = (dL/dz)^T s_1; the other rows get no gradient."""
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)           # [V, D]
+    s = torch.tensor([[5.0, -1.0], [1.0, 2.0], [0.5, 0.5]], requires_grad=True)          # [N, D]
+    y, m = torch.tensor([2, 0, 1]), torch.tensor([0.0, 1.0, 0.0])
+    loss = train.ChunkedCE.apply(s, W, y, m, 2)
+    Z = math.e + math.e ** 2 + math.e ** 3
+    assert loss.item() == pytest.approx(math.log(Z) - 1, rel=1e-6)
+    loss.backward()
+    dz = [math.e / Z - 1, math.e ** 2 / Z, math.e ** 3 / Z]                              # softmax(z) - onehot(0)
+    ds1 = [dz[0] + dz[2], dz[1] + dz[2]]                                                 # dz @ W
+    torch.testing.assert_close(s.grad, torch.tensor([[0.0, 0.0], ds1, [0.0, 0.0]]))
+    torch.testing.assert_close(W.grad, torch.tensor([[d * 1.0, d * 2.0] for d in dz]))   # outer(dz, s_1)
+
+
+def test_chunked_ce_backward_makes_only_the_gradients_asked_for():
+    """ChunkedCE.backward builds ds [N, D] only if s needs a gradient and the float32 dW [V, D] accumulator (2 GiB
+    at 8B) only if W does (Stage A: the head is frozen); the rest are None. W = I, s = (1, 2): z = (1, 2), y = 1,
+    dL/dz = softmax(z) - onehot(1) = ds, dW = (dL/dz)^T s."""
+    s, W = torch.tensor([[1.0, 2.0]]), torch.eye(2)
+    lse = torch.tensor([math.log(math.e + math.e ** 2)])
+    saved = (s, W, torch.tensor([1]), torch.tensor([1.0]), lse, torch.tensor(1.0))
+    dz = torch.tensor([[math.e, -math.e]]) / (math.e + math.e ** 2)                      # (p_0, p_1 - 1)
+    for needs in ((True, False), (False, True)):
+        ctx = SimpleNamespace(saved_tensors=saved, needs_input_grad=(*needs, False, False, False), chunk=1)
+        ds, dw, *rest = train.ChunkedCE.backward(ctx, torch.tensor(1.0))
+        assert rest == [None, None, None] and (ds is None, dw is None) == (not needs[0], not needs[1])
+        if needs[0]:
+            torch.testing.assert_close(ds, dz)
+        else:
+            torch.testing.assert_close(dw, dz.t() * s)
 
 
 def test_pretrain_loss_is_ce_of_hard_actions_plus_beta_sum_y_log_y(model):
