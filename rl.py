@@ -389,7 +389,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     # per-rank sums, averaged over ranks: ratios of these averages are ratios of the sums over all ranks
     s = parallel.mean_over_ranks(world, {
         "reward": R.sum().item(), "success": (R == 1.0).sum().item(), "rows": len(rows), "tokens": n_tok,
-        "kl": (k1(old_logp, ref_logp) * b["mask"]).sum().item(), "adv_abs": A.abs().sum().item(),
+        "kl": kl_seq.sum().item(), "adv_abs": A.abs().sum().item(),
         "clipped": clipped, "loss": loss, "rollout_s": t_roll,
         "update_s": t_update})
     out = {"reward": s["reward"] / s["rows"], "success": s["success"] / s["rows"], "loss": s["loss"],
