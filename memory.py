@@ -423,7 +423,7 @@ def check_fits(stage: str, cfg, world=None, device=None, capacity: int | None = 
     """Stop with one line when the plan of `stage` (plus CONTEXT_BYTES) exceeds one GPU's memory, and say what to
     run instead. capacity: bytes of one GPU (default: torch.cuda.get_device_properties(device).total_memory; on a
     CPU device with no capacity given nothing is checked). world: parallel.World (default one process); shard:
-    ranks the trained groups are sharded over (default: world.local_size, the GPUs of one node). --cpu-offload
+    ranks the trained groups are sharded over (default: world.node_size, the GPUs of one node). --cpu-offload
     moves the sharded state to host memory, which the plan does not model: not checked."""
     if capacity is None:
         if device is None or torch.device(device).type != "cuda":
@@ -433,7 +433,7 @@ def check_fits(stage: str, cfg, world=None, device=None, capacity: int | None = 
         return
     gpus = world.size if world is not None and world.launched else 1
     if gpus > 1 and not shard:
-        shard = world.local_size or gpus           # parallel.device_mesh's default: the ranks of one node
+        shard = world.node_size                    # parallel.device_mesh's default: the ranks of one node
     p = plan(stage, cfg, gpus, shard)
     if p.total + CONTEXT_BYTES <= capacity:
         return

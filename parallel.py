@@ -68,6 +68,11 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def node_size(self) -> int:
+        """Processes on this node: the default group that shards the trained state (device_mesh)."""
+        return self.local_size or self.size
+
 
 def world_from_env() -> World:
     """torchrun's variables -> World; none of them set -> one process. Reads only, so it runs before any work."""
@@ -93,11 +98,12 @@ def world_from_env() -> World:
 # on the others within minutes, not hours). Waiting for rank 0's own slow work (reading the 8B checkpoint, an export
 # of 16-40 GB) or for every rank's writes (a checkpoint, 40-110 GB at 8B) goes through SLOW, a gloo group with a
 # 2-hour timeout, so the training collectives (NCCL on GPUs) can keep the short one.
+TIMEOUT = 600                       # seconds: train.py's --collective-timeout default
 SLOW_TIMEOUT = timedelta(hours=2)
 _slow = None                        # the gloo process group of on_main, barrier, broadcast_object and checkpoints
 
 
-def init_process_group(world: World, device_flag: str, timeout: float = 600) -> torch.device:
+def init_process_group(world: World, device_flag: str, timeout: float = TIMEOUT) -> torch.device:
     """The training device; under torchrun also the process groups: NCCL (CUDA tensors) + gloo (CPU tensors) on
     GPUs, gloo on CPU, each timing out after `timeout` seconds, and the long-waiting gloo group SLOW."""
     global _slow
@@ -279,12 +285,11 @@ def start_phase(root: Root, groups: list[str]):
 
 def device_mesh(world: World, device: torch.device, shard: int = 0):
     """The ranks FSDP shards over: all of them (1-D), or groups of `shard` ranks (default: one node's,
-    LOCAL_WORLD_SIZE) that each hold a whole sharded copy and average gradients across groups (2-D, HSDP): on
-    several nodes only the gradients' all-reduce crosses the network, not every all-gather."""
+    world.node_size) that each hold a whole sharded copy and average gradients across groups (2-D, HSDP): on
+    several nodes only the gradients' all-reduce crosses the network, not every all-gather. A `shard` that does not
+    divide the world size is refused earlier, with the flags (train.check_flags)."""
     from torch.distributed.device_mesh import init_device_mesh
-    shard = shard or world.local_size or world.size
-    if world.size % shard:
-        raise SystemExit(f"--shard-group {shard}: the {world.size} processes do not split into groups of {shard}")
+    shard = shard or world.node_size
     if shard == world.size:
         return init_device_mesh(device.type, (world.size,))
     return init_device_mesh(device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))

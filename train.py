@@ -98,7 +98,7 @@ class Common:
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     shard_group: int = arg(0, "under torchrun: ranks that shard the trained state together; groups replicate it "
                               "(HSDP). 0 = the processes of one node (LOCAL_WORLD_SIZE)", ">= 0")
-    collective_timeout: int = arg(600, "under torchrun: seconds a training collective may wait before the run stops "
+    collective_timeout: int = arg(parallel.TIMEOUT, "under torchrun: seconds a training collective may wait before the run stops "
                                        "(a dead or hung rank)", ">= 1")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed for init, data order and Gumbel noise", ">= 0")

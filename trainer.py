@@ -300,9 +300,9 @@ class Run:
         self.check_out_dir()                    # reads only: before any process group, lock or file
         self.latest = parallel.latest_checkpoint(self.dir) if cfg.resume else None
         self.check_resumable(exclude=self.RESOLVED_LATER)
-        self.device = parallel.init_process_group(world, cfg.device, getattr(cfg, "collective_timeout", 600))
+        self.device = parallel.init_process_group(world, cfg.device, getattr(cfg, "collective_timeout", parallel.TIMEOUT))
         if getattr(cfg, "cpu_offload", False):  # AdamW steps on the host: its cores shared by this node's ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.node_size))
         parallel.on_main(world, lambda: acquire_lock(self.dir))
         if cfg.resume:                          # verified now (a collective): maybe an older checkpoint
             self.latest = parallel.resume_checkpoint(self.dir, world)
@@ -572,10 +572,11 @@ class Run:
                     state = {"stage": self.stage, "step": step, "phase": pi + 1 if phase_over else pi,
                              "loader": loader.state_dict(), "config": asdict(cfg)}
                     self.finish_save()                       # the previous one, if still being written
+                    background = getattr(cfg, "async_save", False)
                     with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                         self.pending = parallel.start_save(self.dir, root, None if phase_over else opt, state, world,
-                                                           asynchronous=getattr(cfg, "async_save", False))
-                    if not getattr(cfg, "async_save", False):
+                                                           asynchronous=background)
+                    if not background:
                         self.finish_save()
                 if stopping and step < bar.total:
                     self.finish_save()
