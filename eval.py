@@ -114,7 +114,8 @@ def documents(stream: np.ndarray, bos: int) -> list[np.ndarray]:
 
 
 def amp(dtype: str, device):
-    """The training stages' autocast (trainer.autocast): bfloat16, or nothing for float32."""
+    """The training stages' autocast (trainer.autocast): bfloat16, or nothing for float32; auto picks bfloat16 where
+    the device computes it natively."""
     from trainer import autocast
     return autocast(dtype, device)
 
@@ -136,7 +137,7 @@ def transitions(model, x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def controllability(model, batches, dtype: str = "bfloat16") -> dict:
+def controllability(model, batches, dtype: str = "auto") -> dict:
     """Mean CE (nats/token) of the base LM and of the world model given the IDM's actions, overall and per action:
     for each action k, the transitions the IDM labels k, their share, and both losses on them."""
     K = model.args.n_actions
@@ -157,7 +158,7 @@ def controllability(model, batches, dtype: str = "bfloat16") -> dict:
 
 
 @torch.no_grad()
-def action_tokens(model, batches, top: int = 5, positions: int = 2048, dtype: str = "bfloat16") -> dict:
+def action_tokens(model, batches, top: int = 5, positions: int = 2048, dtype: str = "auto") -> dict:
     """For each action k: the tokens x_{t+1} of the held-out transitions the IDM labels k ("labels"), and the tokens
     the world model writes greedily when a_t = k is imposed on the states of the first `positions` held-out
     transitions ("writes"). Each a list of (token id, share), most frequent first."""
@@ -351,7 +352,7 @@ def diversity_sanity(embedder, tok, n_groups: int = 16, m: int = 8, length: int 
 
 
 @torch.no_grad()
-def usage_counts(model, batches, assign, dtype: str = "bfloat16") -> list[int]:
+def usage_counts(model, batches, assign, dtype: str = "auto") -> list[int]:
     """How often each of the K actions is chosen on held-out windows; assign(model, tokens) -> [B, T] actions."""
     K = model.args.n_actions
     n = torch.zeros(K, dtype=torch.long)
@@ -402,7 +403,7 @@ def stage_a_runs(runs: Path) -> dict:
     return found
 
 
-def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "bfloat16") -> dict:
+def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "auto") -> dict:
     """Action usage of Stage A's direct and VQ runs under `runs`, cached in <run>/eval/usage.json."""
     from tokenizer import Tokenizer
     out = {}
@@ -641,14 +642,14 @@ def plot_all(runs: Path, device, n_batches: int = 8) -> list[Path] | None:
     return written
 
 
-def after_pipeline(root: Path, scale: float = 1.0):
+def after_pipeline(root: Path, scale: float = 1.0, dtype: str = "auto"):
     """What the pipeline calls last: action usage (direct vs VQ) and the diversity comparison on its Stage A export,
     saved as JSON in the run directories, then the plots. Without matplotlib the numbers are still written and the
     way to get the plots is printed. Sizes shrink with --scale like the pipeline's evaluations."""
     device = device_of("")
     root = Path(root)
     small = min(1.0, scale * 10)
-    usage_of_runs(root, device, n_batches=max(1, round(8 * small)))
+    usage_of_runs(root, device, n_batches=max(1, round(8 * small)), dtype=dtype)
     pre = root / "pretrain"
     if (pre / "final").is_dir():
         from tokenizer import Tokenizer
@@ -772,8 +773,9 @@ def main(argv=None):
         p = common(sub.add_parser(name, help=f"{name} (see the module docstring)"))
         p.add_argument("--batches", type=int, default=8, help="held-out batches of 8 windows (the pipeline's: 8)")
         p.add_argument("--seq-len", type=int, default=448, help="window length (the pipeline's: 448)")
-        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                       help="autocast as in training's evaluations (bfloat16) or none (float32)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="autocast as in training's evaluations: auto (bfloat16 where the device computes it "
+                            "natively, else float32), bfloat16, or none (float32)")
         p.add_argument("--top", type=int, default=16 if name == "controllability" else 12,
                        help="actions listed, most used first")
         if name == "actions":
@@ -809,6 +811,10 @@ def main(argv=None):
         return written
     check_flags(a)
     device = device_of(a.device)
+    if a.cmd in ("controllability", "actions"):
+        from trainer import dtype_line, resolve_dtype
+        a.dtype = resolve_dtype(a.dtype, device.type)
+        print(dtype_line(a))
     model = load_cola(a.ckpt, device)
     tok = Tokenizer.find(a.ckpt, None)
     ctx, K = model.base_args.max_seq_len, model.args.n_actions

@@ -265,7 +265,8 @@ class QArgs:
     eval_every: int = arg(50, "updates between held-out evaluations", ">= 1")
     ckpt_every: int = arg(50, "updates between resumable checkpoints", ">= 1")
     log_every: int = arg(1, "updates between metrics.jsonl rows", ">= 1")
-    dtype: str = arg("float32", "float32 or bfloat16 (autocast)")
+    dtype: str = arg("auto", "auto (bfloat16 where the device computes it natively, else float32), float32 or "
+                             "bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed of the problems, the sampling noise and the batch order", ">= 0")
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
@@ -274,8 +275,7 @@ class QArgs:
 
 def parse_q_args(argv: list[str]) -> QArgs:
     cfg, _ = parse_config(QArgs, argv, "mcts.py train-q", {})
-    for name, value, allowed in (("level", cfg.level, LEVELS), ("task", cfg.task, tasks.TASKS),
-                                 ("dtype", cfg.dtype, ("float32", "bfloat16"))):
+    for name, value, allowed in (("level", cfg.level, LEVELS), ("task", cfg.task, tasks.TASKS)):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
     if not cfg.init:

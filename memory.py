@@ -291,10 +291,11 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
 
 
 def config(stage: str, preset: str = "llama-3.1-8b", **overrides):
-    """The stage's config as train.py resolves it for one process at `preset` (its TINY or LARGE defaults)."""
+    """The stage's config as train.py resolves it for one process at `preset` (its TINY or LARGE defaults) on a GPU
+    with native bf16 (A100, H100: what --dtype auto resolves to bfloat16 on), whatever machine makes the plan."""
     import train
     defaults = {**train.COMMON_TINY, **train.TINY[stage]} if preset == "tiny" else train.LARGE.get(stage, {})
-    return train.STAGE_ARGS[stage](**{"preset": preset, **defaults, **overrides})
+    return train.STAGE_ARGS[stage](**{"preset": preset, **defaults, "dtype": "bfloat16", **overrides})
 
 
 def stage_model(stage: str, preset: str):

@@ -16,6 +16,7 @@ import torch
 
 from checkpoint import atomic_write
 from train import FinetuneArgs, parse_args, run_stage
+from trainer import machine
 
 def run_pipeline(a) -> dict:
     root = Path(a.out_dir)
@@ -24,7 +25,7 @@ def run_pipeline(a) -> dict:
         name = kw.pop("name", stage)
         flags = [s for k, v in kw.items() for s in (f"--{k.replace('_', '-')}", str(v))]
         _, c = parse_args(["--stage", stage, "--out-dir", str(root / name), "--seed", str(a.seed), "--no-resume",
-                           *flags])
+                           "--dtype", a.dtype, *flags])
         c.steps = max(1, round(c.steps * a.scale)) if c.steps else c.steps
         c.eval_batches = max(1, round(c.eval_batches * min(1.0, a.scale * 10)))
         if isinstance(c, FinetuneArgs):
@@ -41,11 +42,11 @@ def run_pipeline(a) -> dict:
     r["sft"] = run_stage("sft", cfg("sft", init=root / "base/final"))
     for level, init in (("latent", "fta-i"), ("token", "sft")):
         r[f"rl-{level}"] = run_rl(root, level, root / init / "final", a)
-    table = results_table(r, time.time() - t0)
+    table = results_table(r, time.time() - t0, a.dtype)
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
     from eval import after_pipeline      # usage (direct vs VQ), diversity, PNGs; says how to plot without matplotlib
-    after_pipeline(root, a.scale)
+    after_pipeline(root, a.scale, a.dtype)
     return r
 
 
@@ -57,14 +58,14 @@ def run_rl(root: Path, level: str, init: Path, a) -> dict:
     steps = max(2, round(30 * a.scale))
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
     rl.main(["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(a.seed), "--no-resume",
-             "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
+             "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
              *(smoke if a.scale < 0.05 else [])])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval"] for row in rows if "eval" in row]
     return {"before": evals[0], "after": evals[-1], "steps": steps}
 
 
-def results_table(r: dict, seconds: float) -> str:
+def results_table(r: dict, seconds: float, dtype: str) -> str:
     pre, vq, bc = r["pretrain"], r["vq"], r["bc"]
     K, lm = pre["codebook"]["n_actions"], pre["after"]["lm_val"]
 
@@ -102,7 +103,10 @@ def results_table(r: dict, seconds: float) -> str:
          f"{lat['after']['kl']:.3f} / {tok['after']['kl']:.3f}", ""),
     ]
     w = max(len(a) for a, _, _ in rows)
-    lines = [f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
+    m = machine("cpu")
+    lines = [f"dtype {dtype} on {m['cpu']} ({m['cpu_capability']}, native bf16: {'yes' if m['native_bf16'] else 'no'}); "
+             f"the numbers below depend on the dtype\n",
+             f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
     lines += [f"| {a:<{w}} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\npipeline wall time: {seconds:.0f} s on {os.cpu_count()} CPU cores (torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]})")

@@ -121,7 +121,8 @@ class RLArgs:
     judge: str = arg("", "a frozen plain Llama that scores the fluency of sampled text (NLL per token) in every "
                          "evaluation (tiny default: runs/base/final if it exists; 'none' to skip)")
     eval_only: bool = arg(False, "evaluate --init (held-out task, general text, judge) and print it; train nothing")
-    dtype: str = arg("float32", "float32 or bfloat16 (autocast)")
+    dtype: str = arg("auto", "auto (bfloat16 where the device computes it natively, else float32), float32 or "
+                             "bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
@@ -146,7 +147,7 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
     for name, value, allowed in (("level", cfg.level, LEVELS), ("algo", cfg.algo, ALGOS),
                                  ("task", cfg.task, tasks.TASKS), ("reward", cfg.reward, tuple(tasks.REWARDS)),
                                  ("kl-placement", cfg.kl_placement, KL_PLACEMENTS),
-                                 ("aggregate", cfg.aggregate, AGGREGATES), ("dtype", cfg.dtype, ("float32", "bfloat16")),
+                                 ("aggregate", cfg.aggregate, AGGREGATES),
                                  ("preset", cfg.preset, ("tiny", "llama-3.1-8b"))):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")

@@ -63,7 +63,7 @@ from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_soft
 from model import PRESETS, ModelArgs, Transformer
 from parallel import World
 from tokenizer import Tokenizer
-from trainer import Phase, Run, arg, parse_config, release_locks
+from trainer import Phase, Run, arg, parse_config, release_locks, resolve_dtype
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 VAL_SEED = 1234                    # the held-out windows' order: the same evaluation batches in every stage
@@ -93,7 +93,8 @@ class Common:
     beta1: float = arg(0.9, "Adam beta1", ">= 0, < 1")
     beta2: float = arg(0.95, "Adam beta2", ">= 0, < 1")
     grad_clip: float = arg(1.0, "max gradient norm (paper: 1.0)", "> 0")
-    dtype: str = arg("bfloat16", "autocast dtype: bfloat16 or float32 (no autocast)")
+    dtype: str = arg("auto", "auto (bfloat16 where the GPU or CPU computes it natively, else float32), bfloat16 "
+                             "(autocast) or float32 (no autocast)")
     activation_checkpointing: bool = arg(False, "recompute each block in backward to save memory")
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     shard_group: int = arg(0, "under torchrun: ranks that shard the trained state together; groups replicate it "
@@ -218,7 +219,11 @@ def parse_args(argv: list[str], world: World = World()):
         p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
         p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
         p.add_argument("--seed", type=int, default=0)
-        return "pipeline", p.parse_args(argv)
+        p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where this "
+                                                       "CPU computes it natively, else float32), bfloat16 or float32")
+        a = p.parse_args(argv)
+        a.dtype = resolve_dtype(a.dtype, "")
+        return "pipeline", a
     if known.preset not in PRESETS:
         pre.error(f"--preset {known.preset!r}: expected one of {', '.join(PRESETS)}")
     stage = known.stage
@@ -253,8 +258,6 @@ def check_flags(stage: str, cfg, world: World = World()):
         procs = f" x {world.size} processes" if world.size > 1 else ""
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a positive multiple of --micro-batch "
                          f"{cfg.micro_batch}{procs}")
-    if cfg.dtype not in ("bfloat16", "float32"):
-        raise SystemExit(f"--dtype {cfg.dtype!r}: expected bfloat16 or float32")
     if stage == "pretrain" and cfg.quantizer not in ("direct", "vq"):
         raise SystemExit(f"--quantizer {cfg.quantizer!r}: expected direct or vq")
     if stage in ("fta-i", "fta-p", "sft") and cfg.task not in ("mix",) + tasks.TASKS:

@@ -99,7 +99,10 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
             check_value(f.name, getattr(ns, f.name), f.metadata.get("valid", ""))
     given = {f.name for f in fields(cls) for a in argv
              if a.split("=")[0] in ("--" + f.name.replace("_", "-"), "--no-" + f.name.replace("_", "-"))}
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)}), given
+    cfg = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+    if hasattr(cfg, "dtype"):                   # --dtype auto -> what this machine runs (config.json records it)
+        cfg.dtype = resolve_dtype(cfg.dtype, getattr(cfg, "device", ""), main=os.environ.get("RANK", "0") == "0")
+    return cfg, given
 
 
 def joined_numbers(argv: list[str], flags: set[str]) -> list[str]:
@@ -147,8 +150,77 @@ def make_optimizer(groups: dict[str, list], names, cfg) -> torch.optim.AdamW:
 
 
 def autocast(dtype: str, device: torch.device):
-    """bf16 autocast, or nothing for float32."""
+    """bf16 autocast, or nothing for float32 (auto: what resolve_dtype picks for the device)."""
+    dtype = resolve_dtype(dtype, device.type, main=False) if dtype == "auto" else dtype
     return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dtype auto: bf16 where the hardware computes it, float32 elsewhere. On a CPU without bf16 instructions (AVX2
+# only, as many laptops) bf16 autocast is emulated: one tiny training step costs ~15x its float32 time, and a model
+# of a few million parameters gains nothing from it.
+
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def device_type(device_flag: str) -> str:
+    """The device a --device flag ("", "cpu", "cuda", "cuda:1") runs on: "" means cuda if available."""
+    return "cuda" if device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available()) else "cpu"
+
+
+def native_bf16(kind: str) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU that supports it (Ampere on), or a CPU whose oneDNN
+    reports bf16 support (AVX-512-BF16 or AMX; torch.ops.mkldnn._is_mkldnn_bf16_supported)."""
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 either
+        return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it (Linux /proc/cpuinfo, else platform), for a run's record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def machine(kind: str) -> dict:
+    """What decided --dtype auto, recorded in config.json and the pipeline's table: the CPU, torch's CPU kernel
+    level (AVX2, AVX512, ...), whether bf16 is native on the device, and the GPU if one is used."""
+    info = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16(kind), "device": kind}
+    if kind == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def resolve_dtype(flag: str, device_flag: str, main: bool = True) -> str:
+    """--dtype auto|bfloat16|float32 -> bfloat16 or float32 for the device of --device. auto: bfloat16 where the
+    device computes it natively, float32 otherwise. An explicit bfloat16 on a CPU without it still runs, after one
+    line of warning (on the main process only)."""
+    if flag not in DTYPES:
+        raise SystemExit(f"--dtype {flag!r}: expected one of {', '.join(DTYPES)}")
+    kind = device_type(device_flag)
+    if flag == "auto":
+        return "bfloat16" if native_bf16(kind) else "float32"
+    if flag == "bfloat16" and kind == "cpu" and not native_bf16("cpu") and main:
+        print(f"warning: --dtype bfloat16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
+              f"emulated, about 15x slower than --dtype float32 (or auto) for the same run", flush=True)
+    return flag
+
+
+def dtype_line(cfg) -> str:
+    """One line for the start of a run: the dtype it computes in and why."""
+    kind = device_type(cfg.device)
+    what = "CPU " + torch.backends.cpu.get_cpu_capability() if kind == "cpu" else machine(kind).get("gpu", "CUDA")
+    return f"dtype {cfg.dtype} ({what}, native bf16: {'yes' if native_bf16(kind) else 'no'})"
 
 
 def enable_activation_checkpointing(blocks):
@@ -418,7 +490,7 @@ class Run:
         --steps): nothing in the run directory changes before this."""
         self.check_resumable(only=self.RESOLVED_LATER)
         resolved = {"stage": self.stage, **asdict(self.cfg), "world_size": self.world.size,
-                    "n_params": sum(p.numel() for p in root.model.parameters())}
+                    "n_params": sum(p.numel() for p in root.model.parameters()), "machine": machine(self.device.type)}
 
         def prepare():
             for tmp in [*self.dir.glob(".*.tmp[0-9]*"), *self.dir.glob(".final*.old[0-9]*")]:    # ours only
@@ -437,6 +509,7 @@ class Run:
                 print(f"{newer}: removed; its steps are redone from {self.latest.name}")
             atomic_write(self.dir / "config.json", lambda t: t.write_text(json.dumps(resolved, indent=2)))
             print(json.dumps(resolved))
+            print(dtype_line(self.cfg))
         with writing(f"--out-dir {self.dir}"):
             parallel.on_main(self.world, prepare)
 

@@ -3,7 +3,7 @@
 Tiers (style.md rule 9):
   equal    every stage for 20 optimizer steps on 2 processes logs the per-step losses of 1 process at the same
            global batch (float32, within 1e-5 relative), and exports the same weights;
-  bf16     the default --dtype bfloat16 on 2 processes (mixed precision, bf16 storage of a bf16 base, activation
+  bf16     --dtype bfloat16 on 2 processes (mixed precision, bf16 storage of a bf16 base, activation
            checkpointing) stays within 1e-3 of one process;
   resume   a 2-process run stopped at step 10 (--stop-at) resumes from its DCP checkpoint on 1 and on 2 processes
            and logs the uninterrupted run's steps 11..20;
@@ -127,16 +127,16 @@ def test_two_processes_export_the_same_model(runs, stage):
 
 
 def test_bf16_two_processes(chain, tmp_path):
-    """The default --dtype bfloat16 under FSDP: bf16 compute, fp32 gradient reduction, the RoPE table kept float32
-    (FSDP must not cast block inputs), and a frozen base whose weights are bf16 values (as the official ones are)
-    stored in bf16, with activation checkpointing on. Losses stay within 1e-3 of one process under autocast, and
+    """--dtype bfloat16 (what auto picks on hardware with native bf16) under FSDP: bf16 compute, fp32 gradient
+    reduction, the RoPE table kept float32 (FSDP must not cast block inputs), and a frozen base whose weights are
+    bf16 values (as the official ones are) stored in bf16, with activation checkpointing on. Losses stay within 1e-3 of one process under autocast, and
     the export keeps the base in bf16 and the trained IDM in float32."""
     from safetensors import safe_open
     from model import Transformer
     init = tmp_path / "base-bf16"
     Transformer.from_pretrained(chain / "base/final").to(torch.bfloat16).save_pretrained(init)
     flags = ["--init", init, "--seq-len", "32", "--micro-batch", "1", "--global-batch", "4", "--eval-batches", "1",
-             "--log-every", "1", "--steps", "4"]
+             "--log-every", "1", "--steps", "4", "--dtype", "bfloat16"]
     run_ok(cmd("pretrain", tmp_path / "one", *flags))
     run_ok(TORCHRUN + cmd("pretrain", tmp_path / "two", *flags, "--activation-checkpointing")[1:])
     one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")

@@ -104,6 +104,7 @@ def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys)
     init.mkdir()
     (init / "config.json").write_text(json.dumps(hf_config(PRESETS["llama-3.1-8b"])))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # --dtype auto
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * GiB}))
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "sft", "--preset", "llama-3.1-8b", "--init", str(init), "--out-dir",

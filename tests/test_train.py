@@ -87,6 +87,9 @@ def test_smoke_stage_writes_run_dir(chain, name):
     d = chain / name
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["stage"] == stage and cfg["out_dir"] == str(d)
+    # --dtype auto (the default) resolved on this machine, and what decided it, recorded
+    assert cfg["dtype"] == trainer.resolve_dtype("auto", "cpu")
+    assert cfg["machine"]["native_bf16"] == trainer.native_bf16("cpu") and cfg["machine"]["cpu_capability"]
 
     rows = read_rows(d)
     steps = [r["step"] for r in rows if "step" in r]
@@ -112,7 +115,7 @@ def test_smoke_stage_writes_run_dir(chain, name):
         assert fcfg["train_stage"] == stage
         # one source of truth: the export records the flags it was trained with (Stage A's beta and tau among them)
         history = fcfg["train_history"]
-        assert history[-1] == {k: v for k, v in cfg.items() if k not in ("world_size", "n_params")}
+        assert history[-1] == {k: v for k, v in cfg.items() if k not in ("world_size", "n_params", "machine")}
         assert [h["stage"] for h in history] == {"base": ["base"], "pretrain": ["base", "pretrain"],
                                                  "bc": ["base", "pretrain", "bc"], "sft": ["base", "sft"]}.get(
             stage, ["base", "pretrain", "bc", stage])
@@ -361,6 +364,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --dtype auto: bf16 only where the hardware computes it (simulated both ways, whatever this CPU has)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no-native-bf16", "native-bf16"])
+def test_dtype_auto_follows_the_hardware(native, monkeypatch, capsys):
+    import mcts
+    import rl
+    monkeypatch.setattr(trainer, "native_bf16", lambda kind: native)
+    want = "bfloat16" if native else "float32"
+    assert trainer.resolve_dtype("auto", "cpu") == want and trainer.resolve_dtype("float32", "cpu") == "float32"
+    assert capsys.readouterr().out == ""
+    assert trainer.resolve_dtype("bfloat16", "cpu") == "bfloat16"      # explicit bf16 still runs ...
+    warned = capsys.readouterr().out                                  # ... with one line where it is emulated
+    assert (warned.count("\n"), "--dtype bfloat16" in warned) == ((0, False) if native else (1, True)), warned
+    assert train.parse_args(["--stage", "base"])[1].dtype == want     # every script's default is auto
+    assert train.parse_args(["--stage", "pipeline"])[1].dtype == want
+    assert train.parse_args(["--stage", "base", "--dtype", "float32"])[1].dtype == "float32"
+    init = ["--init", str(REPO)]                                     # any directory: parsing reads no model
+    assert rl.parse_args(init + ["--judge", "none"]).dtype == want
+    assert mcts.parse_q_args(init).dtype == want
+    with pytest.raises(SystemExit, match="--dtype 'fp16': expected one of auto, bfloat16, float32"):
+        train.parse_args(["--stage", "base", "--dtype", "fp16"])
+
+
+def test_dtype_auto_without_native_bf16_trains_in_float32_and_says_so(tmp_path, monkeypatch, capsys):
+    """A run on a CPU without native bf16 (simulated): config.json holds the resolved float32, not "auto", and the
+    machine that decided it; the run prints the line; the model computes in float32 (no bf16 frozen copy)."""
+    monkeypatch.chdir(REPO)                        # the embedded corpus cache is data/cache under the cwd
+    monkeypatch.setattr(trainer, "native_bf16", lambda kind: False)
+    out = tmp_path / "base"
+    train.main(["--stage", "base", "--out-dir", str(out), "--steps", "1", "--seq-len", "16", "--micro-batch", "2",
+                "--global-batch", "2", "--eval-batches", "1"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "float32" and cfg["machine"]["native_bf16"] is False
+    assert cfg["machine"]["cpu"] and cfg["machine"]["device"] == "cpu"
+    assert "dtype float32 (CPU " in capsys.readouterr().out
+    assert json.loads((out / "final/config.json").read_text())["train_history"][-1]["dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Errors a user can make: each stops with a message that names the mistake
 
 
@@ -453,7 +496,8 @@ def _bad(tmp_path, chain):
                                      "checkpoint of stage 'pretrain'"),
         "unknown quantizer": (["--stage", "pretrain", "--init", chain / "base/final", "--quantizer", "fsq"],
                               "--quantizer 'fsq': expected direct or vq"),
-        "unknown dtype": (["--stage", "base", *small, "--dtype", "float16"], "expected bfloat16 or float32"),
+        "unknown dtype": (["--stage", "base", *small, "--dtype", "float16"],
+                          "--dtype 'float16': expected one of auto, bfloat16, float32"),
         "unknown preset": (["--stage", "base", "--preset", "nope"], "--preset 'nope'"),
     }
 
