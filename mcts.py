@@ -39,7 +39,7 @@ descent fills every node on its path (b = 4-5 children) before it goes below it,
 tokens 64 rounds stay ~3 tokens deep; the global scan can keep extending the one deep prefix whose rollout scored
 well, which is where Countdown's answer is written. It is also what the authors ran. (Measured, token MCTS on the
 13 held-out countdown-2 problems at 1000 / 2000 / 4000 forward tokens: best-first 0.00 / 0.23 / 0.31, descent
-0.08 / 0.15 / 0.15; README.)
+0.08 / 0.15 / 0.15; docs/rl-and-search.md.)
 A round is one expansion, free ones included: a child on its parent's greedy rollout costs no forward token once
 rollouts are reused, so `eval` ends searches by forward-token budget, not by rounds.
 

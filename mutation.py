@@ -1,4 +1,4 @@
-"""Mutation testing of the paper-critical code (dev only; README, "Testing"): does the fast test tier fail on every
+"""Mutation testing of the paper-critical code (dev only; docs/testing.md): does the fast test tier fail on every
 plausible wrong implementation? A mutant is a one-token change of one function (an operator, a constant, an index,
 a dropped argument); a test that fails on it kills it. mutmut (requirements-mutation.txt) does the work; this script
 

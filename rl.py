@@ -132,7 +132,7 @@ class RLArgs:
     stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue", ">= 0")
 
 
-# The tiny preset's defaults: measured on 2 CPU cores (README, "RL over latent actions").
+# The tiny preset's defaults: measured on 2 CPU cores (docs/rl-and-search.md).
 TINY = dict(lr=3e-4, steps=30, prompts_per_step=8, group=4, max_new_tokens=160, eval_every=5, eval_problems=32,
             ckpt_every=10, task="countdown-2")
 LARGE = {"grpo": dict(lr=5e-7, kl_coef=1e-3, group=4), "remax": dict(lr=1e-5, kl_coef=1e-4)}
@@ -486,8 +486,8 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     rollout runs one forward per token, and a sharded base would all-gather every block for each of them), while
     .trained is an FSDP2-sharded float32 copy of the trained part; after every update sync() gathers it into .model's
     replica, so each rank generates its own rollouts with no collective inside generation (ranks finish their
-    rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (README, memory
-    plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
+    rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (docs/scaling.md,
+    memory plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
     from trainer import bf16_frozen_groups, enable_activation_checkpointing
     model = load_model(cfg, torch.device("cpu")).requires_grad_(False)
     part = model.policy if cfg.level == "latent" else model

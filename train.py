@@ -12,7 +12,7 @@ under action guidance), one short function per stage. PAPER.md maps each equatio
               effects in miniature
 
 Run it (CPU, embedded data, no download; each stage starts from the previous one's runs/<stage>/final):
-    python train.py --stage pipeline                       # everything, ~22 min on 2 cores, prints a table
+    python train.py --stage pipeline                       # everything, ~15-20 min on 2 cores, prints a table
     python train.py --stage base
     python train.py --stage pretrain                       # --init runs/base/final by default at the tiny preset
     python train.py --stage bc                             # then fta-i / fta-p (from bc), sft (from base)

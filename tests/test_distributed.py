@@ -1,6 +1,6 @@
 """Several processes: torchrun with 2 CPU processes (gloo) and FSDP2, against one process.
 
-Tiers (style.md rule 9):
+Tiers:
   equal    every stage for 20 optimizer steps on 2 processes logs the per-step losses of 1 process at the same
            global batch (float32, within 1e-5 relative), and exports the same weights;
   bf16     --dtype bfloat16 on 2 processes (mixed precision, bf16 storage of a bf16 base, activation

@@ -1,6 +1,6 @@
 """Tests for model.py: the Llama-3.1 base of CoLA (PAPER.md §2, "Base").
 
-Tiers (style.md rule 9), all on CPU in a few seconds:
+Tiers, all on CPU in a few seconds:
   parity      our logits and greedy tokens == transformers' LlamaForCausalLM, for checkpoints in every layout we
               read (HF written by us, HF written by transformers, sharded, tied, Meta consolidated.00.pth);
   round trip  save_pretrained -> from_pretrained is bit-exact in float32 and bfloat16;

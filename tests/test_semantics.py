@@ -1,5 +1,5 @@
 """The paper's semantics, pinned where a plausible wrong implementation would otherwise pass: each test here kills
-mutants that survived the rest of the suite (`python mutation.py`, README "Testing"). Expected values are written
+mutants that survived the rest of the suite (`python mutation.py`, docs/testing.md). Expected values are written
 by hand or computed by an independent formula (a loop over prefixes, the equation spelled out), not by calling the
 code under test a second way.
 

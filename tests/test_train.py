@@ -1,6 +1,6 @@
 """train.py tests: every stage end to end, kill-and-resume exactness, crash safety, user-facing errors, loss maths.
 
-Tiers (style.md rule 9):
+Tiers:
   smoke    every stage as a subprocess (`python train.py --stage ...`), chained through --init, a few steps each,
            and the whole pipeline at its smallest scale;
   resume   a run SIGKILLed after a checkpoint and rerun with the same command logs exactly the loss curve of an
