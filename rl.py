@@ -53,6 +53,7 @@ Deviations from the paper / official code:
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -139,10 +140,11 @@ LARGE = {"grpo": dict(lr=5e-7, kl_coef=1e-3, group=4), "remax": dict(lr=1e-5, kl
 
 
 def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLArgs:
-    pre = {a.split("=")[0]: i for i, a in enumerate(argv)}
-    preset = argv[pre["--preset"] + 1] if "--preset" in pre and pre["--preset"] + 1 < len(argv) else "tiny"
-    algo = argv[pre["--algo"] + 1] if "--algo" in pre and pre["--algo"] + 1 < len(argv) else "grpo"
-    defaults = TINY if preset == "tiny" else LARGE.get(algo, {})
+    pre = argparse.ArgumentParser(prog="rl.py", add_help=False)   # the flags that choose the defaults, in any form
+    pre.add_argument("--preset", default="tiny")          # ("--preset X" or "--preset=X")
+    pre.add_argument("--algo", default="grpo")
+    known, _ = pre.parse_known_args(argv)
+    defaults = TINY if known.preset == "tiny" else LARGE.get(known.algo, {})
     cfg, _ = parse_config(RLArgs, argv, "rl.py", defaults)
     for name, value, allowed in (("level", cfg.level, LEVELS), ("algo", cfg.algo, ALGOS),
                                  ("task", cfg.task, tasks.TASKS), ("reward", cfg.reward, tuple(tasks.REWARDS)),

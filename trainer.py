@@ -437,9 +437,10 @@ class Run:
             if k not in now or k in self.RESUMABLE_CHANGES or k in exclude or (only is not None and k not in only):
                 continue
             if now[k] != v:
-                raise SystemExit(f"{source}: was written with --{k.replace('_', '-')} {v!r}, this run has {now[k]!r}; "
-                                 f"resume with the same flags, use another --out-dir, or pass --no-resume to start "
-                                 f"over in it")
+                why = " (--dtype auto resolves per machine: pass --dtype explicitly)" if k == "dtype" else ""
+                raise SystemExit(f"{source}: was written with --{k.replace('_', '-')} {v!r}, this run has {now[k]!r}"
+                                 f"{why}; resume with the same flags, use another --out-dir, or pass --no-resume to "
+                                 f"start over in it")
 
     # -- the model --------------------------------------------------------------------------------------------------
     def build(self, make_model: Callable, phases: list[Phase]) -> Root:

@@ -283,6 +283,17 @@ def test_prompts_that_do_not_split_over_the_ranks_stop_with_one_line():
     assert "--prompts-per-step 3 is not a multiple of the 2 processes" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("form", ["space", "equals"])
+def test_preset_and_algo_pick_the_defaults_in_either_flag_form(form):
+    """--algo=remax --preset=llama-3.1-8b gets ReMax's 8B values, as --algo remax --preset llama-3.1-8b does."""
+    flags = {"--algo": "remax", "--preset": "llama-3.1-8b", "--init": "x"}
+    argv = [s for k, v in flags.items() for s in ((k, v) if form == "space" else (f"{k}={v}",))]
+    cfg = rl.parse_args(argv)
+    assert (cfg.algo, cfg.preset, cfg.lr, cfg.kl_coef) == ("remax", "llama-3.1-8b", 1e-5, 1e-4)
+    assert cfg.steps == rl.RLArgs.steps and cfg.task == rl.RLArgs.task          # not the tiny preset's
+    assert rl.parse_args(["--init=x"]).lr == rl.TINY["lr"]
+
+
 def test_reward_that_returns_nan_stops_with_one_line(latent, monkeypatch):
     cfg, model, tok = latent
     monkeypatch.setitem(tasks.REWARDS, "task", lambda p, c: float("nan"))

@@ -401,6 +401,11 @@ def test_dtype_auto_without_native_bf16_trains_in_float32_and_says_so(tmp_path, 
     assert cfg["machine"]["cpu"] and cfg["machine"]["device"] == "cpu"
     assert "dtype float32 (CPU " in capsys.readouterr().out
     assert json.loads((out / "final/config.json").read_text())["train_history"][-1]["dtype"] == "float32"
+    monkeypatch.setattr(trainer, "native_bf16", lambda kind: True)     # the same command on a bf16 machine
+    with pytest.raises(SystemExit, match="was written with --dtype 'float32', this run has 'bfloat16' \\(--dtype auto "
+                                         "resolves per machine: pass --dtype explicitly\\)"):
+        train.main(["--stage", "base", "--out-dir", str(out), "--steps", "1", "--seq-len", "16", "--micro-batch", "2",
+                    "--global-batch", "2", "--eval-batches", "1"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
