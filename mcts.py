@@ -78,6 +78,7 @@ Deviations from the paper / official code:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -407,6 +408,10 @@ def train_q(argv: list[str]):
     root = Root(pair)
     run.start(root)
     data = trajectories(run, cfg, tok, device)
+    if not any(r["reward"] for r in data["train"]):
+        print(f"warning: all {len(data['train'])} training trajectories score 0 on --task {cfg.task}: from the zero Q "
+              f"head every TD target is 0, so Q learns nothing (TD loss 0 throughout) and MCTS-Q's TD test passes "
+              f"everywhere. Start from a policy that solves or formats some problems, or an easier --task", flush=True)
     step = 0
     if run.latest is not None:
         saved = parallel.read_train_state(run.latest)
@@ -615,8 +620,17 @@ def backup(leaf: Node, gamma: float):
 
 
 def exhausted(n: Node) -> bool:
-    """Nothing left to expand below n."""
-    return n.terminal or (n.full and all(exhausted(c) for c in n.children))
+    """Nothing left to expand below n: every node under it is terminal or full. Iterative: a latent tree is often one
+    long chain (thousands of nodes at --max-new-tokens ~1000), deeper than Python's recursion limit."""
+    stack = [n]
+    while stack:
+        m = stack.pop()
+        if m.terminal:
+            continue
+        if not m.full:
+            return False
+        stack.extend(m.children)
+    return True
 
 
 def select_best_first(nodes: list[Node], c: float) -> Node | None:
@@ -706,15 +720,19 @@ class Search:
             self.evaluate(self.root)
             backup(self.root, self.cfg.gamma)
             self.trace.append((self.e.cost.total, self.root.R))
+            self.stats["stopped"] = "rounds"                 # why it ended: rounds, budget, success or exhausted
             for _ in range(n_rounds):
                 if budget is not None and self.e.cost.total >= budget:
+                    self.stats["stopped"] = "budget"
                     break
                 if self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
+                    self.stats["stopped"] = "success"
                     break
                 n = (select_best_first(self.nodes, self.cfg.c_puct) if self.cfg.select == "best-first"
                      else select_descent(self.root, self.cfg.c_puct))
                 if n is None:
-                    break                                    # the whole tree is expanded
+                    self.stats["stopped"] = "exhausted"      # every node is terminal or has all its children
+                    break
                 c = self.expand(n)
                 self.evaluate(c)
                 self.td_test(c)
@@ -910,9 +928,9 @@ class Search:
     # -- printing ------------------------------------------------------------------------------------------------
     def show(self, max_chars: int = 60) -> str:
         """The tree as text: per node its action, its tokens, N, V, R, the prior and its rollout's start."""
-        lines = []
-
-        def walk(n: Node, depth: int):
+        lines, stack = [], [(self.root, 0)]
+        while stack:                                 # depth first, children in order (iterative, as exhausted)
+            n, depth = stack.pop()
             pad = "  " * depth
             if n.parent is None:
                 head = f"root ({len(n.seg)} prompt tokens)"
@@ -925,9 +943,7 @@ class Search:
                     head += f" (td {n.td:.4f})"
             end = "terminal" if n.terminal else f"rollout {self.text(n.tail)[:max_chars]!r}"
             lines.append(f"{pad}#{n.index} {head}  N={n.N} V={n.V:.3f} R={n.R:.2f}  {end}")
-            for k in n.children:
-                walk(k, depth + 1)
-        walk(self.root, 0)
+            stack.extend((k, depth + 1) for k in reversed(n.children))
         return "\n".join(lines)
 
 
@@ -1077,6 +1093,10 @@ def search_main(argv: list[str]):
           f"(base {c.base}, Q {c.q}; policy positions {c.policy}, world-model rows {c.wm}), {wall:.1f} s; "
           f"rollouts run {search.stats['rollouts']}, inherited {search.stats['inherited']}"
           + (f"; TD tests {search.stats['td_tests']}, fired {search.stats['td_fired']}" if qnet else ""))
+    print({"rounds": f"stopped after --n-rounds {cfg.n_rounds}", "budget": f"stopped at --budget {cfg.budget}",
+           "success": "stopped at a completion scoring 1.0 (--stop-at-success)",
+           "exhausted": f"tree exhausted after {search.stats['rounds']} of --n-rounds {cfg.n_rounds}: every node is "
+                        f"terminal or has all its b children"}[search.stats["stopped"]])
     print(f"answer (node #{ans.node.index}{', terminal' if ans.node.terminal else ', with its rollout'}), reward "
           f"{ans.reward}:\n{ans.text}")
     return search, ans
@@ -1233,26 +1253,34 @@ def eval_main(argv: list[str]):
             check_qnet(q, cfg.token_qnet, "token", lm, cfg.llama)
             engines[("token", True)] = Engine(lm, "token", q)
     problems = held_out(cfg.task, cfg.problems, cfg.problem_seed)
+    # A row is reused only when everything that determines it is the same: the flags (config.json above) and the
+    # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it)
+    digests = {path: digest(path) for path in {cfg.ckpt, cfg.llama, cfg.qnet, cfg.token_qnet} if path}
+    uses = {m: [cfg.llama if m.startswith("token-") else cfg.ckpt] + ([cfg.qnet] if m == "mcts-q" else [])
+            + ([cfg.token_qnet] if m == "token-mcts-q" else []) for m in methods}
+    models = {m: [digests[path] for path in paths] for m, paths in uses.items()}
     f = out / "results.jsonl"
     rows = read_rows(f)
-    done = {(r["method"], r["problem"], r["seed"]) for r in rows}
+    row_key = lambda r: (r["method"], r["problem"], r["seed"], tuple(r.get("models", ())))      # noqa: E731
+    done = {row_key(r) for r in rows}
     for m in methods:
         for s in (seeds if m.endswith("bon") else seeds[:1]):
-            for p in problems:
-                if (m, p.prompt, s) in done:
+            for i, p in enumerate(problems):
+                if (m, p.prompt, s, tuple(models[m])) in done:
                     continue
-                row = run_method(m, engines, tok, p, cfg, budgets[-1], s)
+                row = {**run_method(m, engines, tok, p, cfg, budgets[-1], s), "models": models[m]}
                 if m.endswith("mcts-q"):
                     row["qnet"] = cfg.qnet if m == "mcts-q" else cfg.token_qnet
                 append_row(f, row)
                 rows.append(row)
-                done.add((m, p.prompt, s))
-                print(f"{m} seed {s}: best {max(r for _, r in row['trace']):.2f}, {row['spent']} tokens, "
-                      f"{row['wall_s']:.1f} s", flush=True)
+                done.add(row_key(row))
+                print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best {max(r for _, r in row['trace']):.2f}, "
+                      f"{row['spent']} tokens, {row['wall_s']:.1f} s", flush=True)
     prompts = {p.prompt for p in problems}
     first = {}
     for r in rows:                                   # one row per (method, problem, seed): the first one written
-        if r["method"] in methods and r["problem"] in prompts and r["seed"] in seeds:
+        if r["method"] in methods and r["problem"] in prompts and r["seed"] in seeds and \
+                r.get("models") == models[r["method"]]:
             first.setdefault((r["method"], r["problem"], r["seed"]), r)
     text = table(list(first.values()), budgets, methods)
     print(f"{len(problems)} held-out problems ({cfg.task}, distinct prompts)")
@@ -1269,6 +1297,18 @@ def held_out(task: str, n: int, seed: int) -> list[tasks.Problem]:
             seen.add(p.prompt)
             out.append(p)
     return out
+
+
+def digest(path: str) -> str:
+    """sha256 over a checkpoint directory's file names and contents (read once per eval): which model a row ran."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def read_rows(f: Path) -> list[dict]:

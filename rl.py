@@ -40,16 +40,24 @@ Choices where the paper is silent (and the release's, where it says):
   - loss aggregation: per-sequence mean over its response tokens, then the mean over sequences (the GRPO paper and
     the release). Longer sequences weigh each token less (the length bias Dr. GRPO removes); --aggregate token
     normalises by all response tokens instead;
-  - std normalisation: the Bessel-corrected std of the group plus 1e-4 (TRL); a group with equal rewards gets A = 0;
-  - k1 in the reward: R_i <- R_i - beta * sum_t (log pi_old - log pi_ref)_t before the group normalisation, the
-    sequence-level form of the release's per-token penalty (the release then also applies GAE with lambda 0.95;
-    we do not);
+  - std normalisation: the Bessel-corrected std of the group plus 1e-4 (TRL); a group with equal task rewards gets
+    A = 0 before the KL term;
+  - k1 in the reward (advantages): A_i <- A_i - beta * sum_t (log pi_old - log pi_ref)_t after the group
+    normalisation of the task reward, as the release orders them: the sequence-level form of its per-token penalty
+    (the release then also applies GAE with lambda 0.95; we do not). A group with equal task rewards gets A of
+    order beta;
   - each sample's randomness is a function of (seed, step, sample index) (policy.seeded_sampler), so a rollout does
     not depend on the batch it was generated in or on where a run resumed.
 
 Deviations from the paper / official code:
   - tasks: our Countdown and arithmetic (tasks.py) instead of MATH-500 and agent benchmarks;
-  - no GAE / value function (the release's PPO-style advantage with V = 0 and lambda 0.95): outcome advantages.
+  - no GAE / value function (the release's PPO-style advantage with V = 0 and lambda 0.95): outcome advantages;
+  - no whitening of the advantages over the whole batch and no clamp of rewards to [-10, 10] (the release does
+    both): the group normalisation already sets the scale, and the task rewards lie in [0, 1];
+  - the latent default start is FTA-I's export (runs/fta-i/final), whose base and policy were fine-tuned on the
+    same records as the token baseline's SFT; the release starts from FTA-P. --init chooses either;
+  - --preset llama-3.1-8b sets the paper's lr, beta and G only; prompts per step (8) and new tokens (128) are ours
+    (the release: 64 x 4 samples, 2048 tokens), sized for the memory plan of bench.py --rl-memory-plan.
 """
 from __future__ import annotations
 
@@ -91,7 +99,9 @@ class RLArgs:
     init: str = arg("", "checkpoint to start from (tiny default: runs/fta-i/final for latent, runs/sft/final for "
                         "token: both fine-tuned on the same task data)")
     out_dir: str = arg("", "run directory (default runs/rl-<level>-<algo>)")
-    preset: str = arg("tiny", "tiny (CPU default) or llama-3.1-8b (the paper's math-RL hyperparameters)")
+    preset: str = arg("tiny", "tiny (CPU default) or llama-3.1-8b: the paper's math-RL lr, KL beta and G (GRPO: "
+                              "5e-7, 1e-3, 4; ReMax: 1e-5, 1e-4); prompts per step and new tokens keep the defaults "
+                              "below (the release: 64 prompts x 4, 2048 tokens)")
     task: str = arg("countdown", "countdown, arith, or an easier variant countdown-2 / countdown-3 (tasks.py)")
     reward: str = arg("task", "task (the rule-based checker) or proxy (deliberately hackable)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
@@ -127,9 +137,7 @@ class RLArgs:
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
-    # fields trainer.Run reads; RL does not use them
     activation_checkpointing: bool = arg(False, "recompute each trained block in backward (token level at 8B)")
-    cpu_offload: bool = arg(False, "unused by rl.py (one process)")
     stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue", ">= 0")
 
 
@@ -255,19 +263,24 @@ def micro_batches(b: dict, size: int) -> list[dict]:
 
 def log_probs(learner, cfg: RLArgs, b: dict, with_grad: bool, ref: bool = False):
     """log pi(a_t | x_{1:t}) [B, L-1] of the taken actions (latent) or tokens (token level), 0 off the response,
-    under the trained weights (learner.trained); ref: also the frozen reference's, under no gradient."""
+    under the trained weights (learner.trained); ref: also the frozen reference's, under no gradient. Both at
+    --temperature tau (the release divides the logits by tau too); under the full softmax, not the top-k."""
     x, m, model, trained = b["x"], b["mask"], learner.model, learner.trained
+    tau = cfg.temperature                          # Eq: pi = softmax(logits / tau), the distribution rollouts sample
+    warm = (lambda z: z) if tau == 1.0 else (lambda z: z / tau)                              # noqa: E731
     if cfg.level == "latent":
-        with torch.no_grad():
-            h = model.hidden(x[:, :-1])            # frozen base: states x_{1:t}             [B, L-1, D]
+        if "h" not in b:                           # the frozen base's states x_{1:t}, computed once per rollout batch
+            with torch.no_grad():                  # and kept for every update (the base is most of the model at 8B)
+                b["h"] = model.hidden(x[:, :-1])                                             # [B, L-1, D]
+        h = b["h"]
         rope = model.base.rope(0, h.shape[1], h.device)                                      # [L-1, Dh/2, 2]
         with torch.set_grad_enabled(with_grad):
-            logp = action_log_probs(trained(lambda pol, h, r: pol(h, r), h, rope), b["actions"], m)    # [B, L-1]
-        ref_logits = (lambda: learner.ref(h, rope)) if ref else None                        # ref: a Policy
+            logp = action_log_probs(trained(lambda pol, h, r: warm(pol(h, r)), h, rope), b["actions"], m)  # [B, L-1]
+        ref_logits = (lambda: warm(learner.ref(h, rope))) if ref else None                 # ref: a Policy
     else:
         with torch.set_grad_enabled(with_grad):
-            logp = token_log_probs(trained(lambda lm, x: lm(x), x[:, :-1]), x[:, 1:], m)     # [B, L-1]
-        ref_logits = (lambda: learner.ref(x[:, :-1])) if ref else None
+            logp = token_log_probs(trained(lambda lm, x: warm(lm(x)), x[:, :-1]), x[:, 1:], m)   # [B, L-1]
+        ref_logits = (lambda: warm(learner.ref(x[:, :-1]))) if ref else None
     if not with_grad:
         parallel.reshard(trained)                  # FSDP keeps the root's gathered weights after a no-grad forward
     if ref_logits is None:
@@ -292,6 +305,20 @@ def grpo_advantages(R: torch.Tensor, G: int) -> torch.Tensor:
     """Eq: A_i = (R_i - mean_G R) / (std_G R + 1e-4), R [N * G] grouped by prompt -> A [N * G]."""
     r = R.view(-1, G)                                                                        # [N, G]
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)       # [N * G]
+
+
+def advantages(R: torch.Tensor, kl_seq: torch.Tensor, cfg: RLArgs, G: int,
+               R_greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence advantages from task rewards R [B] and KL estimates kl_seq = sum_t k1_t [B] -> A [B].
+
+    GRPO:  A_i = (R_i - mean_G R) / (std_G R + 1e-4) - beta sum_t k1_t
+    ReMax: A_i = R_i - R(greedy rollout of the same prompt) - beta sum_t k1_t
+    The task reward is normalised first and the KL penalty added after (--kl-placement reward, the release's order):
+    a group whose task rewards are all equal gets A = -beta KL, of order beta. Subtracted before the normalisation,
+    the KL noise alone would be scaled up to unit-size advantages. With --kl-placement loss the KL is in the loss.
+    """
+    A = grpo_advantages(R, G) if R_greedy is None else R - R_greedy                         # [B]
+    return A - cfg.kl_coef * kl_seq if cfg.kl_placement == "reward" else A                  # Eq: k1 in the reward
 
 
 def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -352,21 +379,19 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     learner.model.eval()
     rows = rollout(learner.model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
     R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
-    t_roll = time.time() - t0
+    R_greedy = None
+    if cfg.algo == "remax":                        # ReMax: the greedy rollout of the same prompt is the baseline
+        greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
+        R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
+    t_roll = time.time() - t0                      # rollout_s: every rollout (ReMax's greedy ones too) and scoring
     b = pack(prompts, rows, device)
     chunks = micro_batches(b, cfg.micro_batch)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
         old_logp, ref_logp = (torch.cat(t) for t in zip(*(log_probs(learner, cfg, c, with_grad=False, ref=True)
                                                           for c in chunks)))
     kl_seq = (k1(old_logp, ref_logp) * b["mask"]).sum(1).cpu()                               # [B]
-    R_train = R - cfg.kl_coef * kl_seq if cfg.kl_placement == "reward" else R                # Eq: k1 in the reward
-    if cfg.algo == "grpo":
-        A = grpo_advantages(R_train, G)
-    else:                                          # ReMax: the greedy rollout of the same prompt is the baseline
-        greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
-        R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
-        A = R_train - R_greedy
-    A = A.to(device)
+    A = advantages(R, kl_seq, cfg, G, R_greedy).to(device)                                   # [B]
+    t_logp = time.time() - t0 - t_roll             # logprob_s: the behaviour and reference log-probs
     n_tok = b["mask"].sum().item()
     n_tokens = parallel.mean_over_ranks(world, {"n": n_tok})["n"]      # the token normaliser per rank (aggregate)
     params = [p for p in learner.trained.parameters() if p.requires_grad]
@@ -388,17 +413,17 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
         gnorm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)).item()
         opt.step()
     sync(learner)
-    t_update = time.time() - t0 - t_roll
+    t_update = time.time() - t0 - t_roll - t_logp  # update_s: the optimizer updates alone (and the replica's sync)
     # per-rank sums, averaged over ranks: ratios of these averages are ratios of the sums over all ranks
     s = parallel.mean_over_ranks(world, {
         "reward": R.sum().item(), "success": (R == 1.0).sum().item(), "rows": len(rows), "tokens": n_tok,
         "kl": kl_seq.sum().item(), "adv_abs": A.abs().sum().item(),
-        "clipped": clipped, "loss": loss, "rollout_s": t_roll,
+        "clipped": clipped, "loss": loss, "rollout_s": t_roll, "logprob_s": t_logp,
         "update_s": t_update})
     out = {"reward": s["reward"] / s["rows"], "success": s["success"] / s["rows"], "loss": s["loss"],
            "kl": s["kl"] / max(s["tokens"], 1), "grad_norm": gnorm, "adv_abs": s["adv_abs"] / s["rows"],
            "resp_len": s["tokens"] / s["rows"], "rollout_s": round(s["rollout_s"], 3),
-           "update_s": round(s["update_s"], 3),
+           "logprob_s": round(s["logprob_s"], 3), "update_s": round(s["update_s"], 3),
            "rollout_tok_per_s": round(s["tokens"] * world.size / max(s["rollout_s"], 1e-9), 1)}
     if cfg.algo == "grpo":
         out["clip_frac"] = s["clipped"] / max(s["tokens"], 1)

@@ -205,6 +205,23 @@ def test_descent_selection_and_show_tree(models):
     assert text.count("\n") == len(s.nodes) - 1 and "#0 root" in text and "a=" in text
 
 
+def test_deep_chains_need_no_recursion(models):
+    """exhausted, select_descent and show on a chain of 3,000 nodes, deeper than Python's recursion limit (a latent
+    tree is often one chain: pi's top actions write one token)."""
+    cola, _, tok, problem, prompt = models
+    s, _ = search(cola, "latent", tok, problem, prompt, n_rounds=1)
+    n, s.root.children, s.root.cands = s.root, [], [None]
+    for i in range(1, 3001):
+        child = mcts.Node(seg=[tok.encode("7", bos=False, eos=False)[0]], parent=n, index=i, cands=[None])
+        n.children, n = [child], child
+    n.terminal = True
+    assert mcts.exhausted(s.root) and mcts.select_descent(s.root, 0.7) is None
+    n.terminal, n.cands = False, [None, None]                    # the deepest node has an untried candidate
+    assert not mcts.exhausted(s.root) and mcts.select_descent(s.root, 0.7) is n
+    text = s.show()
+    assert text.count("\n") == 3000 and text.splitlines()[-1].startswith("  " * 3000 + "#3000 ")
+
+
 def test_prefix_reuse_changes_the_cost_not_the_tree(models):
     cola, _, tok, problem, prompt = models
     cost = {}
@@ -342,11 +359,35 @@ def test_train_q_resume_after_kill_same_curve(chain, models, tmp_path):
     assert hist[-1]["stage"] == "q-latent" and hist[-2]["stage"] == "fta-i"
 
 
+def test_train_q_says_when_every_reward_is_zero(chain, models, tmp_path, capsys):
+    """All-zero training rewards give TD 0 from the zero head for ever: train-q says so in one line."""
+    args = ["--init", chain / "fta-i/final", "--task", "countdown-2", "--prompts", 2, "--samples", 1,
+            "--val-prompts", 1, "--max-new-tokens", 4, "--batch", 2, "--steps", 2, "--eval-every", 2]
+    argv = [*map(str, args), "--out-dir", str(tmp_path / "q")]
+    cfg = mcts.parse_q_args(argv)
+    cola, _, tok, _, _ = models
+    rows = mcts.collect(cola, "latent", tok, rl.problems_at(cfg, 0, 2), 1, cfg, stream=0)
+    for r in rows:
+        r["reward"] = 0.0
+    (tmp_path / "q").mkdir()
+    torch.save({"key": {k: getattr(cfg, k) for k in mcts.DATA_KEYS}, "train": rows, "val": rows[:1]},
+               tmp_path / "q/trajectories.pt")
+    mcts.main(["train-q", *argv])
+    out = capsys.readouterr().out
+    assert "warning: all 2 training trajectories score 0 on --task countdown-2" in out
+    assert {r["td_loss"] for r in step_rows(tmp_path / "q")} == {0.0}
+
+
 def test_search_and_eval_commands(chain, models, tmp_path, capsys):
     mcts.main(["search", "--ckpt", str(chain / "fta-i/final"), "--n-rounds", "3", "--max-new-tokens", "8",
                "--show-tree", "--no-stop-at-success"])
     out = capsys.readouterr().out
     assert "#0 root" in out and "MCTS (latent actions): 3 rounds, 4 nodes" in out and "answer (node #" in out
+    assert "stopped after --n-rounds 3" in out
+    mcts.main(["search", "--ckpt", str(chain / "fta-i/final"), "--n-rounds", "500", "--max-new-tokens", "2",
+               "--no-stop-at-success"])                           # 2 tokens deep: 5 + 5 x 4 nodes at most
+    out = capsys.readouterr().out
+    assert "tree exhausted after" in out and "of --n-rounds 500" in out
     rows, text = mcts.main(["eval", "--ckpt", str(chain / "fta-i/final"), "--llama", str(chain / "sft/final"),
                             "--methods", "greedy,bon,token-mcts", "--problems", "2", "--seeds", "0,1",
                             "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
@@ -356,6 +397,27 @@ def test_search_and_eval_commands(chain, models, tmp_path, capsys):
                           "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
     assert again == json.loads(json.dumps(rows))                                        # nothing rerun
     assert all(r["trace"][-1][0] == r["spent"] for r in rows)
+
+
+def test_eval_reruns_rows_of_a_replaced_checkpoint(chain, tmp_path, capsys):
+    """A model replaced at the same path (or another --qnet) is not the model a stored row ran: its rows are
+    computed again and the table reads only the new ones; rows of unchanged models are reused."""
+    import shutil
+    llama = tmp_path / "llama"
+    shutil.copytree(chain / "sft/final", llama)
+    argv = ["eval", "--ckpt", str(chain / "fta-i/final"), "--llama", str(llama), "--methods", "greedy,token-greedy",
+            "--problems", "2", "--seeds", "0", "--budgets", "300", "--max-new-tokens", "8", "--out-dir",
+            str(tmp_path / "ev")]
+    first, _ = mcts.main(argv)
+    other = Transformer.from_pretrained(chain / "base/final")        # another Llama, written over the same path
+    other.save_pretrained(llama)
+    capsys.readouterr()
+    rows, _ = mcts.main(argv)
+    printed = capsys.readouterr().out
+    assert len(rows) == len(first) + 2                                 # token-greedy's 2 problems, again
+    assert "token-greedy seed 0 problem 1/2" in printed and "greedy seed 0" not in printed.replace("token-greedy", "")
+    new = [r for r in rows[len(first):]]
+    assert {r["method"] for r in new} == {"token-greedy"} and all(r["models"] != first[-1]["models"] for r in new)
 
 
 @pytest.fixture(scope="module")

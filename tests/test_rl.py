@@ -21,7 +21,7 @@ import tasks
 from cola import CoLA
 from conftest import ENV, REPO, read_rows, run_ok, step_rows
 from parallel import World
-from policy import greedy, seeded_sampler
+from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
 
 RL = REPO / "rl.py"
@@ -34,7 +34,9 @@ def rl_cmd(out, *args):
 
 
 def cfg_of(*argv):
-    return rl.parse_args(["--init", "x", *map(str, argv)])
+    """float32 whatever the host (--dtype auto would pick bf16 on a CPU with it): these tests compare sums whose
+    rounding must stay far below their bounds."""
+    return rl.parse_args(["--init", "x", "--dtype", "float32", *map(str, argv)])
 
 
 CPU, ONE = torch.device("cpu"), World()
@@ -56,6 +58,25 @@ def test_grpo_advantages_by_hand():
     std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)                    # Bessel-corrected, mean 0.25
     want = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4   # equal rewards: no signal
     assert torch.allclose(A, torch.tensor(want), atol=1e-6)
+
+
+def test_kl_penalty_comes_after_the_group_normalisation():
+    """A group with equal task rewards gets advantages of size beta * KL, not unit size from KL noise; a group with
+    different rewards gets its normalised task rewards minus beta * KL (the release's order). ReMax: the same
+    penalty on R - R_greedy. With the KL in the loss, the advantages are the task's alone."""
+    from types import SimpleNamespace
+    beta = 1e-3
+    cfg = SimpleNamespace(kl_coef=beta, kl_placement="reward")
+    R = torch.tensor([0.1, 0.1, 0.1, 0.1, 1.0, 0.0, 0.0, 0.0])          # all equal; one success in four
+    kl = torch.tensor([3.0, -1.0, 0.5, 2.0, 1.0, 1.0, 4.0, 0.0])         # k1 summed over each response
+    A = rl.advantages(R, kl, cfg, 4)
+    assert torch.allclose(A[:4], -beta * kl[:4]) and A[:4].abs().max() <= beta * kl.abs().max()
+    assert torch.allclose(A[4:], rl.grpo_advantages(R, 4)[4:] - beta * kl[4:])
+    assert A[4:].abs().mean() > 0.5
+    greedy = torch.tensor([0.1, 0.0, 1.0, 0.1, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(rl.advantages(R, kl, cfg, 1, greedy), R - greedy - beta * kl)
+    cfg.kl_placement = "loss"
+    assert torch.equal(rl.advantages(R, kl, cfg, 4), rl.grpo_advantages(R, 4))
 
 
 def test_kl_estimators_by_hand():
@@ -144,6 +165,34 @@ def test_rollout_logprobs_equal_teacher_forced(latent):
     assert (b["actions"][b["mask"]] >= 0).all() and (b["actions"][~b["mask"]] == -1).all()
 
 
+@pytest.mark.parametrize("level", ["latent", "token"])
+def test_log_probs_follow_the_sampling_temperature(latent, chain, level):
+    """The ratio's and the KL's log-probs are those of the distribution rollouts sample, softmax(logits / tau)."""
+    import copy
+    import dataclasses
+    cfg, model, tok = latent
+    if level == "token":
+        cfg = dataclasses.replace(cfg, level="token", init=str(chain / "sft/final"))
+        model = rl.load_model(cfg, torch.device("cpu"))
+    x = torch.tensor([tok.encode("Using the numbers [3, 4]", bos=True, eos=False)])
+    L = x.shape[1]
+    b = {"x": x, "mask": torch.ones(1, L - 1, dtype=torch.bool), "actions": torch.randint(0, 64, (1, L - 1))}
+    part = model.policy if level == "latent" else model
+    view = rl.SimpleNamespace(model=model, trained=rl.Root(part), ref=copy.deepcopy(part))
+    with torch.no_grad():
+        if level == "latent":
+            h = model.hidden(x[:, :-1])
+            logits = model.policy(h, model.base.rope(0, L - 1, "cpu"))
+            want = lambda tau: action_log_probs(logits / tau, b["actions"], b["mask"])      # noqa: E731
+        else:
+            logits = model(x[:, :-1])
+            want = lambda tau: rl.token_log_probs(logits / tau, x[:, 1:], b["mask"])       # noqa: E731
+    for tau in (1.0, 2.0, 0.5):
+        logp, ref_logp = rl.log_probs(view, dataclasses.replace(cfg, temperature=tau), b, with_grad=False, ref=True)
+        assert torch.allclose(logp, want(tau), atol=1e-5) and torch.allclose(ref_logp, want(tau), atol=1e-5), tau
+    assert not torch.allclose(want(2.0), want(1.0))
+
+
 def test_latent_step_changes_the_policy_only(latent):
     cfg, _, tok = latent
     learner, opt = learner_of(cfg)
@@ -155,6 +204,21 @@ def test_latent_step_changes_the_policy_only(latent):
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("policy.") for k in changed), sorted(changed)[:5]
     assert all(math.isfinite(v) for v in m.values())
+
+
+def test_frozen_base_runs_once_per_rollout_batch(latent):
+    """The world model's states h are computed once for the behaviour / reference log-probs and reused by every
+    update: more updates per batch run the frozen base no more often."""
+    import dataclasses
+    cfg, _, tok = latent
+    calls = {}
+    for mu in (1, 3):
+        learner, opt = learner_of(dataclasses.replace(cfg, updates_per_batch=mu))
+        real, n = learner.model.hidden, []
+        learner.model.hidden = lambda *a, **k: n.append(1) or real(*a, **k)
+        rl.rl_step(learner, opt, dataclasses.replace(cfg, updates_per_batch=mu), tok, 0, ONE, CPU)
+        calls[mu] = len(n)
+    assert calls[1] == calls[3] > 0, calls
 
 
 def test_token_step_changes_the_base(chain):
@@ -237,7 +301,7 @@ def test_run_resume_after_kill_same_curve(chain, tmp_path):
     proc.kill()
     proc.wait()
     run_ok(rl_cmd(run, *args), timeout=600)
-    drop = ("rollout_s", "update_s", "rollout_tok_per_s")
+    drop = ("rollout_s", "logprob_s", "update_s", "rollout_tok_per_s")
     clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]    # noqa: E731
     assert clean(step_rows(run)) == clean(step_rows(ref))
     assert [r["eval"] for r in read_rows(run) if "eval" in r] == [r["eval"] for r in read_rows(ref) if "eval" in r]
