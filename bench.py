@@ -411,7 +411,8 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
     update      one micro batch of `micro` rollouts forward and backward with activation checkpointing on the
                 trained blocks (their 2 D inputs, one block recomputed), the loss over the classes it scores
                 (10 B per token per class: K = 64 actions or V tokens), and (latent) the frozen base's states h
-                [micro, T, D] in bf16, which the policy reads.
+                of all the rank's rollouts, [rollouts, T, D] in bf16: computed once per step for the log-prob pass
+                and kept for every update (rl.log_probs).
     Not counted: the CUDA context and fragmentation (1-3 GB), the judge (evaluation only, rank 0), transient
     per-step logits of generation (rollouts x V x 4 B, 66 MB at 16 rollouts).
     """
@@ -441,7 +442,7 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
         tokens = micro * T
         update = tokens * (layers * 2 * a.dim + memory.block_activation_bytes(a, cast=False)
                            + 10 * (c.n_actions if lat else a.vocab_size))
-        update += tokens * 2 * a.dim if lat else 0
+        update += rollouts * T * 2 * a.dim if lat else 0
         total = replica + ref + state + buffers + kv + update
         rows.append((level, trained, replica, ref, state, buffers, kv, update, total))
     head = ("| level | trained | replica (bf16) | reference | state | FSDP buffers | KV cache | update | total |\n"

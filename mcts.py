@@ -81,6 +81,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -739,6 +740,11 @@ class Search:
                 backup(c, self.cfg.gamma)
                 self.stats["rounds"] += 1
                 self.trace.append((self.e.cost.total, c.R))
+            else:                                            # the rounds ran out: unless the last one ended it anyway
+                if self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
+                    self.stats["stopped"] = "success"
+                elif budget is not None and self.e.cost.total >= budget:
+                    self.stats["stopped"] = "budget"
         finally:
             self.e.clear()
         return self.answer()
@@ -1236,6 +1242,15 @@ def eval_main(argv: list[str]):
             raise SystemExit(f"{out}/config.json: written with --{diff[0].replace('_', '-')} {old.get(diff[0])!r}, "
                              f"this run has {key[diff[0]]!r}: use another --out-dir")
     atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(key, indent=2)))
+    # A row is reused only when everything that determines it is the same: the flags (config.json above) and the
+    # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it).
+    # Digests are taken before the models are loaded; files' own hashes are cached in digests.json.
+    uses = {m: [cfg.llama if m.startswith("token-") else cfg.ckpt] + ([cfg.qnet] if m == "mcts-q" else [])
+            + ([cfg.token_qnet] if m == "token-mcts-q" else []) for m in methods}
+    cache = read_json_or_empty(out / "digests.json")
+    digests = {path: digest(path, cache) for path in {p for paths in uses.values() for p in paths}}
+    atomic_write(out / "digests.json", lambda t: t.write_text(json.dumps(cache, indent=1)))
+    models = {m: [digests[path] for path in paths] for m, paths in uses.items()}
     tok = Tokenizer.find(cfg.ckpt or cfg.llama, cfg.tokenizer or None)
     engines = {}
     if any(not m.startswith("token-") for m in methods):
@@ -1253,12 +1268,6 @@ def eval_main(argv: list[str]):
             check_qnet(q, cfg.token_qnet, "token", lm, cfg.llama)
             engines[("token", True)] = Engine(lm, "token", q)
     problems = held_out(cfg.task, cfg.problems, cfg.problem_seed)
-    # A row is reused only when everything that determines it is the same: the flags (config.json above) and the
-    # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it)
-    digests = {path: digest(path) for path in {cfg.ckpt, cfg.llama, cfg.qnet, cfg.token_qnet} if path}
-    uses = {m: [cfg.llama if m.startswith("token-") else cfg.ckpt] + ([cfg.qnet] if m == "mcts-q" else [])
-            + ([cfg.token_qnet] if m == "token-mcts-q" else []) for m in methods}
-    models = {m: [digests[path] for path in paths] for m, paths in uses.items()}
     f = out / "results.jsonl"
     rows = read_rows(f)
     row_key = lambda r: (r["method"], r["problem"], r["seed"], tuple(r.get("models", ())))      # noqa: E731
@@ -1299,16 +1308,37 @@ def held_out(task: str, n: int, seed: int) -> list[tasks.Problem]:
     return out
 
 
-def digest(path: str) -> str:
-    """sha256 over a checkpoint directory's file names and contents (read once per eval): which model a row ran."""
+def digest(path: str, cache: dict) -> str:
+    """sha256 over a checkpoint directory's file names and contents (symlinked folders followed once): which model
+    a row ran. Each file's own sha256 is kept in `cache` under (real path, size, mtime, inode), so a checkpoint that
+    did not change is not read again (at 8B a model is ~16 GB)."""
+    root, files, seen = Path(path), [], set()
+    for d, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:                         # a link back up the tree: each folder once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(d) / n for n in names]
     h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+    for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
+        st = f.stat()
+        key = f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if key not in cache:
+            fh = hashlib.sha256()
+            with open(f, "rb") as r:
+                for chunk in iter(lambda: r.read(1 << 24), b""):
+                    fh.update(chunk)
+            cache[key] = fh.hexdigest()
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + cache[key].encode())
     return h.hexdigest()[:16]
+
+
+def read_json_or_empty(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}                                # absent or half-written: recomputed
 
 
 def read_rows(f: Path) -> list[dict]:

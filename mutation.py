@@ -45,7 +45,7 @@ SCOPE = {
         "base_loss", "pretrain_loss", "nearest_code", "vq_pretrain_loss", "bc_loss",
         "fta_i_loss", "fta_p_loss", "lm_metrics", "cola_metrics"],
     "rl.py": [  # advantages, KL estimators, aggregation, the GRPO / ReMax losses, the batch they read (Algorithm 4)
-        "grpo_advantages", "k1", "k3", "aggregate", "grpo_loss", "remax_loss", "pack", "log_probs",
+        "grpo_advantages", "advantages", "k1", "k3", "aggregate", "grpo_loss", "remax_loss", "pack", "log_probs",
         "token_log_probs"],
     "model.py": [  # generation: KV cache, positions, the shared sampler
         "KVCache.update", "Attention.forward", "setup_kv_cache", "clear_kv_cache", "RopeCache.__call__",

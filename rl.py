@@ -83,7 +83,7 @@ from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
 from train import init_shape
 from parallel import Root
-from trainer import Run, arg, log_metrics, parse_config, trim_metrics, writing
+from trainer import Run, arg, autocast, dtype_line, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS = ("latent", "token")
 ALGOS = ("grpo", "remax")
@@ -100,8 +100,8 @@ class RLArgs:
                         "token: both fine-tuned on the same task data)")
     out_dir: str = arg("", "run directory (default runs/rl-<level>-<algo>)")
     preset: str = arg("tiny", "tiny (CPU default) or llama-3.1-8b: the paper's math-RL lr, KL beta and G (GRPO: "
-                              "5e-7, 1e-3, 4; ReMax: 1e-5, 1e-4); prompts per step and new tokens keep the defaults "
-                              "below (the release: 64 prompts x 4, 2048 tokens)")
+                              "5e-7, 1e-3, 4; ReMax: 1e-5, 1e-4), otherwise this file's 8B defaults: 8 prompts per "
+                              "step and 128 new tokens, not the release's 64 prompts x 4 and 2048 tokens")
     task: str = arg("countdown", "countdown, arith, or an easier variant countdown-2 / countdown-3 (tasks.py)")
     reward: str = arg("task", "task (the rule-based checker) or proxy (deliberately hackable)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
@@ -267,7 +267,7 @@ def log_probs(learner, cfg: RLArgs, b: dict, with_grad: bool, ref: bool = False)
     --temperature tau (the release divides the logits by tau too); under the full softmax, not the top-k."""
     x, m, model, trained = b["x"], b["mask"], learner.model, learner.trained
     tau = cfg.temperature                          # Eq: pi = softmax(logits / tau), the distribution rollouts sample
-    warm = (lambda z: z) if tau == 1.0 else (lambda z: z / tau)                              # noqa: E731
+    warm = (lambda z: z) if tau == 1.0 else (lambda z: z.float() / tau)     # in float32, as the sampler # noqa: E731
     if cfg.level == "latent":
         if "h" not in b:                           # the frozen base's states x_{1:t}, computed once per rollout batch
             with torch.no_grad():                  # and kept for every update (the base is most of the model at 8B)
@@ -384,6 +384,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
         greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
         R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
     t_roll = time.time() - t0                      # rollout_s: every rollout (ReMax's greedy ones too) and scoring
+    rolled = sum(len(r["tokens"]) for r in rows + (greedy_rows if R_greedy is not None else []))
     b = pack(prompts, rows, device)
     chunks = micro_batches(b, cfg.micro_batch)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
@@ -417,6 +418,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     # per-rank sums, averaged over ranks: ratios of these averages are ratios of the sums over all ranks
     s = parallel.mean_over_ranks(world, {
         "reward": R.sum().item(), "success": (R == 1.0).sum().item(), "rows": len(rows), "tokens": n_tok,
+        "rolled": rolled,
         "kl": kl_seq.sum().item(), "adv_abs": A.abs().sum().item(),
         "clipped": clipped, "loss": loss, "rollout_s": t_roll, "logprob_s": t_logp,
         "update_s": t_update})
@@ -424,7 +426,7 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
            "kl": s["kl"] / max(s["tokens"], 1), "grad_norm": gnorm, "adv_abs": s["adv_abs"] / s["rows"],
            "resp_len": s["tokens"] / s["rows"], "rollout_s": round(s["rollout_s"], 3),
            "logprob_s": round(s["logprob_s"], 3), "update_s": round(s["update_s"], 3),
-           "rollout_tok_per_s": round(s["tokens"] * world.size / max(s["rollout_s"], 1e-9), 1)}
+           "rollout_tok_per_s": round(s["rolled"] * world.size / max(s["rollout_s"], 1e-9), 1)}
     if cfg.algo == "grpo":
         out["clip_frac"] = s["clipped"] / max(s["tokens"], 1)
         out["ratio_max"] = parallel.max_over_ranks(world, ratio_max)
@@ -463,7 +465,7 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
                 nll = -token_log_probs(judge(b["x"][:, :-1]), b["x"][:, 1:], b["mask"])         # [B, L-1]
                 out["judge_nll"] = nll.sum().item() / max(b["mask"].sum().item(), 1)
             if cfg.level == "latent":
-                h = model.hidden(b["x"][:, :-1])
+                h = b["h"]                         # the frozen base's states, from log_probs above   [B, L-1, D]
                 p = model.policy_logits(h).float().softmax(-1)                               # [B, L-1, K]
                 ent = -(p * p.clamp_min(1e-30).log()).sum(-1)                                # [B, L-1]
                 out["entropy"] = ent[b["mask"]].mean().item()
@@ -556,8 +558,10 @@ def main(argv=None):
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
         model = load_model(cfg, device).eval()
-        result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device, judge=load_judge(cfg, device)),
-                  "general_loss": general_text_loss(model, cfg, tok, device)}
+        print(dtype_line(cfg))
+        with autocast(cfg.dtype, device):          # as a training run's evaluations (under Run.amp)
+            result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device,
+                                 judge=load_judge(cfg, device)), "general_loss": general_text_loss(model, cfg, tok, device)}
         print(json.dumps({"init": cfg.init, **result}))
         return result
     run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world)

@@ -219,8 +219,9 @@ def parse_args(argv: list[str], world: World = World()):
         p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
         p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where this "
-                                                       "CPU computes it natively, else float32), bfloat16 or float32")
+        p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the "
+                                                       "device computes it natively, else float32), bfloat16 or "
+                                                       "float32")
         a = p.parse_args(argv)
         a.dtype = resolve_dtype(a.dtype, "")
         return "pipeline", a

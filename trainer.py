@@ -210,10 +210,14 @@ def resolve_dtype(flag: str, device_flag: str, main: bool = True) -> str:
     kind = device_type(device_flag)
     if flag == "auto":
         return "bfloat16" if native_bf16(kind) else "float32"
-    if flag == "bfloat16" and kind == "cpu" and not native_bf16("cpu") and main:
+    if flag == "bfloat16" and kind == "cpu" and not native_bf16("cpu") and main and not _warned:
+        _warned.append(flag)                     # once per process (the pipeline parses a config per stage)
         print(f"warning: --dtype bfloat16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
               f"emulated, about 15x slower than --dtype float32 (or auto) for the same run", flush=True)
     return flag
+
+
+_warned: list = []
 
 
 def dtype_line(cfg) -> str:
@@ -368,6 +372,8 @@ class Run:
 
     def __init__(self, stage: str, cfg, world: World):
         self.stage, self.cfg, self.world = stage, cfg, world
+        if getattr(cfg, "dtype", None) == "auto":   # a config built without parse_config (which resolves it)
+            cfg.dtype = resolve_dtype("auto", getattr(cfg, "device", ""), main=False)
         self.dir = Path(cfg.out_dir)
         self.check_out_dir()                    # reads only: before any process group, lock or file
         self.latest = parallel.latest_checkpoint(self.dir) if cfg.resume else None
@@ -437,7 +443,8 @@ class Run:
             if k not in now or k in self.RESUMABLE_CHANGES or k in exclude or (only is not None and k not in only):
                 continue
             if now[k] != v:
-                why = " (--dtype auto resolves per machine: pass --dtype explicitly)" if k == "dtype" else ""
+                why = (f" (--dtype auto records what it resolved to on the machine that started the run: pass "
+                       f"--dtype {v} to continue it)") if k == "dtype" else ""
                 raise SystemExit(f"{source}: was written with --{k.replace('_', '-')} {v!r}, this run has {now[k]!r}"
                                  f"{why}; resume with the same flags, use another --out-dir, or pass --no-resume to "
                                  f"start over in it")

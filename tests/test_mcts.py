@@ -399,6 +399,27 @@ def test_search_and_eval_commands(chain, models, tmp_path, capsys):
     assert all(r["trace"][-1][0] == r["spent"] for r in rows)
 
 
+def test_digest_sees_contents_names_and_linked_folders(tmp_path):
+    """The eval key's checkpoint digest changes with a file's bytes (same size), its name, or a file in a symlinked
+    folder; a link back up the tree is read once; the per-file cache is keyed so that a rewrite is seen."""
+    ck, shared = tmp_path / "ck", tmp_path / "shared"
+    ck.mkdir()
+    shared.mkdir()
+    (ck / "model.safetensors").write_bytes(b"abcd")
+    (shared / "tokenizer.json").write_text("{}")
+    (ck / "tok").symlink_to(shared)
+    (ck / "loop").symlink_to(ck)                                     # a cycle: each folder once
+    cache = {}
+    first = mcts.digest(str(ck), cache)
+    assert mcts.digest(str(ck), cache) == first and len(cache) == 2
+    (shared / "tokenizer.json").write_text("[]")                     # same size, inside the linked folder
+    second = mcts.digest(str(ck), cache)
+    (ck / "model.safetensors").write_bytes(b"abce")
+    third = mcts.digest(str(ck), cache)
+    (ck / "model.safetensors").rename(ck / "other.safetensors")
+    assert len({first, second, third, mcts.digest(str(ck), cache)}) == 4
+
+
 def test_eval_reruns_rows_of_a_replaced_checkpoint(chain, tmp_path, capsys):
     """A model replaced at the same path (or another --qnet) is not the model a stored row ran: its rows are
     computed again and the table reads only the new ones; rows of unchanged models are reused."""

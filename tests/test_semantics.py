@@ -672,9 +672,9 @@ def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
     with torch.no_grad():
         ref.head.weight.mul_(1.5)
     learner = SimpleNamespace(model=model, trained=Root(model.policy), ref=ref)          # one process (rl.build)
-    logp, ref_logp = rl.log_probs(learner, SimpleNamespace(level="latent"), b, with_grad=True, ref=True)
+    logp, ref_logp = rl.log_probs(learner, SimpleNamespace(level="latent", temperature=1.0), b, with_grad=True, ref=True)
     assert logp.requires_grad and not ref_logp.requires_grad
-    alone = rl.log_probs(learner, SimpleNamespace(level="latent"), b, with_grad=False)     # no reference: a tensor
+    alone = rl.log_probs(learner, SimpleNamespace(level="latent", temperature=1.0), b, with_grad=False)     # no reference: a tensor
     assert torch.equal(alone, logp.detach())
     with torch.no_grad():
         for i in range(2):
@@ -694,9 +694,9 @@ def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
         lm_ref.output.weight.mul_(0.5)
     tok = rl.pack(prompts, [{"tokens": r["tokens"]} for r in rows], "cpu")
     learner = SimpleNamespace(model=lm, trained=Root(lm), ref=lm_ref)
-    logp, ref_logp = rl.log_probs(learner, SimpleNamespace(level="token"), tok, with_grad=False, ref=True)
+    logp, ref_logp = rl.log_probs(learner, SimpleNamespace(level="token", temperature=1.0), tok, with_grad=False, ref=True)
     assert not logp.requires_grad
-    assert torch.equal(rl.log_probs(learner, SimpleNamespace(level="token"), tok, with_grad=False), logp)
+    assert torch.equal(rl.log_probs(learner, SimpleNamespace(level="token", temperature=1.0), tok, with_grad=False), logp)
     with torch.no_grad():
         for i in range(2):
             for t in range(tok["mask"].shape[1]):

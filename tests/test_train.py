@@ -372,12 +372,14 @@ def test_dtype_auto_follows_the_hardware(native, monkeypatch, capsys):
     import mcts
     import rl
     monkeypatch.setattr(trainer, "native_bf16", lambda kind: native)
+    monkeypatch.setattr(trainer, "_warned", [])                       # the warning is said once per process
     want = "bfloat16" if native else "float32"
     assert trainer.resolve_dtype("auto", "cpu") == want and trainer.resolve_dtype("float32", "cpu") == "float32"
     assert capsys.readouterr().out == ""
     assert trainer.resolve_dtype("bfloat16", "cpu") == "bfloat16"      # explicit bf16 still runs ...
     warned = capsys.readouterr().out                                  # ... with one line where it is emulated
     assert (warned.count("\n"), "--dtype bfloat16" in warned) == ((0, False) if native else (1, True)), warned
+    assert trainer.resolve_dtype("bfloat16", "cpu") == "bfloat16" and capsys.readouterr().out == ""     # not again
     assert train.parse_args(["--stage", "base"])[1].dtype == want     # every script's default is auto
     assert train.parse_args(["--stage", "pipeline"])[1].dtype == want
     assert train.parse_args(["--stage", "base", "--dtype", "float32"])[1].dtype == "float32"
@@ -403,7 +405,7 @@ def test_dtype_auto_without_native_bf16_trains_in_float32_and_says_so(tmp_path, 
     assert json.loads((out / "final/config.json").read_text())["train_history"][-1]["dtype"] == "float32"
     monkeypatch.setattr(trainer, "native_bf16", lambda kind: True)     # the same command on a bf16 machine
     with pytest.raises(SystemExit, match="was written with --dtype 'float32', this run has 'bfloat16' \\(--dtype auto "
-                                         "resolves per machine: pass --dtype explicitly\\)"):
+                                         "records .* pass --dtype float32 to continue it\\)"):
         train.main(["--stage", "base", "--out-dir", str(out), "--steps", "1", "--seq-len", "16", "--micro-batch", "2",
                     "--global-batch", "2", "--eval-batches", "1"])
 
