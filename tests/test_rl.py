@@ -248,8 +248,10 @@ def test_micro_batches_accumulate_to_the_whole_batch(chain, monkeypatch, aggrega
         results.append((m, learner.model.policy.state_dict()))
     (a, wa), (b, wb) = results
     assert a["grad_norm"] > 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-    assert a["clip_frac"] == pytest.approx(b["clip_frac"]) and a["ratio_max"] == pytest.approx(b["ratio_max"])
-    # two Adam steps of lr 1e-3 move a weight by up to 2e-3; the summation order's rounding moves it 2e-5 (measured)
+    # two Adam steps of lr 1e-3 move a weight by up to 2e-3; the summation order's rounding moves it 2e-5 (measured),
+    # and the second update's ratios, computed from those weights, by ~1e-6 relative (4.244514 against 4.244518)
+    assert a["clip_frac"] == pytest.approx(b["clip_frac"])
+    assert a["ratio_max"] == pytest.approx(b["ratio_max"], rel=1e-4)
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4) for k in wa)
 
 
