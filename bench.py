@@ -269,10 +269,9 @@ def throughput(a):
         print(f"{mode:26s}" + "".join(f"{r[mode][0] * fl / 1e9:10.1f} GF/s {r[mode][0] * fl / roof:6.1%}"
                                       for r in results.values()))
     print("MFU = best achieved FLOP/s / matmul peak of the same dtype (bf16-autocast against the bf16 peak)")
-    from trainer import machine, resolve_dtype
-    m = machine(torch.device(device).type)
-    print(f"{m.get('gpu', m['cpu'])} ({m['cpu_capability'] if m['device'] == 'cpu' else 'CUDA'}): native bf16 "
-          f"{'yes' if m['native_bf16'] else 'no'}, so --dtype auto trains in {resolve_dtype('auto', m['device'])} here")
+    from trainer import machine_line, resolve_dtype
+    kind = torch.device(device).type
+    print(f"{machine_line(kind)}: --dtype auto trains in {resolve_dtype('auto', kind)} here")
 
 
 # ----------------------------------------------------------------------------------------------------------------

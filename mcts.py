@@ -721,13 +721,8 @@ class Search:
             self.evaluate(self.root)
             backup(self.root, self.cfg.gamma)
             self.trace.append((self.e.cost.total, self.root.R))
-            self.stats["stopped"] = "rounds"                 # why it ended: rounds, budget, success or exhausted
             for _ in range(n_rounds):
-                if budget is not None and self.e.cost.total >= budget:
-                    self.stats["stopped"] = "budget"
-                    break
-                if self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
-                    self.stats["stopped"] = "success"
+                if self.done(budget):
                     break
                 n = (select_best_first(self.nodes, self.cfg.c_puct) if self.cfg.select == "best-first"
                      else select_descent(self.root, self.cfg.c_puct))
@@ -740,14 +735,22 @@ class Search:
                 backup(c, self.cfg.gamma)
                 self.stats["rounds"] += 1
                 self.trace.append((self.e.cost.total, c.R))
-            else:                                            # the rounds ran out: unless the last one ended it anyway
-                if self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
-                    self.stats["stopped"] = "success"
-                elif budget is not None and self.e.cost.total >= budget:
-                    self.stats["stopped"] = "budget"
+            else:                                            # the rounds ran out, unless the last one ended it anyway
+                if not self.done(budget):
+                    self.stats["stopped"] = "rounds"
         finally:
             self.e.clear()
         return self.answer()
+
+    def done(self, budget: int | None) -> bool:
+        """Whether the budget is spent or (--stop-at-success) a completion scored 1.0; records which in stats."""
+        if budget is not None and self.e.cost.total >= budget:
+            self.stats["stopped"] = "budget"
+        elif self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
+            self.stats["stopped"] = "success"
+        else:
+            return False
+        return True
 
     def answer(self) -> Answer:
         """The best terminal node, else the best rollout: highest R, terminal first, then the older node."""

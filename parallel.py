@@ -103,11 +103,16 @@ SLOW_TIMEOUT = timedelta(hours=2)
 _slow = None                        # the gloo process group of on_main, barrier, broadcast_object and checkpoints
 
 
+def device_type(device_flag: str) -> str:
+    """The device a --device flag ("", "cpu", "cuda", "cuda:1") runs on: "" means cuda if available."""
+    return "cuda" if device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available()) else "cpu"
+
+
 def init_process_group(world: World, device_flag: str, timeout: float = TIMEOUT) -> torch.device:
     """The training device; under torchrun also the process groups: NCCL (CUDA tensors) + gloo (CPU tensors) on
     GPUs, gloo on CPU, each timing out after `timeout` seconds, and the long-waiting gloo group SLOW."""
     global _slow
-    use_cuda = device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available())
+    use_cuda = device_type(device_flag) == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit(f"--device {device_flag}: CUDA is not available on this machine")
     if not world.launched:

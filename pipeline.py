@@ -16,7 +16,8 @@ import torch
 
 from checkpoint import atomic_write
 from train import FinetuneArgs, parse_args, run_stage
-from trainer import device_type, machine
+from parallel import device_type
+from trainer import machine_line
 
 def run_pipeline(a) -> dict:
     root = Path(a.out_dir)
@@ -103,10 +104,7 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
          f"{lat['after']['kl']:.3f} / {tok['after']['kl']:.3f}", ""),
     ]
     w = max(len(a) for a, _, _ in rows)
-    m = machine(device_type(""))                 # the device the stages ran on: a GPU if there is one
-    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_capability']})"
-    lines = [f"dtype {dtype} on {where}, native bf16: {'yes' if m['native_bf16'] else 'no'}; the numbers below depend "
-             f"on the dtype\n",
+    lines = [f"dtype {dtype} on {machine_line(device_type(''))}; the numbers below depend on the dtype\n",
              f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
     lines += [f"| {a:<{w}} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\npipeline wall time: {seconds:.0f} s on {os.cpu_count()} CPU cores (torch {torch.__version__}, "

@@ -379,12 +379,12 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     learner.model.eval()
     rows = rollout(learner.model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
     R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
-    R_greedy = None
+    greedy_rows, R_greedy = [], None
     if cfg.algo == "remax":                        # ReMax: the greedy rollout of the same prompt is the baseline
         greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
         R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
     t_roll = time.time() - t0                      # rollout_s: every rollout (ReMax's greedy ones too) and scoring
-    rolled = sum(len(r["tokens"]) for r in rows + (greedy_rows if R_greedy is not None else []))
+    rolled = sum(len(r["tokens"]) for r in rows + greedy_rows)
     b = pack(prompts, rows, device)
     chunks = micro_batches(b, cfg.micro_batch)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update

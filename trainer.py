@@ -47,7 +47,7 @@ import torch
 
 import parallel
 from checkpoint import atomic_write, replace_dir
-from parallel import Root, World
+from parallel import Root, World, device_type
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one @dataclass per script or stage, each field a --flag with a one-line help
@@ -163,11 +163,6 @@ def autocast(dtype: str, device: torch.device):
 DTYPES = ("auto", "bfloat16", "float32")
 
 
-def device_type(device_flag: str) -> str:
-    """The device a --device flag ("", "cpu", "cuda", "cuda:1") runs on: "" means cuda if available."""
-    return "cuda" if device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available()) else "cpu"
-
-
 def native_bf16(kind: str) -> bool:
     """Whether the device computes bf16 in hardware: a CUDA GPU that supports it (Ampere on), or a CPU whose oneDNN
     reports bf16 support (AVX-512-BF16 or AMX; torch.ops.mkldnn._is_mkldnn_bf16_supported)."""
@@ -220,11 +215,16 @@ def resolve_dtype(flag: str, device_flag: str, main: bool = True) -> str:
 _warned: list = []
 
 
+def machine_line(kind: str) -> str:
+    """The device that decides --dtype auto, in words: "Intel(R) Xeon(R) ... (AVX2), native bf16: no"."""
+    m = machine(kind)
+    what = f"{m['cpu']} ({m['cpu_capability']})" if kind == "cpu" else m.get("gpu", "CUDA")
+    return f"{what}, native bf16: {'yes' if m['native_bf16'] else 'no'}"
+
+
 def dtype_line(cfg) -> str:
     """One line for the start of a run: the dtype it computes in and why."""
-    kind = device_type(cfg.device)
-    what = "CPU " + torch.backends.cpu.get_cpu_capability() if kind == "cpu" else machine(kind).get("gpu", "CUDA")
-    return f"dtype {cfg.dtype} ({what}, native bf16: {'yes' if native_bf16(kind) else 'no'})"
+    return f"dtype {cfg.dtype} on {machine_line(device_type(cfg.device))}"
 
 
 def enable_activation_checkpointing(blocks):

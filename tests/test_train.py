@@ -401,7 +401,7 @@ def test_dtype_auto_without_native_bf16_trains_in_float32_and_says_so(tmp_path, 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "float32" and cfg["machine"]["native_bf16"] is False
     assert cfg["machine"]["cpu"] and cfg["machine"]["device"] == "cpu"
-    assert "dtype float32 (CPU " in capsys.readouterr().out
+    assert "dtype float32 on " in (printed := capsys.readouterr().out) and ", native bf16: no" in printed
     assert json.loads((out / "final/config.json").read_text())["train_history"][-1]["dtype"] == "float32"
     monkeypatch.setattr(trainer, "native_bf16", lambda kind: True)     # the same command on a bf16 machine
     with pytest.raises(SystemExit, match="was written with --dtype 'float32', this run has 'bfloat16' \\(--dtype auto "
