@@ -615,6 +615,9 @@ def main(argv=None):
             return
     bar.close()
     run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
+    parallel.barrier(world)                    # every rank done before any tears the process group down, here:
+    if parallel.dist.is_initialized():         # left to the interpreter's exit, gloo's threads can abort the process
+        parallel.dist.destroy_process_group()  # ("terminate called without an active exception")
 
 
 def load_judge(cfg: RLArgs, device):
