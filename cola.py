@@ -9,7 +9,7 @@ training stages of Algorithms 1 and 2 and the RL of Algorithm 4 call these metho
     pi(a_t | x_{1:t}) = softmax(policy(h)_t)              policy_logits
 Generation: h_t -> a_t ~ pi -> x_{t+1} = argmax p_WM(. | h_t, a_t) -> append; two KV caches (base, policy).
 
-Checkpoints use the official release layout (checkpoint.py reads and writes it). A plain Llama directory (HF or
+Checkpoints use the official release layout (infra/checkpoint.py reads and writes it). A plain Llama directory (HF or
 Meta) loads too: base from the file, new modules random.
 
 Run it:
@@ -27,7 +27,7 @@ Deviations from the paper / official code:
     path, which its FTA-P trains through ("subtracted"); the values are the same;
   - batched generation uses Meta's shared-position scheme (no padding in attention) instead of HF left padding;
   - config.json also stores cola_merge_hidden (when not the base's SwiGLU size), and our exports the training
-    history (checkpoint.py);
+    history (infra/checkpoint.py);
   - new-module init (idm.py): output projections use the stack's own depth; merge Linears, down_proj included,
     use N(0, 2/(5d)) because they are not decoder blocks.
 """
@@ -324,10 +324,10 @@ class CoLA(nn.Module):
             out["logprobs"].append(logps[i, n0:n0 + cut].tolist())
         return out
 
-    # -- checkpoints (the official release layout; checkpoint.py reads and writes it) -----------------------------
+    # -- checkpoints (the official release layout; infra/checkpoint.py reads and writes it) -----------------------------
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """The official release layout: config.json + (sharded) safetensors, each file written atomically."""
-        from checkpoint import save_cola
+        from infra.checkpoint import save_cola
         save_cola(self, path, max_shard_bytes)
 
     @classmethod
@@ -336,7 +336,7 @@ class CoLA(nn.Module):
         """A CoLA checkpoint (official layout), or CoLA started from a plain Llama directory (HF or Meta): then the
         base is loaded and IDM, codebook, merge and policy are freshly initialised (cola_args, else the preset that
         matches the base's shape). See checkpoint.load_cola."""
-        from checkpoint import load_cola
+        from infra.checkpoint import load_cola
         return load_cola(cls, path, dtype, device, cola_args, max_seq_len)
 
 

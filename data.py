@@ -62,7 +62,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from checkpoint import atomic_write, replace_dir
+from infra.checkpoint import atomic_write, replace_dir
 from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
 from tokenizer import ChatFormat, Tokenizer
 

@@ -116,7 +116,7 @@ def documents(stream: np.ndarray, bos: int) -> list[np.ndarray]:
 def amp(dtype: str, device):
     """The training stages' autocast (trainer.autocast): bfloat16, or nothing for float32; auto picks bfloat16 where
     the device computes it natively."""
-    from trainer import autocast
+    from infra.trainer import autocast
     return autocast(dtype, device)
 
 
@@ -374,7 +374,7 @@ def vq_assign(model, x):
 def load_vq(run_dir: Path, device):
     """The VQ ablation exports nothing (its IDM head is d -> d): rebuild train.VQCoLA from the run's config.json and
     load its newest checkpoint (every weight, the frozen base included)."""
-    import parallel
+    from infra import parallel
     from cola import COLA_PRESETS
     from model import PRESETS
     from train import VQCoLA
@@ -407,7 +407,7 @@ def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "auto") -
     """Action usage of Stage A's direct and VQ runs under `runs`, cached in <run>/eval/usage.json."""
     from tokenizer import Tokenizer
     out = {}
-    import parallel
+    from infra import parallel
     for kind, d in stage_a_runs(runs).items():
         cache = d / "eval" / "usage.json"
         ckpt = parallel.latest_checkpoint(d) if kind == "vq" else d / "final"
@@ -719,7 +719,7 @@ def sanity_table(s: dict) -> str:
 
 
 def write_json(path: Path, obj):
-    from checkpoint import atomic_write
+    from infra.checkpoint import atomic_write
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1) + "\n"))
 
@@ -812,7 +812,7 @@ def main(argv=None):
     check_flags(a)
     device = device_of(a.device)
     if a.cmd in ("controllability", "actions"):
-        from trainer import dtype_line, resolve_dtype
+        from infra.trainer import dtype_line, resolve_dtype
         a.dtype = resolve_dtype(a.dtype, device.type)
         print(dtype_line(a))
     model = load_cola(a.ckpt, device)

@@ -91,17 +91,17 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-import parallel
+from infra import parallel
 import rl
 import tasks
-from checkpoint import (atomic_write, hf_config, load_base_state, load_llama_checkpoint, meta_to_hf,
+from infra.checkpoint import (atomic_write, hf_config, load_base_state, load_llama_checkpoint, meta_to_hf,
                         save_hf_checkpoint)
 from cola import CoLA
 from model import ModelArgs, Transformer
-from parallel import Root
+from infra.parallel import Root
 from policy import seeded_sampler
 from tokenizer import Tokenizer
-from trainer import Run, append_row, arg, log_metrics, parse_config, trim_metrics, writing
+from infra.trainer import Run, append_row, arg, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS = ("latent", "token")
 SELECTS = ("best-first", "descent")

@@ -4,7 +4,7 @@ One file, readable top to bottom:
   ModelArgs + presets -> RMSNorm -> rotary embeddings with Llama-3.1 "llama3" scaling -> grouped-query attention
   (SDPA) with a KV cache -> SwiGLU feed-forward -> pre-norm block -> Transformer (hidden state h and logits)
   -> sampling and batched generation. Checkpoint files (Hugging Face safetensors, Meta consolidated.00.pth) are
-  read and written by checkpoint.py.
+  read and written by infra/checkpoint.py.
 
 CoLA reads only h_t = Norm_f(last block output)_t (PAPER.md, "Base"), so `Transformer.hidden()` returns it and
 `Transformer.forward()` is just `output(hidden())`: nobody computes logits twice.
@@ -340,16 +340,16 @@ class Transformer(nn.Module):
     def clear_cache(self):
         clear_kv_cache(self.layers)
 
-    # -- checkpoints (the file layouts live in checkpoint.py) -----------------------------------------------------
+    # -- checkpoints (the file layouts live in infra/checkpoint.py) -----------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len: int | None = None):
         """Load an official checkpoint directory, Hugging Face or Meta layout (detected from its files)."""
-        from checkpoint import load_llama
+        from infra.checkpoint import load_llama
         return load_llama(path, dtype, device, max_seq_len)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """Write the Hugging Face layout (config.json + safetensors), loadable by transformers and by us."""
-        from checkpoint import save_llama
+        from infra.checkpoint import save_llama
         save_llama(self, path, max_shard_bytes)
 
     # -- generation ----------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_write
+from infra.checkpoint import atomic_write
 from train import FinetuneArgs, parse_args, run_stage
-from parallel import device_type
-from trainer import machine_line
+from infra.parallel import device_type
+from infra.trainer import machine_line
 
 def run_pipeline(a) -> dict:
     root = Path(a.out_dir)

@@ -57,7 +57,7 @@ Deviations from the paper / official code:
   - the latent default start is FTA-I's export (runs/fta-i/final), whose base and policy were fine-tuned on the
     same records as the token baseline's SFT; the release starts from FTA-P. --init chooses either;
   - --preset llama-3.1-8b sets the paper's lr, beta and G only; prompts per step (8) and new tokens (128) are ours
-    (the release: 64 x 4 samples, 2048 tokens), sized for the memory plan of bench.py --rl-memory-plan.
+    (the release: 64 x 4 samples, 2048 tokens), sized for the memory plan of tools/bench.py --rl-memory-plan.
 """
 from __future__ import annotations
 
@@ -75,15 +75,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import parallel
+from infra import parallel
 import tasks
 from cola import CoLA
 from model import PRESETS, Transformer
 from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
 from train import init_shape
-from parallel import Root
-from trainer import Run, arg, autocast, dtype_line, log_metrics, parse_config, trim_metrics, writing
+from infra.parallel import Root
+from infra.trainer import Run, arg, autocast, dtype_line, log_metrics, parse_config, trim_metrics, writing
 
 LEVELS = ("latent", "token")
 ALGOS = ("grpo", "remax")
@@ -118,7 +118,7 @@ class RLArgs:
     grad_clip: float = arg(1.0, "max gradient norm", "> 0")
     clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)", "> 0, < 1")
     micro_batch: int = arg(0, "rollouts per forward/backward in the update (gradients accumulate over them); 0: "
-                              "all of a rank's rollouts at once (tiny default; at 8B see bench.py --rl-memory-plan)",
+                              "all of a rank's rollouts at once (tiny default; at 8B see tools/bench.py --rl-memory-plan)",
                            ">= 0")
     updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter", ">= 1")
     kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)", ">= 0")
@@ -517,7 +517,7 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     replica, so each rank generates its own rollouts with no collective inside generation (ranks finish their
     rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (docs/scaling.md,
     memory plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
-    from trainer import bf16_frozen_groups, enable_activation_checkpointing
+    from infra.trainer import bf16_frozen_groups, enable_activation_checkpointing
     model = load_model(cfg, torch.device("cpu")).requires_grad_(False)
     part = model.policy if cfg.level == "latent" else model
     ref = frozen_reference(model, cfg.level)  # before any update
@@ -534,7 +534,7 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     if cfg.activation_checkpointing:           # before fully_shard
         enable_activation_checkpointing(trained.model.layers)
     parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)), torch.bfloat16 if bf16 else None)
-    if bf16:                                   # what only generates or scores: bf16 (bench.py --rl-memory-plan)
+    if bf16:                                   # what only generates or scores: bf16 (tools/bench.py --rl-memory-plan)
         model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)
     return SimpleNamespace(model=model.to(device), trained=trained, ref=ref.to(device), replica=part)
 

@@ -21,9 +21,9 @@ Run it (CPU, embedded data, no download; each stage starts from the previous one
     torchrun --nproc_per_node=8 train.py --stage pretrain --preset llama-3.1-8b --init /path/Llama-3.1-8B \\
         --data data/shards                                 # the paper's hyperparameters by default
 
-Several processes (torchrun; parallel.py): data parallel with parameters, gradients and AdamW state sharded by
+Several processes (torchrun; infra/parallel.py): data parallel with parameters, gradients and AdamW state sharded by
 FSDP2; per-step losses equal one process's at the same --global-batch. Killed runs resume: rerun the same command
-(trainer.py says how). The machinery (run directory, loop, checkpoints) lives in trainer.py; this file holds the
+(infra/trainer.py says how). The machinery (run directory, loop, checkpoints) lives in infra/trainer.py; this file holds the
 paper: configurations, losses, evaluations and the stages.
 
 Deviations from the paper / official code:
@@ -53,17 +53,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import memory
-import parallel
+from infra import memory
+from infra import parallel
 import tasks
-from checkpoint import args_from_hf_config, detect_layout, read_json
+from infra.checkpoint import args_from_hf_config, detect_layout, read_json
 from cola import CoLA
 from data import Batch
 from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_softmax_st
 from model import PRESETS, ModelArgs, Transformer
-from parallel import World
+from infra.parallel import World
 from tokenizer import Tokenizer
-from trainer import Phase, Run, arg, parse_config, release_locks, resolve_dtype
+from infra.trainer import Phase, Run, arg, parse_config, release_locks, resolve_dtype
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 VAL_SEED = 1234                    # the held-out windows' order: the same evaluation batches in every stage
@@ -184,12 +184,12 @@ TINY = {
 COMMON_TINY = dict(ckpt_every=100, log_every=10, eval_batches=8)
 # The 8B preset: the stages that train the 8B base recompute each block in backward. Without it, on 8 GPUs, fta-i
 # and fta-p exceed an 80 GB GPU and sft comes close (memory.plan: 80.5, 83.1, 70.9 GiB per GPU before the CUDA
-# context; 33.4, 36.1, 23.9 GiB with it; `python bench.py --memory-plan`).
+# context; 33.4, 36.1, 23.9 GiB with it; `python -m tools.bench --memory-plan`).
 # Checkpoints at 8B hold 33-110 GB: written in the background (--async-save), they no longer stall training.
 LARGE = {s: dict(async_save=True, activation_checkpointing=s in ("fta-i", "fta-p", "sft")) for s in STAGES}
 
 # What each stage trains: one list of model.param_groups() names per phase (the rest is frozen). The stage functions
-# below build their phases from it, and memory.py plans each stage's bytes from it.
+# below build their phases from it, and infra/memory.py plans each stage's bytes from it.
 TRAINS = {"base": [["base"]], "pretrain": [["idm", "codebook", "merge"]], "bc": [["policy"]],
           "fta-i": [["base"], ["policy"]], "fta-p": [["base"]], "sft": [["base"]]}
 
@@ -715,7 +715,7 @@ def stage_sft(cfg: FinetuneArgs, world: World):
 
 
 def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
-    """Check the flags and that the stage fits the GPU (memory.py's plan), then run the stage's function."""
+    """Check the flags and that the stage fits the GPU (infra/memory.py's plan), then run the stage's function."""
     check_flags(stage, cfg, world)
     memory.check_fits(stage, cfg, world, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                       shard=cfg.shard_group)

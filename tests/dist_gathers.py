@@ -15,7 +15,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # no
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup  # noqa: E402
 
 import train  # noqa: E402
-import trainer  # noqa: E402
+from infra import trainer  # noqa: E402
 
 record = {"on": True, "phase": None}
 gathers: dict[str, list] = {}

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import parallel  # noqa: E402
+from infra import parallel  # noqa: E402
 import train  # noqa: E402
-import trainer  # noqa: E402
+from infra import trainer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 

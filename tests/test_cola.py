@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cola import COLA_PRESETS, CoLA, CoLAArgs, default_cola_args
 from idm import codebook_usage, entropy_regulariser, gumbel_softmax_st
-from checkpoint import hf_config, unpermute_qk
+from infra.checkpoint import hf_config, unpermute_qk
 from model import PRESETS, ModelArgs, Transformer
 from policy import action_log_probs, sample_actions
 

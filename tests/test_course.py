@@ -1,18 +1,18 @@
-"""The course (COURSE.md, course.py): its grader fails every blank starter and passes the reference, and the grading
+"""The course (COURSE.md, tools/course.py): its grader fails every blank starter and passes the reference, and the grading
 tests the rest of the suite lacked.
 
 Two parts:
   grading tests  test_aN_*: unit maths of assignment N's functions against a formula written out here (each calls
-                 its function directly, so a blank one is named in the verdict); course.py's registry lists them next
+                 its function directly, so a blank one is named in the verdict); tools/course.py's registry lists them next
                  to the tests of test_model.py, test_cola.py, test_train.py, test_rl.py and test_eval.py;
   the tool       in a temporary copy of the repository (its .py files, tests and .gitignore, committed to a fresh git
-                 repository; never this checkout): for EVERY assignment, `course.py start N` -> `check` fails with
+                 repository; never this checkout): for EVERY assignment, `tools/course.py start N` -> `check` fails with
                  NOT IMPLEMENTED for each of its functions -> `solution N` restores every file byte for byte and
                  `git status` is clean; `check` on the untouched copy passes every function of every assignment.
                  Plus the refusals (uncommitted changes, your own code), git-less checkouts, and COURSE.md agreeing
                  with the registry.
 
-The grading runs are subprocesses (`python course.py check ...`, each a pytest), two at a time; assignments whose
+The grading runs are subprocesses (`python -m tools.course check ...`, each a pytest), two at a time; assignments whose
 blanks cannot touch each other's tests are graded in pairs (PAIRS). About 50 s of CPU in all.
 
     python -m pytest -q tests/test_course.py
@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import course
+from tools import course
 
 REPO = Path(__file__).resolve().parents[1]
 torch_rng = lambda seed: torch.Generator().manual_seed(seed)          # noqa: E731
@@ -415,7 +415,7 @@ def source_files(repo: Path) -> list[str]:
     p = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
                        capture_output=True, text=True)
     names = p.stdout.split("\n") if p.returncode == 0 else \
-        [str(f.relative_to(repo)) for f in [*repo.glob("*.py"), *repo.glob("tests/*.py")]]
+        [str(f.relative_to(repo)) for f in [*repo.glob("*.py"), *repo.glob("infra/*.py"), *repo.glob("tools/*.py"), *repo.glob("tests/*.py")]]
     return sorted({n for n in names if n.endswith(".py") and (repo / n).is_file()} | {".gitignore"})
 
 
@@ -424,7 +424,7 @@ def snapshot(repo: Path) -> dict:
 
 
 def course_cli(repo: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "course.py", *map(str, args)], cwd=repo, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.course", *map(str, args)], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 

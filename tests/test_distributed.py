@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-import parallel
+from infra import parallel
 import train
 from cola import CoLA
 from conftest import LM, LM_STEPS, REPO, cmd, read_rows, run_ok, step_rows

@@ -32,7 +32,7 @@ import torch
 import cola
 import data
 import model as model_py
-import parallel
+from infra import parallel
 import train
 from conftest import ENV, LM, LM_STEPS, REPO, cmd, read_rows, step_rows
 from tokenizer import Tokenizer

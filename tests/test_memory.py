@@ -1,4 +1,4 @@
-"""memory.py: the memory plan of every training stage against a fake-tensor measurement of the same stage, at the
+"""infra/memory.py: the memory plan of every training stage against a fake-tensor measurement of the same stage, at the
 8B shapes (all 32 layers, micro batch 4 x 2048), on one process and (Stage A, B) per GPU under FSDP on 8, and the
 refusal train.py gives when one GPU cannot hold a stage. No GPU and no real tensor: FakeTensorMode carries shapes
 and dtypes only (~45 s on 2 CPU cores in all).
@@ -8,8 +8,8 @@ and dtypes only (~45 s on 2 CPU cores in all).
 import pytest
 import torch
 
-import memory
-from parallel import World
+from infra import memory
+from infra.parallel import World
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys)
     reads a weight (the --init directory holds only a config.json here) or writes a file."""
     import json
     import train
-    from checkpoint import hf_config
+    from infra.checkpoint import hf_config
     from model import PRESETS
     init = tmp_path / "Llama-3.1-8B"
     init.mkdir()

@@ -20,7 +20,7 @@ import rl
 import tasks
 from cola import CoLA
 from conftest import ENV, REPO, read_rows, run_ok, step_rows
-from parallel import World
+from infra.parallel import World
 from policy import action_log_probs, greedy, seeded_sampler
 from tokenizer import Tokenizer
 

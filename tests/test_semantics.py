@@ -1,5 +1,5 @@
 """The paper's semantics, pinned where a plausible wrong implementation would otherwise pass: each test here kills
-mutants that survived the rest of the suite (`python mutation.py`, docs/testing.md). Expected values are written
+mutants that survived the rest of the suite (`python -m tools.mutation`, docs/testing.md). Expected values are written
 by hand or computed by an independent formula (a loop over prefixes, the equation spelled out), not by calling the
 code under test a second way.
 
@@ -35,7 +35,7 @@ from cola import CoLA, CoLAArgs
 from data import Batch
 from idm import ActionStack, codebook_usage, entropy_regulariser, gumbel_softmax_st, new_module_std
 from model import KVCache, ModelArgs, Transformer, sample
-from parallel import Root
+from infra.parallel import Root
 
 BASE = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, ffn_dim_multiplier=1.0,
                  max_seq_len=64)

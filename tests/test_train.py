@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 import cola
 import model as model_py
-import parallel
+from infra import parallel
 import train
-import trainer
+from infra import trainer
 from data import Batch
 
 from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, TRAIN, cmd, read_rows, run_ok, step_rows
@@ -431,7 +431,7 @@ def test_help_of_every_stage(stage, capsys):
 
 
 def test_large_presets_checkpoint_activations_where_the_base_trains():
-    """At 8B, fta-i / fta-p / sft need activation checkpointing to fit 80 GB (bench.py --memory-plan)."""
+    """At 8B, fta-i / fta-p / sft need activation checkpointing to fit 80 GB (tools/bench.py --memory-plan)."""
     for stage in train.STAGES:
         init = [] if stage == "base" else ["--init", "somewhere"]
         _, cfg = train.parse_args(["--stage", stage, "--preset", "llama-3.1-8b", *init])

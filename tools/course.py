@@ -1,15 +1,15 @@
-"""course.py: the starter and the grader of the course in COURSE.md, one small tool.
+"""tools/course.py: the starter and the grader of the course in COURSE.md, one small tool.
 
-    python course.py list                  the assignments, their functions, and which ones are blank now
-    python course.py start N               blank assignment N's functions: each body becomes
+    python -m tools.course list                  the assignments, their functions, and which ones are blank now
+    python -m tools.course start N               blank assignment N's functions: each body becomes
                                            raise NotImplementedError("assignment N: ..."); signatures, docstrings
                                            and the def line's shape comments stay. The reference bodies are stored
                                            first (.git/course/, or .course/ outside a git checkout)
-    python course.py check N [N ...]       run exactly the tests that grade assignment N and print a verdict per
+    python -m tools.course check N [N ...]       run exactly the tests that grade assignment N and print a verdict per
                                            function: PASS, NOT IMPLEMENTED, FAIL (the first failing test and its
                                            message) or BLOCKED (its own tests pass; others wait for a function
                                            still blank). Exit status 0 when every function passes
-    python course.py solution N            put the reference bodies back (the stored copy, else git HEAD)
+    python -m tools.course solution N            put the reference bodies back (the stored copy, else git HEAD)
 
 `start` edits the files in place (the checkout is the student's) and refuses, in one line, when a file it would edit
 has uncommitted changes (--force to go ahead: the current bodies are then what `solution` restores). `solution`
@@ -37,7 +37,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The assignments: functions to write, and the tests that grade each one (pytest node ids; an id without [params]
@@ -169,12 +169,12 @@ NOT_IMPLEMENTED = re.compile(r"NotImplementedError: assignment (\d+): (\S+) is y
 
 
 def fail(msg: str):
-    raise SystemExit(f"course.py: {msg}")
+    raise SystemExit(f"tools/course.py: {msg}")
 
 
 def assignment(n: int, command: str) -> Assignment:
     if n not in BY_N:
-        fail(f"{command} {n}: no such assignment; expected one of {', '.join(map(str, BY_N))} (python course.py list)")
+        fail(f"{command} {n}: no such assignment; expected one of {', '.join(map(str, BY_N))} (python -m tools.course list)")
     a = BY_N[n]
     if a.pending:
         fail(f"{command} {n}: assignment {n} ({a.title}) {a.pending}")
@@ -199,7 +199,7 @@ def find_def(tree: ast.Module, name: str, where: str) -> ast.FunctionDef:
         found = next((n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                       and n.name == part), None)
         if found is None:
-            fail(f"{where} has no {name}: the course is out of date with the code (update course.py's registry)")
+            fail(f"{where} has no {name}: the course is out of date with the code (update tools/course.py's registry)")
         nodes = found.body
     if not isinstance(found, (ast.FunctionDef, ast.AsyncFunctionDef)):
         fail(f"{where}: {name} is not a function")
@@ -368,7 +368,7 @@ def start(n: int, force: bool = False):
         print(f"blanked {len(blanked)} function(s): {', '.join(blanked)}")
     else:
         print("every function was blank already")
-    print(f"read COURSE.md, assignment {n}; grade with: python course.py check {n}")
+    print(f"read COURSE.md, assignment {n}; grade with: python -m tools.course check {n}")
 
 
 def yours_file(n: int) -> Path:
@@ -483,7 +483,7 @@ def verdict(f: Function, results: dict) -> dict:
     runs = [(t, matching(results, t)) for t in f.tests]
     missing = [t for t, found in runs if not found]
     if missing:
-        return {"verdict": "FAIL", "why": f"test not found: {missing[0]} (course.py's registry is out of date)"}
+        return {"verdict": "FAIL", "why": f"test not found: {missing[0]} (tools/course.py's registry is out of date)"}
     bad = [(tid, outcome, msg) for _, found in runs for tid, outcome, msg in found if outcome != "passed"]
     if not bad:
         return {"verdict": "PASS", "why": f"{sum(len(found) for _, found in runs)} tests pass"}
@@ -568,7 +568,7 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "") -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="course.py", description="Starter and grader of the course (COURSE.md).")
+    ap = argparse.ArgumentParser(prog="tools/course.py", description="Starter and grader of the course (COURSE.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="assignments, their functions, which are blank")
     p = sub.add_parser("start", help="blank assignment N's functions (bodies -> NotImplementedError)")

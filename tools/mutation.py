@@ -11,9 +11,9 @@ a dropped argument); a test that fails on it kills it. mutmut (requirements-muta
 
 Run it (one worker; about 12 min on 2 shared CPU cores for the 2157 mutants, measured as two runs of 10.8 + 1.6 min):
     pip install -r requirements-mutation.txt
-    python mutation.py                          # mutate, test, print the table and the survivors
-    python mutation.py report                   # the table again, from mutants/ (no run)
-    python mutation.py run --max-children 1 'train.x_bc_loss*'   # only these mutants (mutmut's name patterns)
+    python -m tools.mutation                          # mutate, test, print the table and the survivors
+    python -m tools.mutation report                   # the table again, from mutants/ (no run)
+    python -m tools.mutation run --max-children 1 'train.x_bc_loss*'   # only these mutants (mutmut's name patterns)
     mutmut show 'idm.x_gumbel_softmax_st__mutmut_24'            # one mutant's diff; `mutmut browse`: all of them
 A second run retests only what changed (mutmut's cache in mutants/); rm -rf mutants/ to start over. What mutmut
 reads itself (files, test files, lines never mutated) is in setup.cfg's [mutmut] section.
@@ -280,7 +280,7 @@ def check_scope():
     for path, names in SCOPE.items():
         missing = set(names) - qualnames(Path(path).read_text())
         if missing:
-            raise SystemExit(f"mutation.py: SCOPE[{path!r}] names {sorted(missing)}, which {path} does not define; "
+            raise SystemExit(f"tools/mutation.py: SCOPE[{path!r}] names {sorted(missing)}, which {path} does not define; "
                              f"update SCOPE")
 
 
@@ -327,10 +327,11 @@ def _functions(module):
 
 
 def install_also_copy():
-    """The modules the tests import but mutmut does not mutate (every other top-level .py) go into mutants/ too."""
+    """The modules the tests import but mutmut does not mutate (every other top-level .py, infra/, tools/) go into
+    mutants/ too."""
     from mutmut.configuration import config
     cfg = config()
-    cfg.also_copy += [p for p in Path(".").glob("*.py") if p.name not in SCOPE]
+    cfg.also_copy += [p for p in Path(".").glob("*.py") if p.name not in SCOPE] + [Path("infra"), Path("tools")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ def report() -> int:
 
 
 def main(argv: list[str]) -> int:
-    os.chdir(Path(__file__).resolve().parent)
+    os.chdir(Path(__file__).resolve().parents[1])
     if argv[:1] == ["report"]:
         return report()
     check_scope()
@@ -413,7 +414,7 @@ def main(argv: list[str]) -> int:
     try:
         import mutmut.__main__ as mutmut_cli
     except ImportError:
-        raise SystemExit("mutation.py needs mutmut: pip install -r requirements-mutation.txt") from None
+        raise SystemExit("tools/mutation.py needs mutmut: pip install -r requirements-mutation.txt") from None
     install_scope()
     install_also_copy()
     args = argv or ["run", "--max-children", "1"]

@@ -1,4 +1,4 @@
-"""trainer.py: the machinery every training script shares, kept out of the way of the paper's maths.
+"""infra/trainer.py: the machinery every training script shares, kept out of the way of the paper's maths.
 
 train.py (each CoLA training stage is one short function there) builds on this, and so does rl.py. A reader who
 wants the paper can skip this file: it holds no equation, only the loop and what makes a run safe to kill.
@@ -16,7 +16,7 @@ A run directory (--out-dir) belongs to one stage and its flags, and a run writes
     config.json      the resolved flags (every default filled in), the stage, the world size
     metrics.jsonl    one JSON row per logged step; the last row is {"eval": {...}} with evaluations before/after
     checkpoints/step-NNNNNNN/   model + AdamW state + train.json (step, phase, data position, flags, and the size
-                     and CRC-32 of every file), written last; the newest two are kept (parallel.py)
+                     and CRC-32 of every file), written last; the newest two are kept (infra/parallel.py)
     final/           the exported model, swapped in whole; its config.json carries train_stage and train_history
 A run refuses an --out-dir that overlaps its --init, that holds a model or another stage's run, or (resuming) a
 run with other flags. A rerun of the same command continues from the newest intact checkpoint and logs the
@@ -45,9 +45,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-import parallel
-from checkpoint import atomic_write, replace_dir
-from parallel import Root, World, device_type
+from infra import parallel
+from infra.checkpoint import atomic_write, replace_dir
+from infra.parallel import Root, World, device_type
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one @dataclass per script or stage, each field a --flag with a one-line help

@@ -11,13 +11,13 @@ What it measures (one run, one machine, so every ratio compares like with like):
             weights written to a temporary directory and deleted afterwards), against the checkpoint's size.
 
 Run:
-    python bench.py                                  # tiny preset: ~30 s on a quiet 2-core CPU
-    python bench.py --preset tiny --steps 20 --batch 8 --seq 256
-    python bench.py --no-hf                          # ours only (transformers is optional)
-    python bench.py --threads 1                      # steadier on a CPU shared with other jobs
-    python bench.py --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
-    python bench.py --memory-plan                    # bytes of each stage at 8B: one process, per GPU on 8
-    python bench.py --rl-memory-plan                 # the same for rl.py, latent and token level
+    python -m tools.bench                                  # tiny preset: ~30 s on a quiet 2-core CPU
+    python -m tools.bench --preset tiny --steps 20 --batch 8 --seq 256
+    python -m tools.bench --no-hf                          # ours only (transformers is optional)
+    python -m tools.bench --threads 1                      # steadier on a CPU shared with other jobs
+    python -m tools.bench --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
+    python -m tools.bench --memory-plan                    # bytes of each stage at 8B: one process, per GPU on 8
+    python -m tools.bench --rl-memory-plan                 # the same for rl.py, latent and token level
 On a GPU the same commands run there (--device cuda); timings synchronise the device.
 
 FLOP counting (Kaplan et al. 2020, PaLM appendix B), per trained token:
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import hf_config, meta_to_hf, save_hf_checkpoint
+from infra.checkpoint import hf_config, meta_to_hf, save_hf_checkpoint
 from model import PRESETS, ModelArgs, Transformer
 
 p = argparse.ArgumentParser(description="Training/generation throughput and load memory of model.py vs "
@@ -269,7 +269,7 @@ def throughput(a):
         print(f"{mode:26s}" + "".join(f"{r[mode][0] * fl / 1e9:10.1f} GF/s {r[mode][0] * fl / roof:6.1%}"
                                       for r in results.values()))
     print("MFU = best achieved FLOP/s / matmul peak of the same dtype (bf16-autocast against the bf16 peak)")
-    from trainer import machine_line, resolve_dtype
+    from infra.trainer import machine_line, resolve_dtype
     kind = torch.device(device).type
     print(f"{machine_line(kind)}: --dtype auto trains in {resolve_dtype('auto', kind)} here")
 
@@ -304,7 +304,7 @@ RSS_WRITER = r"""
 import sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-import bench
+from tools import bench
 bench.write_random_checkpoints(bench.PRESETS[{preset!r}], Path({root!r}))
 """
 
@@ -312,7 +312,7 @@ bench.write_random_checkpoints(bench.PRESETS[{preset!r}], Path({root!r}))
 def child_rss(path: str) -> list[float]:
     """[ru_maxrss, VmHWM] after from_pretrained, the same after touching every weight (bytes), seconds, model
     bytes: of a new process. The parent stays small: Linux carries its peak RSS into a child's ru_maxrss."""
-    code = RSS_CHILD.format(repo=str(Path(__file__).resolve().parent), path=path)
+    code = RSS_CHILD.format(repo=str(Path(__file__).resolve().parents[1]), path=path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"load-rss child failed for {path or 'baseline'}: {out.stderr.strip().splitlines()[-1]}")
@@ -345,7 +345,7 @@ def load_rss(a):
     root = Path(tempfile.mkdtemp(prefix="bench-load-rss-", dir=a.tmp))
     try:
         t0 = time.perf_counter()
-        code = RSS_WRITER.format(repo=str(Path(__file__).resolve().parent), preset=a.rss_preset, root=str(root))
+        code = RSS_WRITER.format(repo=str(Path(__file__).resolve().parents[1]), preset=a.rss_preset, root=str(root))
         subprocess.run([sys.executable, "-c", code], check=True)        # in a child: see child_rss
         hf_dir, meta_dir = root / "hf", root / "meta"
         print(f"wrote random bf16 {a.rss_preset} checkpoints to {root} in {time.perf_counter() - t0:.0f} s")
@@ -375,7 +375,7 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     """Two tables of memory.plan for every stage at its default flags (activation checkpointing at 8B for the
     stages that train the base, train.LARGE): one process, and per GPU under torchrun on `gpus` GPUs. GiB; "fits"
     compares total + memory.CONTEXT_BYTES with an 80 GiB GPU, as memory.check_fits does."""
-    import memory
+    from infra import memory
     G = 2**30
     stages = ["pretrain", "bc", "fta-i", "fta-p", "sft"]
     head = ("| stage | AC | trained | state | frozen | FSDP buffers | bf16 copies | activations | loss | total | "
@@ -415,7 +415,7 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
     Not counted: the CUDA context and fragmentation (1-3 GB), the judge (evaluation only, rank 0), transient
     per-step logits of generation (rollouts x V x 4 B, 66 MB at 16 rollouts).
     """
-    import memory
+    from infra import memory
     from cola import COLA_PRESETS, CoLA
     with torch.device("meta"):
         m = CoLA(PRESETS[preset], COLA_PRESETS[preset])

@@ -1,4 +1,4 @@
-"""parallel.py: data parallelism with sharded parameters (PyTorch FSDP2) and sharded checkpoints for train.py.
+"""infra/parallel.py: data parallelism with sharded parameters (PyTorch FSDP2) and sharded checkpoints for train.py.
 
 One process (`python train.py ...`) and N processes (`torchrun --nproc_per_node=N train.py ...`) run the same
 training code. What differs lives here:
@@ -22,7 +22,7 @@ Sharding (the 8B stages of PAPER.md §3, on 8 x 80 GB GPUs): the trained paramet
 are split over the ranks (ZeRO-3). Each FSDP unit is all-gathered just before its forward and freed after it, and
 gathered again for backward; gradients are reduce-scattered. Frozen modules hold no gradient and no optimizer state,
 are stored in bfloat16 when their values are bf16 already (the official base), and are not sharded: a frozen module
-costs memory on every rank (memory.py plans it) but no communication at all.
+costs memory on every rank (infra/memory.py plans it) but no communication at all.
 
 Model files (model.py, idm.py, policy.py, cola.py) know nothing of torch.distributed.
 
@@ -247,7 +247,7 @@ def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: b
     Frozen (requires_grad False, final before this call): not sharded but replicated, stored in the dtype they
     have (the official base in bf16: 16 GB at 8B). A frozen module then costs no collective at all, where sharded
     it would be all-gathered for every micro batch (15 GB per rank per micro batch for Stage A's base at 8B, and
-    across nodes on two), in exchange for 14 GB more per GPU (memory.py plans both).
+    across nodes on two), in exchange for 14 GB more per GPU (infra/memory.py plans both).
 
     Prefetching: FSDP2 by default prefetches, in backward, the unit that ran before in forward, and it counts units
     that ran without gradient (fta-i's second phase runs the trained base under no_grad before the policy), so
@@ -488,7 +488,7 @@ class PendingSave:
     def wait(self) -> Path:
         """The files written on every rank, then train.json (rank 0, last) and the older checkpoints removed."""
         from torch.distributed.checkpoint.api import CheckpointException
-        from checkpoint import atomic_write
+        from infra.checkpoint import atomic_write
         path, world = self.path, self.world
         if self.future is not None:
             try:

@@ -1,4 +1,4 @@
-"""memory.py: how many bytes each training stage needs per GPU, planned by arithmetic and measured on fake tensors.
+"""infra/memory.py: how many bytes each training stage needs per GPU, planned by arithmetic and measured on fake tensors.
 
 plan(stage, cfg)       bytes per GPU by category (trained state, frozen weights, FSDP buffers, autocast copies,
                        activations, loss), arithmetic on the real module sizes (built on the meta device) and on the
@@ -14,7 +14,7 @@ check_fits(stage, cfg, world, device)
 The 8B stages are those of PAPER.md §3 (micro batch 4 x 2048 tokens, bf16 mixed precision, AdamW).
 
 Run it:
-    python bench.py --memory-plan                    # the table, one process and per GPU on 8 GPUs
+    python -m tools.bench --memory-plan                    # the table, one process and per GPU on 8 GPUs
     python -m pytest -q tests/test_memory.py         # plan against measurement for every stage at 8B shapes
 
 Deviations (this is tooling; the paper reports no memory figures):
@@ -201,12 +201,12 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
     counted: the CUDA context and allocator fragmentation (1-3 GB together), the optimizer step's temporaries
     (none with CUDA's fused AdamW), RoPE tables (a few MB).
     """
-    import parallel
+    from infra import parallel
     import train
     from cola import COLA_PRESETS
     shard = shard or (1 if gpus == 1 else min(gpus, 8))
     one, bf16 = shard == 1, cfg.dtype == "bfloat16"
-    from trainer import set_trainable
+    from infra.trainer import set_trainable
     with torch.device("meta"):
         model = stage_model(stage, cfg.preset)
     set_trainable(model, {g for ph in train.TRAINS[stage] for g in ph})      # fsdp_units lists the trained units
@@ -342,7 +342,7 @@ def measure(stage: str, cfg, gpus: int = 1) -> list[int]:
     import train
     from data import Batch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from trainer import autocast, enable_activation_checkpointing, make_optimizer, set_trainable
+    from infra.trainer import autocast, enable_activation_checkpointing, make_optimizer, set_trainable
     device, phases, peaks = torch.device("cpu"), train.TRAINS[stage], []
     B, T = cfg.micro_batch, cfg.seq_len
     with contextlib.ExitStack() as stack:
@@ -394,9 +394,9 @@ def fsdp_model(stage: str, cfg, gpus: int, stack):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    import parallel
+    from infra import parallel
     import train
-    from trainer import enable_activation_checkpointing, set_trainable
+    from infra.trainer import enable_activation_checkpointing, set_trainable
     if dist.is_initialized():
         raise RuntimeError("memory.measure(gpus > 1) starts its own fake process group; one exists already")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
@@ -450,6 +450,6 @@ def check_fits(stage: str, cfg, world=None, device=None, capacity: int | None = 
     else:
         todo = "use more GPUs per node, or --cpu-offload under torchrun"
     raise SystemExit(f"stage {stage} at --preset {cfg.preset} needs {p.total / GiB:.1f} GiB per GPU on {where} "
-                     f"(+{CONTEXT_BYTES / GiB:.0f} GiB CUDA context; `python bench.py --memory-plan`), more than "
+                     f"(+{CONTEXT_BYTES / GiB:.0f} GiB CUDA context; `python -m tools.bench --memory-plan`), more than "
                      f"this GPU's {capacity / GiB:.1f} GiB: {todo}")
 
