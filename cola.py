@@ -34,16 +34,20 @@ Deviations from the paper / official code:
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from idm import IDM, idm_labels, new_module_std
-from model import PRESETS, ModelArgs, Transformer
+from infra import checkpoint
+from model import PRESETS, ModelArgs, Transformer, check_sampling_flags, fit_new_tokens
 import policy
 from policy import Policy
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -324,20 +328,60 @@ class CoLA(nn.Module):
             out["logprobs"].append(logps[i, n0:n0 + cut].tolist())
         return out
 
-    # -- checkpoints (the official release layout; infra/checkpoint.py reads and writes it) -----------------------------
+    # -- checkpoints (the official release layout; infra/checkpoint.py reads and writes it) -------------------------
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """The official release layout: config.json + (sharded) safetensors, each file written atomically."""
-        from infra.checkpoint import save_cola
-        save_cola(self, path, max_shard_bytes)
+        checkpoint.save_cola(self, path, max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", cola_args: CoLAArgs | None = None,
                         max_seq_len: int | None = None) -> "CoLA":
         """A CoLA checkpoint (official layout), or CoLA started from a plain Llama directory (HF or Meta): then the
         base is loaded and IDM, codebook, merge and policy are freshly initialised (cola_args, else the preset that
-        matches the base's shape). See checkpoint.load_cola."""
-        from infra.checkpoint import load_cola
-        return load_cola(cls, path, dtype, device, cola_args, max_seq_len)
+        matches the base's shape). Built on the meta device and filled by assignment: every tensor is read once."""
+        path = Path(path)
+        base_args, state, rest = checkpoint.load_llama_checkpoint(path, ModelArgs, dtype)
+        rest = {k: v for k, v in rest.items() if not k.endswith("rotary_emb.inv_freq")}
+        if max_seq_len is not None:
+            base_args.max_seq_len = max_seq_len
+        cfg = checkpoint.read_json(path / "config.json") if checkpoint.detect_layout(path) == "hf" else {}
+        is_cola = "num_code" in cfg
+        if is_cola:
+            cola_args = checkpoint.cola_args_from_config(cfg, cola_args, path / "config.json", CoLAArgs)
+        elif rest:
+            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r}; config.json has no num_code, so "
+                             f"this is not a CoLA checkpoint")
+        elif cola_args is None:
+            cola_args = default_cola_args(base_args)
+        with torch.device("meta"):
+            model = cls(base_args, cola_args)
+        checkpoint.load_base_state(model.base, state, str(path))
+        if is_cola:
+            checkpoint.load_new_modules(model, rest, str(path))
+        else:                                      # a plain Llama: the new modules start fresh (global torch RNG)
+            new = (model.idm, model.codebook, model.merge, model.policy)
+            for m in new:
+                m.to_empty(device="cpu")
+            model.init_new_modules()
+            for m in new:
+                m.to(dtype)
+        model.initialised_from_llama = not is_cola
+        return model.to(device)
+
+
+class VQCoLA(CoLA):
+    """The VQ ablation's CoLA (PAPER.md §5, the quantiser ablation): the IDM ends in Linear(d -> d), an encoder output
+    z_e in code space, not K logits; the action is the nearest codebook column."""
+
+    def __init__(self, base_args: ModelArgs, args):
+        super().__init__(base_args, args)
+        self.idm.head = nn.Linear(base_args.dim, base_args.dim, bias=False)
+
+
+def nearest_code(z_e: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """VQ lookup: k = argmin_k ||z_e - C_k||^2 for z_e [B, T, D] and codes C [D, K] (column k is e_k) -> k [B, T]."""
+    dist = z_e.pow(2).sum(-1, keepdim=True) - 2 * z_e @ C + C.pow(2).sum(0)                  # [B, T, K]
+    return dist.argmin(-1)                                                                   # [B, T]
 
 
 def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
@@ -350,12 +394,65 @@ def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The one checked loader behind every script's --init / --ckpt / --embedder / --judge
+
+WHAT = {"llama": "a plain Llama", "cola": "a CoLA checkpoint", "qnet": "a Q-network (mcts.py reads it as --qnet)"}
+
+
+def kind_of(path, flag: str = "--ckpt") -> str:
+    """What a checkpoint directory holds, read from its config.json / params.json alone (no tensor): "llama",
+    "cola" (config.json has num_code) or "qnet" (q_level). Not a checkpoint directory: one line naming the flag."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SystemExit(f"{flag} {path}: directory not found")
+    for name in ("config.json", "params.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"{flag} {f}: not readable JSON ({str(e).splitlines()[0]})") from None
+            if not isinstance(cfg, dict):
+                raise SystemExit(f"{flag} {f}: expected a JSON object")
+            size = "hidden_size" if name == "config.json" else "dim"
+            if size not in cfg:
+                run = " (a run directory? its model is in final/)" if (path / "final").is_dir() else ""
+                raise SystemExit(f"{flag} {f} describes no model (no {size}){run}")
+            return "qnet" if "q_level" in cfg else "cola" if "num_code" in cfg else "llama"
+    raise SystemExit(f"{flag} {path}: no config.json or params.json (not a checkpoint directory)")
+
+
+def load(path, kind: str, flag: str = "--ckpt", device="cpu", dtype=torch.float32, cls=None,
+         preset: str | None = None, hint: str = ""):
+    """The model in a checkpoint directory, checked before any tensor is read.
+
+    kind "llama": a plain Llama (HF or Meta layout) -> Transformer; "cola": a CoLA export -> CoLA; "llama->cola":
+    either, as a CoLA (a plain Llama gets fresh IDM, codebook, merge and policy). cls: the class to build instead
+    (VQCoLA). preset: the model.PRESETS name whose (dim, n_layers) the checkpoint must have. Every failure ends the
+    run with one line naming the flag, the path and what was expected (hint: what to pass instead)."""
+    found = kind_of(path, flag)
+    allowed = {"llama": ("llama",), "cola": ("cola",), "llama->cola": ("llama", "cola")}[kind]
+    if found not in allowed:
+        raise SystemExit(f"{flag} {path} is {WHAT[found]}, expected {' or '.join(WHAT[k] for k in allowed)}"
+                         + (f": {hint}" if hint else ""))
+    if preset is not None:
+        shape, want = checkpoint.shape_of(Path(path)), PRESETS[preset]
+        if shape is not None and shape != (want.dim, want.n_layers):
+            raise SystemExit(f"{flag} {path}: a model of dim {shape[0]} with {shape[1]} layers, but --preset "
+                             f"{preset} has dim {want.dim} with {want.n_layers} layers")
+    cls = cls or (Transformer if kind == "llama" else CoLA)
+    try:
+        return cls.from_pretrained(path, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = str(e)
+        raise SystemExit(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line: load a checkpoint, generate under latent actions, print text and actions side by side
 
 
 def main(argv=None):
-    from model import check_sampling_flags, fit_new_tokens
-    from tokenizer import Tokenizer
     p = argparse.ArgumentParser(description="Generate with CoLA: latent actions choose, the world model writes.")
     p.add_argument("--ckpt", required=True, help="CoLA checkpoint (official layout), or a plain Llama directory "
                    "(HF or Meta): then the CoLA modules are freshly initialised")

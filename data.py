@@ -71,6 +71,7 @@ CACHE_DIR = ROOT / "data" / "cache"          # gitignored
 DATA_VERSION = 1                             # bump when the extraction or the task templates change
 MIN_DOC_CHARS = 200                          # keep docstrings of at least this many characters
 TASK_SHARE = 0.20                            # share of the embedded corpus's characters that are task texts
+VAL_SEED = 1234                              # the held-out windows' order: the same evaluation batches everywhere
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,6 +591,40 @@ def sft_tensors(cfg, tok: Tokenizer, split: str):
         return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
     except (ValueError, FileNotFoundError) as e:          # the records' file, line and field: one line
         raise SystemExit(f"{flag} {path or '(embedded tasks)'}: {str(e).removeprefix('data: ')}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RL episodes: sampled responses to task prompts, and the teacher-forced batch an update reads (rl.py, qnet.py)
+
+
+@torch.no_grad()
+def rollout(model, tok: Tokenizer, prompts: list[list[int]], choose, max_new_tokens: int) -> list[dict]:
+    """One response per prompt with the chooser -> per row {tokens, text} and, for CoLA, {actions}: the latent
+    action behind every token (CoLA.generate returns them; a plain Llama's Transformer.generate does not)."""
+    out = model.generate(prompts, max_new_tokens, eos=tok.stop_tokens, choose=choose)
+    if isinstance(out, dict):
+        rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
+    else:
+        rows = [{"tokens": t} for t in out]
+    for r in rows:
+        r["text"] = tok.decode([t for t in r["tokens"] if t not in tok.stop_tokens])
+    return rows
+
+
+def pack(prompts: list[list[int]], rows: list[dict], device) -> dict:
+    """Right-padded x [B, L] (prompt + response), the response mask m [B, L-1] over the targets x[:, 1:], and for
+    latent rows the actions [B, L-1] aligned with those targets (the action behind x_{t+1} sits at t)."""
+    seqs = [p + r["tokens"] for p, r in zip(prompts, rows)]
+    L = max(map(len, seqs))
+    x = torch.zeros(len(seqs), L, dtype=torch.long)
+    m = torch.zeros(len(seqs), L - 1, dtype=torch.bool)
+    a = torch.full((len(seqs), L - 1), -1, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        x[i, :len(seqs[i])] = torch.tensor(seqs[i])
+        m[i, len(p) - 1:len(seqs[i]) - 1] = True
+        if "actions" in r:
+            a[i, len(p) - 1:len(seqs[i]) - 1] = torch.tensor(r["actions"], dtype=torch.long)
+    return {"x": x.to(device), "mask": m.to(device), "actions": a.to(device)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

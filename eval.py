@@ -51,10 +51,46 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cola
+from cola import COLA_PRESETS, CoLA, VQCoLA, nearest_code
+import data
+from data import Batch
+from infra import parallel
+from infra.ce import lm_head_ce
+from infra.checkpoint import atomic_write
+from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
+from infra.trainer import autocast, dtype_line, resolve_dtype
+from model import PRESETS, Transformer
+from tokenizer import Tokenizer
+
 # The paper's quality-diversity numbers (BGE-M3 embeddings; PAPER.md §6).
 PAPER_QD = {"random latent actions": 1.92, "base token sampling": 1.54, "random tokens": 1.30}
 METHODS = tuple(PAPER_QD)
 PLOT_HINT = "pip install matplotlib, then: python eval.py plot --runs {runs}"
+
+# ----------------------------------------------------------------------------------------------------------------
+# The held-out metrics every training stage logs (lm_val, task_val, general_val) and RL's evaluation reads
+
+
+def lm_metrics(model: Transformer, b: Batch) -> dict:
+    """The plain Llama's held-out CE (the value of train.base_loss)."""
+    x = b.tokens
+    return {"lm": lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:]).item()}
+
+
+def cola_metrics(model: CoLA, b: Batch) -> dict:
+    """The base LM's CE, the world model's CE under the IDM's argmax actions and under the greedy policy's, and the
+    policy's accuracy against the IDM labels."""
+    x, m = b.tokens, b.mask[:, 1:]
+    h = model.hidden(x)                                                                      # [B, T+1, D]
+    k = model.idm_labels(h)                                                                  # [B, T]
+    a = model.policy_logits(h[:, :-1]).argmax(-1)                                            # [B, T]
+    W = model.base.output
+    return {"lm": lm_head_ce(W, h[:, :-1], x[:, 1:], m).item(),
+            "wm_idm": lm_head_ce(W, model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
+            "wm_policy": lm_head_ce(W, model.world_state(h[:, :-1], a), x[:, 1:], m).item(),
+            "policy_acc": ((a == k).float() * m).sum().item() / max(m.sum().item(), 1)}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: checkpoints, the held-out text
@@ -65,44 +101,26 @@ def device_of(name: str) -> torch.device:
 
 
 def load_cola(ckpt: str, device, what: str = "--ckpt"):
-    """A CoLA export past Stage A, or one line saying what is wrong with the directory."""
-    from cola import CoLA
-    path = Path(ckpt)
-    if not path.is_dir():
-        raise SystemExit(f"{what} {ckpt}: directory not found")
-    try:
-        model = CoLA.from_pretrained(path, device=device)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"{what} {ckpt}: {e}") from None
-    if model.initialised_from_llama:
-        raise SystemExit(f"{what} {ckpt} is a plain Llama (no IDM, codebook or merge module): pass a CoLA checkpoint "
-                         f"after Stage A, e.g. runs/pretrain/final")
-    return model.eval().requires_grad_(False)
+    """A CoLA export past Stage A (cola.load checks it), frozen."""
+    return cola.load(ckpt, "cola", what, device, hint="pass a CoLA checkpoint after Stage A (a plain Llama has no "
+                     "IDM, codebook or merge module), e.g. runs/pretrain/final").eval().requires_grad_(False)
 
 
 def load_llama(ckpt: str, device, what: str):
-    from model import Transformer
-    if not Path(ckpt).is_dir():
-        raise SystemExit(f"{what} {ckpt}: directory not found")
-    try:
-        return Transformer.from_pretrained(ckpt, device=device).eval().requires_grad_(False)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"{what} {ckpt}: {e}") from None
+    """A plain Llama (cola.load checks it), frozen."""
+    return cola.load(ckpt, "llama", what, device).eval().requires_grad_(False)
 
 
 def held_out_batches(tok, n_batches: int, batch: int, seq_len: int, device) -> list:
-    """The held-out windows the training stages evaluate on (train.VAL_SEED order, val split of the embedded corpus):
+    """The held-out windows the training stages evaluate on (data.VAL_SEED order, val split of the embedded corpus):
     n_batches Batch(tokens [batch, seq_len + 1], ...). With the pipeline's sizes (8 x 8 x 448) these are lm_val."""
-    import data
-    from train import VAL_SEED
     cfg = SimpleNamespace(data="", val_data="", seed=0, seq_len=seq_len)
-    loader = data.TokenLoader(data.lm_shards(cfg, tok)[1], batch, seq_len, seed=VAL_SEED)
+    loader = data.TokenLoader(data.lm_shards(cfg, tok)[1], batch, seq_len, seed=data.VAL_SEED)
     return [loader.next_batch().to(device) for _ in range(n_batches)]
 
 
 def general_text(tok) -> np.ndarray:
     """The held-out general-text stream (stdlib docstrings only, each [BOS] doc [EOS]) as one uint32 array."""
-    import data
     cfg = SimpleNamespace(data="", val_data="", seed=0)
     return np.concatenate([np.fromfile(p, dtype=np.uint32) for p in data.general_text_shards(cfg, tok)])
 
@@ -116,7 +134,6 @@ def documents(stream: np.ndarray, bos: int) -> list[np.ndarray]:
 def amp(dtype: str, device):
     """The training stages' autocast (trainer.autocast): bfloat16, or nothing for float32; auto picks bfloat16 where
     the device computes it natively."""
-    from infra.trainer import autocast
     return autocast(dtype, device)
 
 
@@ -367,17 +384,12 @@ def direct_assign(model, x):
 
 
 def vq_assign(model, x):
-    from train import nearest_code
     return nearest_code(model.idm_logits(model.hidden(x))[:, 1:].float(), model.codebook.weight.float())
 
 
 def load_vq(run_dir: Path, device):
-    """The VQ ablation exports nothing (its IDM head is d -> d): rebuild train.VQCoLA from the run's config.json and
+    """The VQ ablation exports nothing (its IDM head is d -> d): rebuild cola.VQCoLA from the run's config.json and
     load its newest checkpoint (every weight, the frozen base included)."""
-    from infra import parallel
-    from cola import COLA_PRESETS
-    from model import PRESETS
-    from train import VQCoLA
     cfg = json.loads((run_dir / "config.json").read_text())
     ckpt = parallel.latest_checkpoint(run_dir)
     if ckpt is None:                           # the VQ run is still at its first step
@@ -405,9 +417,7 @@ def stage_a_runs(runs: Path) -> dict:
 
 def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "auto") -> dict:
     """Action usage of Stage A's direct and VQ runs under `runs`, cached in <run>/eval/usage.json."""
-    from tokenizer import Tokenizer
     out = {}
-    from infra import parallel
     for kind, d in stage_a_runs(runs).items():
         cache = d / "eval" / "usage.json"
         ckpt = parallel.latest_checkpoint(d) if kind == "vq" else d / "final"
@@ -427,208 +437,7 @@ def usage_of_runs(runs: Path, device, n_batches: int = 8, dtype: str = "auto") -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plots (matplotlib is optional: imported only here)
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step rows, eval rows) of a run's metrics.jsonl; an unreadable line (a run being killed) is skipped."""
-    steps, evals = [], []
-    f = run_dir / "metrics.jsonl"
-    for line in f.read_text().splitlines() if f.exists() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        (steps if "step" in row else evals).append(row)
-    return steps, evals
-
-
-def run_dirs(runs: Path) -> list[Path]:
-    """Every run directory under `runs` (one with a metrics.jsonl), at any depth."""
-    return sorted(p.parent for p in runs.rglob("metrics.jsonl"))
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def loss_series(steps: list[dict]) -> dict:
-    """{label: (x, y)} to draw for a run: each phase's loss, and its parts (ce, vq, reg) when they differ from it.
-    An RL run (rl.py: rows with a reward) draws its reward and KL instead: GRPO's loss is ~0 by construction (the
-    advantages of a group sum to 0 and the ratio starts at 1 every step), so its curve says nothing."""
-    rl = any("reward" in r for r in steps)
-    series = {}
-    for r in steps:
-        phase = r.get("phase", "")
-        for key in (("reward", "kl") if rl else ("loss", "ce", "vq", "reg")):
-            if key in r and (rl or key == "loss" or r[key] != r.get("loss")):
-                label = f"{phase} {key}".strip() if phase else key
-                xs, ys = series.setdefault(label, ([], []))
-                xs.append(r["step"])
-                ys.append(r[key])
-    return series
-
-
-def plot_losses(plt, runs: Path) -> list[Path]:
-    """<run>/loss.png for every run with loss rows, and runs/losses.png: all of them on one page."""
-    written, panels = [], []
-    for d in run_dirs(runs):
-        series = loss_series(read_metrics(d)[0])
-        if not series:
-            continue
-        panels.append((d, series))
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        draw_losses(ax, d, series, runs)
-        fig.tight_layout()
-        written.append(save(fig, plt, d / "loss.png"))
-    if panels:
-        cols = min(3, len(panels))
-        rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
-        for ax, (d, series) in zip(axes.flat, panels):
-            draw_losses(ax, d, series, runs)
-        for ax in list(axes.flat)[len(panels):]:
-            ax.axis("off")
-        fig.tight_layout()
-        written.append(save(fig, plt, runs / "losses.png"))
-    return written
-
-
-def draw_losses(ax, d: Path, series: dict, runs: Path):
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, lw=1.4)
-    rl = "reward" in series
-    ax.set_title(f"{d.relative_to(runs) if d != runs else d.name}: training {'reward' if rl else 'loss'}", fontsize=10)
-    ax.set_xlabel("RL step" if rl else "optimizer step")
-    ax.set_ylabel("reward; KL (nats / token)" if rl else
-                  "loss (nats / token)" + ("; vq: mean squared distance" if any("vq" in k for k in series) else ""))
-    values = [y for _, ys in series.values() for y in ys]
-    if min(values) <= 0:
-        ax.axhline(0, color="grey", lw=0.5)
-    elif max(values) / min(values) > 20:          # the VQ ablation: its codebook loss dwarfs the CE
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-
-
-def plot_usage(plt, runs: Path, usage: dict) -> Path | None:
-    """runs/action_usage.png: each action's share of held-out transitions after Stage A, most used first, for direct
-    assignment and for the VQ ablation side by side."""
-    kinds = [k for k in ("direct", "vq") if k in usage]
-    if not kinds:
-        return None
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
-        counts = np.array(usage[kind]["counts"], dtype=float)
-        share = np.sort(counts / counts.sum())[::-1]
-        K = len(counts)
-        ax.bar(np.arange(K), share, color="tab:blue" if kind == "direct" else "tab:red")
-        ax.axhline(1 / K, color="grey", ls="--", lw=0.8, label=f"uniform 1/{K}")
-        name = "direct assignment (CoLA)" if kind == "direct" else "VQ codebook (ablation)"
-        ax.set_title(f"{name}, {usage[kind]['run']}: {usage[kind]['alive']} / {K} actions used", fontsize=10)
-        ax.set_xlabel("action, by rank of usage")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("share of held-out transitions")
-    fig.tight_layout()
-    return save(fig, plt, runs / "action_usage.png")
-
-
-def rl_runs(runs: Path) -> list[tuple[Path, dict]]:
-    """rl.py's run directories under `runs` (config.json with a level and a stage rl-*), with their configs."""
-    out = []
-    for d in run_dirs(runs):
-        try:
-            cfg = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if str(cfg.get("stage", "")).startswith("rl-") and cfg.get("level") in ("latent", "token"):
-            out.append((d, cfg))
-    return out
-
-
-def plot_rl(plt, runs: Path) -> Path | None:
-    """runs/rl_reward.png: training reward per step (left) and the held-out sampled well-formed rate (right), RL over
-    latent actions in blue, over tokens in orange, one line per run."""
-    found = rl_runs(runs)
-    if not found:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for d, cfg in found:
-        steps, evals = read_metrics(d)
-        color = "tab:blue" if cfg["level"] == "latent" else "tab:orange"
-        label = f"{cfg['level']} {cfg.get('algo', '')} ({d.relative_to(runs)})"
-        if steps:
-            left.plot([r["step"] for r in steps], [r["reward"] for r in steps], color=color, alpha=0.8, lw=1.2,
-                      label=label)
-        pts = sorted((e["eval"]["step"], e["eval"]["sampled_format"]) for e in evals
-                     if isinstance(e.get("eval"), dict) and "sampled_format" in e["eval"])
-        if pts:
-            right.plot(*zip(*pts), marker="o", color=color, lw=1.2, label=label)
-    left.set_title("training reward (mean over the step's samples)", fontsize=10)
-    right.set_title("held-out: sampled responses well formed", fontsize=10)
-    for ax in (left, right):
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save(fig, plt, runs / "rl_reward.png")
-
-
-def diversity_results(runs: Path) -> tuple[Path, dict] | None:
-    """The newest eval/diversity.json under `runs` (the pipeline writes pretrain/eval/diversity.json)."""
-    found = sorted(runs.glob("*/eval/diversity.json"), key=lambda p: p.stat().st_mtime)
-    return (found[-1], json.loads(found[-1].read_text())) if found else None
-
-
-def plot_diversity(plt, runs: Path) -> Path | None:
-    """runs/diversity.png: QD per method, ours (frozen-base embeddings) beside the paper's (BGE-M3); distinct-1, -2."""
-    res = diversity_results(runs)
-    if res is None:
-        return None
-    f, div = res
-    names = [n for n in METHODS if n in div["methods"]]
-    ours = [div["methods"][n]["qd"] for n in names]
-    x = np.arange(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    finite = [v for v in ours if math.isfinite(v)]
-    top = max(finite + [max(PAPER_QD.values())]) * 1.15
-    left.bar(x - 0.2, [min(v, top) for v in ours], 0.4, label="ours: frozen-base embeddings (substitute)")
-    left.bar(x + 0.2, [PAPER_QD[n] for n in names], 0.4, label="paper: BGE-M3")
-    for xi, v in zip(x, ours):
-        left.text(xi - 0.2, min(v, top), f"{v:.2f}" if math.isfinite(v) else "inf", ha="center", va="bottom",
-                  fontsize=8)
-    left.set_xticks(x, names, fontsize=8)
-    left.set_ylabel("QD = 1 / mean pairwise cosine similarity")
-    left.set_title(f"semantic diversity, {div['m']} continuations x {div['prefixes']} prefixes "
-                   f"({f.parent.parent.name})", fontsize=10)
-    left.set_ylim(0, top * 1.3)                       # room for the legend above the bars
-    left.legend(fontsize=7, loc="upper left")
-    for i, (key, color) in enumerate((("distinct_1", "tab:green"), ("distinct_2", "tab:olive"))):
-        right.bar(x + (i - 0.5) * 0.4, [div["methods"][n][key] for n in names], 0.4, color=color,
-                  label=key.replace("_", "-"))
-    right.set_xticks(x, names, fontsize=8)
-    right.set_ylabel("distinct word n-grams / all n-grams")
-    right.set_title("lexical diversity (distinct-n, the same continuations)", fontsize=10)
-    right.legend(fontsize=7, loc="lower right")
-    for ax in (left, right):
-        ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    return save(fig, plt, runs / "diversity.png")
-
-
-def save(fig, plt, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+# Plots (infra/plots.py draws them; matplotlib is optional)
 
 
 def plot_all(runs: Path, device, n_batches: int = 8) -> list[Path] | None:
@@ -638,7 +447,7 @@ def plot_all(runs: Path, device, n_batches: int = 8) -> list[Path] | None:
         return None
     usage = usage_of_runs(runs, device, n_batches)
     written = plot_losses(plt, runs)
-    written += [p for p in (plot_usage(plt, runs, usage), plot_rl(plt, runs), plot_diversity(plt, runs)) if p]
+    written += [p for p in (plot_usage(plt, runs, usage), plot_rl(plt, runs), plot_diversity(plt, runs, PAPER_QD)) if p]
     return written
 
 
@@ -652,7 +461,6 @@ def after_pipeline(root: Path, scale: float = 1.0, dtype: str = "auto"):
     usage_of_runs(root, device, n_batches=max(1, round(8 * small)), dtype=dtype)
     pre = root / "pretrain"
     if (pre / "final").is_dir():
-        from tokenizer import Tokenizer
         model = load_cola(str(pre / "final"), device)
         div = diversity(model, Tokenizer(), n_prefixes=max(2, round(16 * small)), m=max(2, round(8 * small)),
                         n_new=max(8, round(48 * small)), n_stats=max(32, round(512 * small)))
@@ -719,7 +527,6 @@ def sanity_table(s: dict) -> str:
 
 
 def write_json(path: Path, obj):
-    from infra.checkpoint import atomic_write
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1) + "\n"))
 
@@ -797,11 +604,10 @@ def main(argv=None):
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
     a = ap.parse_args(argv)
 
-    from tokenizer import Tokenizer
     if a.cmd == "plot":
         runs = Path(a.runs)
         if not runs.is_dir():
-            raise SystemExit(f"--runs {a.runs}: directory not found (run `python train.py --stage pipeline` first)")
+            raise SystemExit(f"--runs {a.runs}: directory not found (run `python pipeline.py` first)")
         if not run_dirs(runs):
             raise SystemExit(f"--runs {a.runs}: no run directory (metrics.jsonl) inside")
         written = plot_all(runs, device_of(a.device))
@@ -812,7 +618,6 @@ def main(argv=None):
     check_flags(a)
     device = device_of(a.device)
     if a.cmd in ("controllability", "actions"):
-        from infra.trainer import dtype_line, resolve_dtype
         a.dtype = resolve_dtype(a.dtype, device.type)
         print(dtype_line(a))
     model = load_cola(a.ckpt, device)

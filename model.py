@@ -28,12 +28,18 @@ Deviations from Meta's reference llama/model.py (maths identical, checked agains
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from infra import checkpoint
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -340,17 +346,26 @@ class Transformer(nn.Module):
     def clear_cache(self):
         clear_kv_cache(self.layers)
 
-    # -- checkpoints (the file layouts live in infra/checkpoint.py) -----------------------------------------------------
+    # -- checkpoints (the file layouts live in infra/checkpoint.py) -----------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len: int | None = None):
-        """Load an official checkpoint directory, Hugging Face or Meta layout (detected from its files)."""
-        from infra.checkpoint import load_llama
-        return load_llama(path, dtype, device, max_seq_len)
+        """Load an official checkpoint directory, Hugging Face or Meta layout (detected from its files). Built on the
+        meta device and filled by assignment: every tensor is read once, never copied twice."""
+        path = Path(path)
+        args, state, rest = checkpoint.load_llama_checkpoint(path, ModelArgs, dtype)
+        if rest:
+            raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r} for a plain Llama (a CoLA "
+                             f"checkpoint? load it with cola.py)")
+        if max_seq_len is not None:
+            args.max_seq_len = max_seq_len
+        with torch.device("meta"):
+            model = cls(args)
+        checkpoint.load_base_state(model, state, str(path))
+        return model.to(device)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """Write the Hugging Face layout (config.json + safetensors), loadable by transformers and by us."""
-        from infra.checkpoint import save_llama
-        save_llama(self, path, max_shard_bytes)
+        checkpoint.save_llama(self, path, max_shard_bytes)
 
     # -- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -440,9 +455,6 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, t
 
 
 def main(argv=None):
-    import json
-    from pathlib import Path
-    from tokenizer import Tokenizer
     p = argparse.ArgumentParser(description="Sample from a Llama-3.1 checkpoint (HF or Meta layout).")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json or params.json inside)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: found in "
@@ -480,7 +492,6 @@ def main(argv=None):
 
 def check_sampling_flags(a):
     """The flags model.py and cola.py share, each mistake one line."""
-    from pathlib import Path
     if a.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens {a.max_new_tokens}: expected an integer >= 1")
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
@@ -494,7 +505,6 @@ def check_sampling_flags(a):
 def fit_new_tokens(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:
     """--max-new-tokens, or what the context leaves after the longest prompt (said on stderr); a prompt that
     fills the context is one line."""
-    import sys
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     room = context - len(prompts[longest])
     if room < 1:

@@ -1,11 +1,12 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
 in miniature that the README and docs/results.md show (PAPER.md §6), then GRPO over latent actions (from FTA-I) and
-over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python train.py --stage pipeline` (about 15 minutes
+over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
 on 2 CPU cores with native bf16, 20 in float32 without; `--scale 0.1` for a smoke run); it writes runs/<stage>/ for
 each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/ and runs/results.md.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -14,10 +15,26 @@ from pathlib import Path
 
 import torch
 
+from eval import after_pipeline
 from infra.checkpoint import atomic_write
+from infra.parallel import device_type, world_from_env
+from infra.trainer import machine_line, release_locks, resolve_dtype
+import rl
 from train import FinetuneArgs, parse_args, run_stage
-from infra.parallel import device_type
-from infra.trainer import machine_line
+
+
+def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pipeline.py",
+                                description="Run every stage at the tiny preset and print the results table.")
+    p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
+                                                   "computes it natively, else float32), bfloat16 or float32")
+    a = p.parse_args(argv)
+    a.dtype = resolve_dtype(a.dtype, "")
+    return a
+
 
 def run_pipeline(a) -> dict:
     root = Path(a.out_dir)
@@ -46,15 +63,13 @@ def run_pipeline(a) -> dict:
     table = results_table(r, time.time() - t0, a.dtype)
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
-    from eval import after_pipeline      # usage (direct vs VQ), diversity, PNGs; says how to plot without matplotlib
-    after_pipeline(root, a.scale, a.dtype)
+    after_pipeline(root, a.scale, a.dtype)  # usage (direct vs VQ), diversity, PNGs; says how to plot without matplotlib
     return r
 
 
 def run_rl(root: Path, level: str, init: Path, a) -> dict:
     """rl.py's tiny defaults (30 GRPO steps on countdown-2; scaled by --scale) -> its first and last held-out
     evaluation."""
-    import rl
     out = root / f"rl-{level}-grpo"
     steps = max(2, round(30 * a.scale))
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
@@ -110,3 +125,17 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     lines.append(f"\npipeline wall time: {seconds:.0f} s on {os.cpu_count()} CPU cores (torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]})")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    a = parse_pipeline_args(sys.argv[1:] if argv is None else argv)
+    if world_from_env().launched:
+        raise SystemExit("pipeline.py runs the tiny preset in one process: start it with python, not torchrun")
+    try:
+        run_pipeline(a)
+    finally:
+        release_locks()                  # the run directories' locks, however the run ended
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +98,16 @@ def seeded_sampler(uniforms: torch.Tensor, temperature: float = 1.0, top_k: int 
         u = uniforms.gather(1, n.clamp(max=uniforms.shape[1] - 1)[:, None]).to(cdf)          # [B, 1]
         return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)[:, 0]   # [B]
     return choose
+
+
+def sample_uniforms(seed: int, step: int, first: int, rows: int, length: int) -> torch.Tensor:
+    """U(0, 1) noise [rows, length] for seeded_sampler, row i from a generator seeded by (seed, step, first + i): each
+    sample's own, whatever batch or process draws it (RL's rollouts, the Q-network's data, best-of-N)."""
+    out = []
+    for i in range(first, first + rows):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        out.append(torch.rand(length, generator=g))
+    return torch.stack(out)
 
 
 def action_log_probs(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -64,26 +64,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cola
+import data
+from eval import cola_metrics, lm_metrics
 from infra import parallel
-import tasks
-from cola import CoLA
-from model import PRESETS, Transformer
-from policy import action_log_probs, greedy, seeded_sampler
-from tokenizer import Tokenizer
-from train import init_shape
 from infra.parallel import Root
-from infra.trainer import Run, arg, autocast, dtype_line, log_metrics, parse_config, trim_metrics, writing
+from infra.trainer import (Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
+                           log_metrics, parse_config, trim_metrics, writing)
+from policy import action_log_probs, greedy, sample_uniforms, seeded_sampler
+import tasks
+from tokenizer import Tokenizer
 
 LEVELS = ("latent", "token")
 ALGOS = ("grpo", "remax")
@@ -118,7 +117,8 @@ class RLArgs:
     grad_clip: float = arg(1.0, "max gradient norm", "> 0")
     clip_eps: float = arg(0.2, "PPO-clip epsilon of GRPO (paper: 0.2)", "> 0, < 1")
     micro_batch: int = arg(0, "rollouts per forward/backward in the update (gradients accumulate over them); 0: "
-                              "all of a rank's rollouts at once (tiny default; at 8B see tools/bench.py --rl-memory-plan)",
+                              "all of a rank's rollouts at once (tiny default; at 8B see python -m tools.bench "
+                              "--rl-memory-plan)",
                            ">= 0")
     updates_per_batch: int = arg(1, "optimizer steps on each rollout batch (mu); > 1 makes the clip matter", ">= 1")
     kl_coef: float = arg(1e-3, "beta, weight of the KL to the reference (paper, math: 1e-3; 0 for reward hacking)", ">= 0")
@@ -179,80 +179,17 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
 
 def load_model(cfg: RLArgs, device):
     """The starting checkpoint, checked against --level: a CoLA for latent RL, a plain Llama for token RL."""
-    path = Path(cfg.init)
-    if not (path / "config.json").exists():
-        raise SystemExit(f"--init {path}: no config.json (RL starts from one of our exports or an HF checkpoint)")
-    is_cola = "num_code" in json.loads((path / "config.json").read_text())
-    if cfg.level == "latent" and not is_cola:
-        raise SystemExit(f"--init {path} is a plain Llama (no policy to train): --level latent needs a CoLA "
-                         f"checkpoint (fta-p, fta-i or bc export); use --level token for a plain Llama")
-    if cfg.level == "token" and is_cola:
-        raise SystemExit(f"--init {path} is a CoLA checkpoint: --level token trains a plain Llama (e.g. the sft "
-                         f"export, or {path.parent}/final-llama)")
-    shape, want = init_shape(path), PRESETS[cfg.preset]           # read from config.json: before loading any weight
-    if shape is not None and shape != (want.dim, want.n_layers):
-        raise SystemExit(f"--init {path}: a model of dim {shape[0]} with {shape[1]} layers, but --preset "
-                         f"{cfg.preset} has dim {want.dim} with {want.n_layers} layers")
-    return (CoLA if is_cola else Transformer).from_pretrained(path, device=device)
+    if cfg.level == "latent":
+        return cola.load(cfg.init, "cola", "--init", device, preset=cfg.preset, hint="--level latent needs a CoLA "
+                         "checkpoint (fta-p, fta-i or bc export; a plain Llama has no policy to train); use --level "
+                         "token for a plain Llama")
+    return cola.load(cfg.init, "llama", "--init", device, preset=cfg.preset, hint="--level token trains a plain "
+                     f"Llama (e.g. the sft export, or {Path(cfg.init).parent}/final-llama)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rollouts: prompts -> sampled responses, rewards, and the teacher-forced batch the update reads
-
-
-def problems_at(cfg: RLArgs, step: int, n: int, split: str = "train") -> list[tasks.Problem]:
-    """The n problems of RL step `step`: a slice of one seeded stream, so a resumed run sees the same ones."""
-    stream = tasks.problem_stream(cfg.task, cfg.seed, "rl", split)
-    for _ in range(step * n):
-        next(stream)
-    return [next(stream) for _ in range(n)]
-
-
-def row_uniforms(seed: int, step: int, first: int, rows: int, length: int) -> torch.Tensor:
-    """U(0, 1) noise [rows, length], row i from a generator seeded by (seed, step, first + i): the sample's own."""
-    out = []
-    for i in range(first, first + rows):
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
-        out.append(torch.rand(length, generator=g))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def rollout(model, cfg: RLArgs, tok: Tokenizer, prompts: list[list[int]], choose) -> list[dict]:
-    """Generate one response per prompt with the chooser; -> per row {tokens, actions (latent), text}."""
-    out = model.generate(prompts, cfg.max_new_tokens, eos=tok.stop_tokens, choose=choose)
-    if cfg.level == "latent":                      # CoLA returns the action behind every token too
-        rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
-    else:
-        rows = [{"tokens": t} for t in out]
-    for r in rows:
-        r["text"] = tok.decode([t for t in r["tokens"] if t not in tok.stop_tokens])
-    return rows
-
-
-def score(problem: tasks.Problem, text: str, reward_fn) -> float:
-    """The reward of a completion; a reward that is not a finite number in [0, 1] stops the run with one line."""
-    r = reward_fn(problem, text)
-    if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r <= 1.0):
-        raise SystemExit(f"reward {reward_fn.__name__} returned {r!r} for a {problem.kind} completion; rewards "
-                         f"must be finite numbers in [0, 1]")
-    return float(r)
-
-
-def pack(prompts: list[list[int]], rows: list[dict], device) -> dict:
-    """Right-padded x [B, L] (prompt + response), the response mask m [B, L-1] over the targets x[:, 1:], and for
-    latent rows the actions [B, L-1] aligned with those targets (the action behind x_{t+1} sits at t)."""
-    seqs = [p + r["tokens"] for p, r in zip(prompts, rows)]
-    L = max(map(len, seqs))
-    x = torch.zeros(len(seqs), L, dtype=torch.long)
-    m = torch.zeros(len(seqs), L - 1, dtype=torch.bool)
-    a = torch.full((len(seqs), L - 1), -1, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, rows)):
-        x[i, :len(seqs[i])] = torch.tensor(seqs[i])
-        m[i, len(p) - 1:len(seqs[i]) - 1] = True
-        if "actions" in r:
-            a[i, len(p) - 1:len(seqs[i]) - 1] = torch.tensor(r["actions"], dtype=torch.long)
-    return {"x": x.to(device), "mask": m.to(device), "actions": a.to(device)}
+# Rollouts: prompts -> sampled responses (data.rollout), rewards (tasks.score), the teacher-forced batch the update
+# reads (data.pack); each sample's noise policy.sample_uniforms(seed, step, index)
 
 
 def micro_batches(b: dict, size: int) -> list[dict]:
@@ -372,20 +309,21 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
     t0 = time.time()
     reward_fn = tasks.REWARDS[cfg.reward]
     P, G = cfg.prompts_per_step // world.size, (cfg.group if cfg.algo == "grpo" else 1)
-    problems = problems_at(cfg, step, cfg.prompts_per_step)[world.rank * P:(world.rank + 1) * P]
+    problems = tasks.problems_at(cfg.task, cfg.seed, step, cfg.prompts_per_step)[world.rank * P:(world.rank + 1) * P]
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems for _ in range(G)]
-    u = row_uniforms(cfg.seed, step, world.rank * P * G, len(prompts), cfg.max_new_tokens).to(device)
+    u = sample_uniforms(cfg.seed, step, world.rank * P * G, len(prompts), cfg.max_new_tokens).to(device)
     top_k = cfg.top_k if cfg.level == "latent" else None
     learner.model.eval()
-    rows = rollout(learner.model, cfg, tok, prompts, seeded_sampler(u, cfg.temperature, top_k))
-    R = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)], rows)])
+    rows = data.rollout(learner.model, tok, prompts, seeded_sampler(u, cfg.temperature, top_k), cfg.max_new_tokens)
+    R = torch.tensor([tasks.score(p, r["text"], reward_fn) for p, r in zip([p for p in problems for _ in range(G)],
+                                                                           rows)])
     greedy_rows, R_greedy = [], None
     if cfg.algo == "remax":                        # ReMax: the greedy rollout of the same prompt is the baseline
-        greedy_rows = rollout(learner.model, cfg, tok, prompts, greedy())
-        R_greedy = torch.tensor([score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
+        greedy_rows = data.rollout(learner.model, tok, prompts, greedy(), cfg.max_new_tokens)
+        R_greedy = torch.tensor([tasks.score(p, r["text"], reward_fn) for p, r in zip(problems, greedy_rows)])
     t_roll = time.time() - t0                      # rollout_s: every rollout (ReMax's greedy ones too) and scoring
     rolled = sum(len(r["tokens"]) for r in rows + greedy_rows)
-    b = pack(prompts, rows, device)
+    b = data.pack(prompts, rows, device)
     chunks = micro_batches(b, cfg.micro_batch)
     with torch.no_grad():                          # the behaviour policy's log-probs: ratio 1 at the first update
         old_logp, ref_logp = (torch.cat(t) for t in zip(*(log_probs(learner, cfg, c, with_grad=False, ref=True)
@@ -446,10 +384,10 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
     model.eval()
     out = {}
-    u = row_uniforms(cfg.seed + 1, 0, 0, n, cfg.max_new_tokens).to(device)   # fixed noise: comparable over steps
+    u = sample_uniforms(cfg.seed + 1, 0, 0, n, cfg.max_new_tokens).to(device)   # fixed noise: comparable over steps
     top_k = cfg.top_k if cfg.level == "latent" else None
     for name, choose in (("greedy", greedy()), ("sampled", seeded_sampler(u, cfg.temperature, top_k))):
-        rows = rollout(model, cfg, tok, prompts, choose)
+        rows = data.rollout(model, tok, prompts, choose, cfg.max_new_tokens)
         task_r = [tasks.reward(p, r["text"]) for p, r in zip(problems, rows)]
         out[f"{name}_success"] = sum(r == 1.0 for r in task_r) / n
         out[f"{name}_reward"] = sum(task_r) / n
@@ -457,7 +395,7 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
         out[f"{name}_format"] = sum(well_formed(p, r["text"]) for p, r in zip(problems, rows)) / n
         out[f"{name}_len"] = sum(len(r["tokens"]) for r in rows) / n
         if name == "sampled":
-            b = pack(prompts, rows, device)
+            b = data.pack(prompts, rows, device)
             view = SimpleNamespace(model=model, trained=Root(model.policy if cfg.level == "latent" else model), ref=ref)
             logp, ref_logp = log_probs(view, cfg, b, with_grad=False, ref=True)
             out["kl"] = (k1(logp, ref_logp) * b["mask"]).sum().item() / max(b["mask"].sum().item(), 1)
@@ -478,12 +416,10 @@ def general_text_loss(model, cfg: RLArgs, tok: Tokenizer, device, batches: int =
     """Held-out general text (the val split's stdlib docstrings, no task text): the loss of what RL can change.
     Latent: the world model driven by the greedy policy (the base is frozen, so its own LM loss cannot move);
     token: the language model itself. The retention claim: latent RL should not raise it, token RL may."""
-    import data
-    from train import VAL_SEED, cola_metrics, lm_metrics
     args = model.base_args if cfg.level == "latent" else model.args
     seq = min(448, args.max_seq_len - 1)
     shards = data.general_text_shards(SimpleNamespace(data="", val_data="", seed=0), tok)
-    loader = data.TokenLoader(shards, 8, seq, seed=VAL_SEED)
+    loader = data.TokenLoader(shards, 8, seq, seed=data.VAL_SEED)
     metric = (lambda b: cola_metrics(model, b)["wm_policy"]) if cfg.level == "latent" else \
         (lambda b: lm_metrics(model, b)["lm"])
     return sum(metric(loader.next_batch().to(device)) for _ in range(batches)) / batches
@@ -517,7 +453,6 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     replica, so each rank generates its own rollouts with no collective inside generation (ranks finish their
     rollouts at different lengths). At 8B that is 16 GB of bf16 world model per GPU instead of 2 (docs/scaling.md,
     memory plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
-    from infra.trainer import bf16_frozen_groups, enable_activation_checkpointing
     model = load_model(cfg, torch.device("cpu")).requires_grad_(False)
     part = model.policy if cfg.level == "latent" else model
     ref = frozen_reference(model, cfg.level)  # before any update
@@ -624,7 +559,7 @@ def load_judge(cfg: RLArgs, device):
     """The frozen plain Llama that scores fluency in evaluations (--judge), or None."""
     if not cfg.judge or cfg.judge == "none":
         return None
-    return Transformer.from_pretrained(cfg.judge, device=device).eval().requires_grad_(False)
+    return cola.load(cfg.judge, "llama", "--judge", device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

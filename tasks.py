@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -487,6 +488,25 @@ def make_problems(kind: str, n: int, seed: int, split: str | None = None, stream
     """n problems, deterministic from (kind, seed, split, stream). RL draws from stream "rl"."""
     it = problem_stream(kind, seed, stream, split)
     return [next(it) for _ in range(n)]
+
+
+def problems_at(task: str, seed: int, step: int, n: int, split: str = "train") -> list[Problem]:
+    """The n problems of RL step `step`: a slice of one seeded stream ("rl"), so a resumed run sees the same ones."""
+    stream = problem_stream(task, seed, "rl", split)
+    for _ in range(step * n):
+        next(stream)
+    return [next(stream) for _ in range(n)]
+
+
+def score(problem: Problem, text: str, reward_fn=None) -> float:
+    """The reward of a completion (reward_fn, default `reward`); a reward that is not a finite number in [0, 1]
+    stops the run with one line."""
+    reward_fn = reward_fn or reward
+    r = reward_fn(problem, text)
+    if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r <= 1.0):
+        raise SystemExit(f"reward {reward_fn.__name__} returned {r!r} for a {problem.kind} completion; rewards "
+                         f"must be finite numbers in [0, 1]")
+    return float(r)
 
 
 def task_sft_records(kind: str, split: str, n: int, seed: int = 0) -> list[dict]:

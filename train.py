@@ -8,11 +8,9 @@ under action guidance), one short function per stage. PAPER.md maps each equatio
     fta-i     FTA-I: (1) the base fine-tuned under the frozen IDM's actions, (2) the policy cloned on the same data
     fta-p     FTA-P: the base fine-tuned under the frozen greedy policy's actions
     sft       token-level SFT of the plain base (the paper's "Llama SFT" baseline)
-    pipeline  all of the above at the tiny preset, then GRPO latent vs token (rl.py), and a table of the paper's
-              effects in miniature
 
 Run it (CPU, embedded data, no download; each stage starts from the previous one's runs/<stage>/final):
-    python train.py --stage pipeline                       # everything, ~15-20 min on 2 cores, prints a table
+    python pipeline.py                                     # all of them, then RL, eval and a table (pipeline.py)
     python train.py --stage base
     python train.py --stage pretrain                       # --init runs/base/final by default at the tiny preset
     python train.py --stage bc                             # then fta-i / fta-p (from bc), sft (from base)
@@ -49,24 +47,24 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 from infra import memory
 from infra import parallel
 import tasks
-from infra.checkpoint import args_from_hf_config, detect_layout, read_json
-from cola import CoLA
+from infra import checkpoint
+from infra.ce import lm_head_ce, masked_ce
+from cola import CoLA, VQCoLA, nearest_code
+from eval import cola_metrics, lm_metrics
 from data import Batch
 from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_softmax_st
 from model import PRESETS, ModelArgs, Transformer
 from infra.parallel import World
 from tokenizer import Tokenizer
-from infra.trainer import Phase, Run, arg, parse_config, release_locks, resolve_dtype
+from infra.trainer import Phase, Run, arg, parse_config, release_locks
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
-VAL_SEED = 1234                    # the held-out windows' order: the same evaluation batches in every stage
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per stage. Defaults are the paper's 8B hyperparameters and, where the paper is
@@ -200,6 +198,23 @@ STARTS_FROM = {"pretrain": {"base", "llama"}, "bc": {"pretrain", "cola"}, "fta-i
                "fta-p": {"bc", "cola"}, "sft": {"base", "llama", "sft"}}
 
 
+def stage_config(stage: str, preset: str = "llama-3.1-8b", **overrides):
+    """The stage's config as parse_args resolves it for one process at `preset` (its TINY or LARGE defaults) on a GPU
+    with native bf16 (A100, H100: what --dtype auto resolves to bfloat16 on), whatever machine asks: what the memory
+    plan (infra/memory.py) is computed for."""
+    defaults = {**COMMON_TINY, **TINY[stage]} if preset == "tiny" else LARGE.get(stage, {})
+    return STAGE_ARGS[stage](**{"preset": preset, **defaults, "dtype": "bfloat16", **overrides})
+
+
+def stage_losses(stage: str, cfg) -> list:
+    """(model, batch) -> (loss, metrics) of each phase of `stage` (the losses the stage functions below train; the
+    memory plan measures them)."""
+    return {"base": [base_loss], "sft": [base_loss], "bc": [bc_loss],
+            "pretrain": [lambda m, b: pretrain_loss(m, b, cfg.gumbel_tau, cfg.beta, cfg.seed)],
+            "fta-i": [fta_i_loss, bc_loss],
+            "fta-p": [lambda m, b: fta_p_loss(m, b, cfg.base_grad)]}[stage]
+
+
 def parse_args(argv: list[str], world: World = World()):
     """--stage picks the dataclass; its fields become flags; the preset fills the defaults the user did not set."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -211,20 +226,10 @@ def parse_args(argv: list[str], world: World = World()):
             print(__doc__.split("\n\nSeveral processes")[0])
             raise SystemExit(0)
         argparse.ArgumentParser(prog="train.py").error(f"--stage is required: one of {', '.join(STAGES)}, "
-                                                       f"pipeline (python train.py --help lists them)")
+                                                       f"(python train.py --help lists them; the whole pipeline is python pipeline.py)")
     if known.stage == "pipeline":
-        p = argparse.ArgumentParser(prog="train.py --stage pipeline",
-                                    description="Run every stage at the tiny preset and print the results table.")
-        p.add_argument("--stage")
-        p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
-        p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the "
-                                                       "device computes it natively, else float32), bfloat16 or "
-                                                       "float32")
-        a = p.parse_args(argv)
-        a.dtype = resolve_dtype(a.dtype, "")
-        return "pipeline", a
+        raise SystemExit("the whole pipeline is its own script now: python pipeline.py [--out-dir runs] "
+                         "[--scale 0.1] (python pipeline.py --help)")
     if known.preset not in PRESETS:
         pre.error(f"--preset {known.preset!r}: expected one of {', '.join(PRESETS)}")
     stage = known.stage
@@ -277,7 +282,7 @@ def check_flags(stage: str, cfg, world: World = World()):
         raise SystemExit(f"--preset {cfg.preset}: stage base only trains the tiny model; pass the official weights "
                          f"to the next stage with --init instead")
     if cfg.init:
-        shape, want = init_shape(Path(cfg.init)), PRESETS[cfg.preset]
+        shape, want = checkpoint.shape_of(Path(cfg.init)), PRESETS[cfg.preset]
         if shape is not None and shape != (want.dim, want.n_layers):
             match = [n for n, a in PRESETS.items() if (a.dim, a.n_layers) == shape]
             raise SystemExit(f"--init {cfg.init}: a model of dim {shape[0]} with {shape[1]} layers, but --preset "
@@ -285,99 +290,9 @@ def check_flags(stage: str, cfg, world: World = World()):
                              + (f"; use --preset {match[0]}" if match else ""))
 
 
-def init_shape(path: Path) -> tuple[int, int] | None:
-    """(dim, n_layers) from a checkpoint directory's config.json / params.json, without reading any tensor."""
-    try:
-        if detect_layout(path) == "hf":
-            a = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
-            return a.dim, a.n_layers
-        p = read_json(path / "params.json")
-        return int(p["dim"]), int(p["n_layers"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return None                # loading reports what is wrong with the directory
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Losses, one small function per stage, each written as the paper's equation. Every loss takes (model, Batch):
 # x = batch.tokens [B, T+1] (inputs x[:, :-1], targets x[:, 1:]) and batch.mask [B, T+1] (targets that count).
-
-
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean CE over positions where mask is True: logits [B, T, N], targets [B, T], mask [B, T]."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")   # [B*T]
-    m = mask.flatten().float()                                                               # [B*T]
-    return (ce * m).sum() / m.sum().clamp(min=1)
-
-
-# The loss over the vocabulary, in chunks. At 8B a micro batch of 4 x 2048 tokens has logits over V = 128,256
-# classes: 2 GiB in bf16, then a float32 copy and its softmax (10 GiB together), the largest single allocation of
-# Stage A. lm_head_ce computes the same loss, and the same gradients, holding the logits of at most
-# ce_chunk_rows(V) positions at a time, in forward and again in backward (where they are recomputed rather than
-# kept). The idea of fused linear cross-entropy kernels, written in plain PyTorch. At the tiny preset every micro
-# batch fits one chunk, which is the plain computation exactly.
-CE_CHUNK_BYTES = 2**30             # logits bytes per chunk: bf16 logits + float32 copy + float32 softmax/gradient
-
-
-def ce_chunk_rows(vocab_size: int) -> int:
-    """Positions per chunk of lm_head_ce: 12 bytes per logit (bf16 + 2 x float32) within CE_CHUNK_BYTES."""
-    return max(1, CE_CHUNK_BYTES // (12 * vocab_size))
-
-
-def lm_head_ce(head: nn.Linear, s: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-               chunk: int | None = None) -> torch.Tensor:
-    """masked_ce(head(s), targets, mask) without the [B, T, V] logits: s [B, T, D], targets and mask [B, T].
-
-    Eq: L = sum_t m_t (logsumexp(W s_t) - (W s_t)[y_t]) / sum_t m_t, W = head.weight [V, D]. chunk: positions
-    per chunk (default ce_chunk_rows(V)); one chunk for all is masked_ce(head(s), ...) itself. Under autocast the
-    matrix multiplies run in its dtype and the softmax in float32, as nn.Linear + masked_ce do.
-    """
-    n, w = s.shape[0] * s.shape[1], head.weight
-    chunk = chunk or ce_chunk_rows(w.shape[0])
-    if chunk >= n:
-        return masked_ce(head(s), targets, mask)
-    device = s.device.type
-    if torch.is_autocast_enabled(device):           # the casts nn.Linear does under autocast (differentiable)
-        dtype = torch.get_autocast_dtype(device)
-        s, w = s.to(dtype), w.to(dtype)
-    with torch.autocast(device, enabled=False):
-        return ChunkedCE.apply(s.flatten(0, 1), w, targets.flatten(), mask.flatten().float(), chunk)
-
-
-class ChunkedCE(torch.autograd.Function):
-    """lm_head_ce's forward and backward, chunk by chunk over the positions. Per chunk c of rows:
-    forward   z = s_c W^T (float32), lse = logsumexp(z), loss += sum m (lse - z[y]);
-    backward  z again, dL/dz = (softmax(z) - onehot(y)) m g / sum m, ds_c = dz W, dW += dz^T s_c (float32 sum)."""
-
-    @staticmethod
-    def forward(ctx, s, w, y, m, chunk):             # s [N, D], w [V, D], y [N] long, m [N] float
-        lse = torch.empty(len(s), dtype=torch.float32, device=s.device)                     # [N]
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for i in range(0, len(s), chunk):
-            z = (s[i:i + chunk] @ w.t()).float()                                            # [c, V]
-            lse[i:i + chunk] = torch.logsumexp(z, -1)
-            picked = z.gather(1, y[i:i + chunk, None])[:, 0]                                # [c] z[y]
-            total += ((lse[i:i + chunk] - picked) * m[i:i + chunk]).sum()
-        denom = m.sum().clamp(min=1)
-        ctx.save_for_backward(s, w, y, m, lse, denom)
-        ctx.chunk = chunk
-        return total / denom
-
-    @staticmethod
-    def backward(ctx, g):
-        s, w, y, m, lse, denom = ctx.saved_tensors
-        scale = m * (g / denom)                                                             # [N]
-        ds = torch.empty_like(s) if ctx.needs_input_grad[0] else None                       # [N, D]
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, len(s), ctx.chunk):
-            sc = s[i:i + ctx.chunk]                                                          # [c, D]
-            dz = torch.exp((sc @ w.t()).float() - lse[i:i + ctx.chunk, None])               # [c, V] softmax
-            dz.scatter_add_(1, y[i:i + ctx.chunk, None], -torch.ones_like(dz[:, :1]))       # - onehot(y)
-            dz = (dz * scale[i:i + ctx.chunk, None]).to(s.dtype)
-            if ds is not None:
-                ds[i:i + ctx.chunk] = dz @ w                                                 # [c, D]
-            if dw is not None:
-                dw += dz.t() @ sc                                                            # [V, D]
-        return ds, None if dw is None else dw.to(w.dtype), None, None, None
 
 
 def row_uniforms(ids, shape: tuple, seed: int, device) -> torch.Tensor:
@@ -412,12 +327,6 @@ def pretrain_loss(model: CoLA, b: Batch, tau: float, beta: float, seed: int):
     reg = entropy_regulariser(y, beta)             # = -beta * mean entropy(y)
     usage = codebook_stats(k, model.args.n_actions)
     return ce + reg, {"ce": ce.detach(), "reg": reg.detach(), "alive": usage["alive"], "top": usage["top_share"]}
-
-
-def nearest_code(z_e: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """VQ lookup: k = argmin_k ||z_e - C_k||^2 for z_e [B, T, D] and codes C [D, K] (column k is e_k) -> k [B, T]."""
-    dist = z_e.pow(2).sum(-1, keepdim=True) - 2 * z_e @ C + C.pow(2).sum(0)                  # [B, T, K]
-    return dist.argmin(-1)                                                                   # [B, T]
 
 
 def vq_pretrain_loss(model: CoLA, b: Batch, commitment: float):
@@ -486,25 +395,6 @@ def fta_p_loss(model: CoLA, b: Batch, base_grad: str):
 # Evaluation: metric functions (model, Batch) -> {name: float}, averaged over held-out batches by Run.evaluate
 
 
-def lm_metrics(model: Transformer, b: Batch) -> dict:
-    """The plain Llama's held-out CE."""
-    return {"lm": base_loss(model, b)[0].item()}
-
-
-def cola_metrics(model: CoLA, b: Batch) -> dict:
-    """The base LM's CE, the world model's CE under the IDM's argmax actions and under the greedy policy's, and the
-    policy's accuracy against the IDM labels."""
-    x, m = b.tokens, b.mask[:, 1:]
-    h = model.hidden(x)                                                                      # [B, T+1, D]
-    k = model.idm_labels(h)                                                                  # [B, T]
-    a = model.policy_logits(h[:, :-1]).argmax(-1)                                            # [B, T]
-    W = model.base.output
-    return {"lm": lm_head_ce(W, h[:, :-1], x[:, 1:], m).item(),
-            "wm_idm": lm_head_ce(W, model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
-            "wm_policy": lm_head_ce(W, model.world_state(h[:, :-1], a), x[:, 1:], m).item(),
-            "policy_acc": ((a == k).float() * m).sum().item() / max(m.sum().item(), 1)}
-
-
 @torch.no_grad()
 def codebook_eval(run: Run, root, batches, assign) -> dict:
     """Alive actions, most-used share and usage perplexity over held-out windows; assign(model, Batch) -> [B, T]."""
@@ -519,14 +409,6 @@ def codebook_eval(run: Run, root, batches, assign) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and data a stage starts from
-
-
-class VQCoLA(CoLA):
-    """The VQ ablation's CoLA: the IDM ends in Linear(d -> d), an encoder output z_e in code space, not K logits."""
-
-    def __init__(self, base_args: ModelArgs, args):
-        super().__init__(base_args, args)
-        self.idm.head = nn.Linear(base_args.dim, base_args.dim, bias=False)
 
 
 def new_tiny_llama(cfg, tok: Tokenizer, device) -> Transformer:
@@ -563,7 +445,7 @@ def checkpoint_stage(path: Path) -> str:
     """Which stage wrote a checkpoint directory: our exports say so; official files are 'llama' or 'cola'."""
     for name in ("config.json", "params.json"):
         if (path / name).exists():
-            cfg = read_json(path / name)
+            cfg = checkpoint.read_json(path / name)
             return cfg.get("train_stage") or ("cola" if "num_code" in cfg else "llama")
     if not path.exists():
         raise SystemExit(f"--init {path}: directory not found")
@@ -576,7 +458,7 @@ def lm_data(run: Run, tok: Tokenizer) -> SimpleNamespace:
     cfg, world = run.cfg, run.world
     parallel.on_main(world, lambda: data.lm_shards(cfg, tok))
     train_paths, val_paths = data.lm_shards(cfg, tok)
-    val = data.TokenLoader(val_paths, cfg.micro_batch, cfg.seq_len, seed=VAL_SEED)
+    val = data.TokenLoader(val_paths, cfg.micro_batch, cfg.seq_len, seed=data.VAL_SEED)
     return SimpleNamespace(
         train=data.TokenLoader(train_paths, cfg.micro_batch, cfg.seq_len, world.rank, world.size, cfg.seed,
                                cfg.global_batch),
@@ -593,8 +475,8 @@ def task_data(run: Run, tok: Tokenizer) -> SimpleNamespace:
         cfg.steps = max(1, round(cfg.epochs * len(tokens) / cfg.global_batch))
     vt, vm = data.sft_tensors(cfg, tok, "val")
     n = min(len(vt), cfg.eval_batches * cfg.micro_batch)
-    task_val = data.SFTLoader(vt[:n], vm[:n], cfg.micro_batch, seed=VAL_SEED)
-    general = data.TokenLoader(data.general_text_shards(cfg, tok), cfg.micro_batch, cfg.seq_len, seed=VAL_SEED)
+    task_val = data.SFTLoader(vt[:n], vm[:n], cfg.micro_batch, seed=data.VAL_SEED)
+    general = data.TokenLoader(data.general_text_shards(cfg, tok), cfg.micro_batch, cfg.seq_len, seed=data.VAL_SEED)
     return SimpleNamespace(
         train=data.SFTLoader(tokens, mask, cfg.micro_batch, world.rank, world.size, cfg.seed, cfg.global_batch),
         task_val=[b.to(run.device) for b in (task_val.next_batch() for _ in range(max(1, n // cfg.micro_batch)))],
@@ -717,7 +599,7 @@ def stage_sft(cfg: FinetuneArgs, world: World):
 def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
     """Check the flags and that the stage fits the GPU (infra/memory.py's plan), then run the stage's function."""
     check_flags(stage, cfg, world)
-    memory.check_fits(stage, cfg, world, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    memory.check_fits(stage, cfg, TRAINS[stage], world, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                       shard=cfg.shard_group)
     if stage == "pretrain" and cfg.quantizer == "vq":
         return stage_a_vq(cfg, world)
@@ -729,15 +611,8 @@ def main(argv=None):
     world = parallel.world_from_env()
     try:
         stage, cfg = parse_args(sys.argv[1:] if argv is None else argv, world)
-        if stage == "pipeline":
-            if world.launched:
-                raise SystemExit("--stage pipeline runs the tiny preset in one process: start it with python, "
-                                 "not torchrun")
-            from pipeline import run_pipeline
-            run_pipeline(cfg)
-        else:
-            run_stage(stage, cfg, world)
-            parallel.barrier(world)             # every rank done before any tears the process group down
+        run_stage(stage, cfg, world)
+        parallel.barrier(world)                 # every rank done before any tears the process group down
     except SystemExit as e:
         if world.rank != 0 and isinstance(e.code, str):
             raise SystemExit(1) from None       # rank 0 prints the message, once

@@ -1,7 +1,8 @@
 """Checkpoint files: the Hugging Face and Meta Llama-3.1 layouts, and the official CoLA release's layout.
 
-model.py and cola.py hold the architecture; this module reads and writes it. Their `from_pretrained` /
-`save_pretrained` methods call the functions here.
+model.py and cola.py hold the architecture; this module reads and writes it and imports neither: their
+`from_pretrained` / `save_pretrained` methods call the functions here and pass in their argument classes
+(model.ModelArgs, cola.CoLAArgs). `cola.load` is the one checked loader the scripts use.
 
   Llama, Hugging Face   config.json + model.safetensors (or model-NNNNN-of-NNNNN.safetensors + an index);
                         q/k rows permuted per head (HF's rotate_half RoPE), names model.layers.N.self_attn.q_proj...
@@ -32,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-from model import ModelArgs, Transformer
-
 # ----------------------------------------------------------------------------------------------------------------
 # Llama layouts. Our parameter names are Meta's; Hugging Face names are translated at the boundary.
 
@@ -61,7 +60,7 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def block_to_hf(prefix_meta: str, prefix_hf: str, state: dict, args: ModelArgs) -> dict:
+def block_to_hf(prefix_meta: str, prefix_hf: str, state: dict, args) -> dict:
     """Rename (and q/k permute) the tensors of Llama blocks; used for the base and for CoLA's IDM/policy."""
     out = {}
     for k, v in state.items():
@@ -76,7 +75,7 @@ def block_to_hf(prefix_meta: str, prefix_hf: str, state: dict, args: ModelArgs) 
     return out
 
 
-def block_from_hf(prefix_hf: str, prefix_meta: str, state: dict, args: ModelArgs) -> dict:
+def block_from_hf(prefix_hf: str, prefix_meta: str, state: dict, args) -> dict:
     """Inverse of block_to_hf."""
     inverse = {v: k for k, v in HF_NAMES.items()}
     out = {}
@@ -95,7 +94,7 @@ def block_from_hf(prefix_hf: str, prefix_meta: str, state: dict, args: ModelArgs
     return out
 
 
-def meta_to_hf(state: dict, args: ModelArgs) -> dict:
+def meta_to_hf(state: dict, args) -> dict:
     out = {HF_TOP[k]: v for k, v in state.items() if k in HF_TOP}
     if args.tie_embeddings:
         out.pop("lm_head.weight", None)        # transformers drops the tied duplicate too
@@ -103,14 +102,14 @@ def meta_to_hf(state: dict, args: ModelArgs) -> dict:
     return out
 
 
-def hf_to_meta(state: dict, args: ModelArgs) -> dict:
+def hf_to_meta(state: dict, args) -> dict:
     top = {v: k for k, v in HF_TOP.items()}
     out = {top[k]: v for k, v in state.items() if k in top}
     out.update(block_from_hf("model.layers.", "layers.", state, args))
     return out
 
 
-def hf_config(args: ModelArgs, **extra) -> dict:
+def hf_config(args, **extra) -> dict:
     """config.json for transformers' LlamaForCausalLM (the 3.1 release's field set)."""
     bos = args.vocab_size - 256 if args.vocab_size >= 512 else None   # <|begin_of_text|> of tokenizer.py
     cfg = {
@@ -133,8 +132,8 @@ def hf_config(args: ModelArgs, **extra) -> dict:
     return cfg
 
 
-def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json (accepts transformers v4 and v5 rope spellings)."""
+def args_from_hf_config(cfg: dict, source: str, ModelArgs):
+    """model.ModelArgs from a Hugging Face config.json (accepts transformers v4 and v5 rope spellings)."""
     try:
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -247,6 +246,19 @@ def check_safetensors_file(f: Path):
         raise ValueError(f"{f}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
 
 
+def shape_of(path: Path) -> tuple[int, int] | None:
+    """(dim, n_layers) from a checkpoint directory's config.json / params.json, without reading any tensor; None
+    when the directory cannot say (loading it then reports what is wrong)."""
+    try:
+        if detect_layout(path) == "hf":
+            c = read_json(path / "config.json")
+            return int(c["hidden_size"]), int(c["num_hidden_layers"])
+        p = read_json(path / "params.json")
+        return int(p["dim"]), int(p["n_layers"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
 def detect_layout(path: Path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -258,15 +270,16 @@ def detect_layout(path: Path) -> str:
                      f"(params.json + consolidated.00.pth)")
 
 
-def load_llama_checkpoint(path: Path, dtype=None) -> tuple[ModelArgs, dict, dict]:
-    """(ModelArgs, base state dict with Meta names, other tensors) from a HF or Meta directory.
+def load_llama_checkpoint(path: Path, ModelArgs, dtype=None) -> tuple:
+    """(ModelArgs, base state dict with Meta names, other tensors) from a HF or Meta directory (ModelArgs: the class,
+    model.ModelArgs).
 
     Tensors are converted to dtype one at a time. "Other tensors" are HF tensors that are not part of the Llama
     (a CoLA checkpoint's action_* / policy_* modules); a plain Llama has none.
     """
     layout = detect_layout(path)
     if layout == "hf":
-        args = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+        args = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"), ModelArgs)
         hf = read_safetensors(path, dtype)
         rest = {k: v for k, v in hf.items() if k not in HF_TOP.values() and not k.startswith("model.layers.")}
         return args, hf_to_meta(hf, args), rest
@@ -358,23 +371,8 @@ def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int =
     atomic_write(path / "config.json", lambda t: t.write_text(json.dumps(config, indent=2)))
 
 
-def load_llama(path, dtype=torch.float32, device="cpu", max_seq_len: int | None = None) -> Transformer:
-    """A plain Llama from a Hugging Face or Meta directory (Transformer.from_pretrained)."""
-    path = Path(path)
-    args, state, rest = load_llama_checkpoint(path, dtype)
-    if rest:
-        raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r} for a plain Llama (a CoLA "
-                         f"checkpoint? load it with cola.py)")
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_base_state(model, state, str(path))
-    return model.to(device)
-
-
-def load_base_state(model: Transformer, state: dict, source: str):
-    """Check every tensor's presence and shape against the model, then assign (no second copy)."""
+def load_base_state(model, state: dict, source: str):
+    """Check every tensor's presence and shape against the model (a Transformer), then assign (no second copy)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         expected.pop("output.weight", None)
@@ -386,7 +384,7 @@ def load_base_state(model: Transformer, state: dict, source: str):
         model.output.weight = model.tok_embeddings.weight
 
 
-def save_llama(model: Transformer, path, max_shard_bytes: int = 5 * 2**30):
+def save_llama(model, path, max_shard_bytes: int = 5 * 2**30):
     """The Hugging Face layout (config.json + safetensors), loadable by transformers and by us."""
     save_hf_checkpoint(path, hf_config(model.args), meta_to_hf(model.state_dict(), model.args), max_shard_bytes)
 
@@ -405,7 +403,7 @@ OFFICIAL_STACKS = [  # (our prefix, official prefix, config.json key, CoLAArgs f
 ]
 
 
-def new_modules_to_hf(state: dict, base_args: ModelArgs) -> dict:
+def new_modules_to_hf(state: dict, base_args) -> dict:
     """Our IDM / codebook / merge / policy tensors -> official names (q/k permuted like HF Llama blocks)."""
     out = {}
     for ours, theirs, _, _ in OFFICIAL_STACKS:
@@ -417,7 +415,7 @@ def new_modules_to_hf(state: dict, base_args: ModelArgs) -> dict:
     return out
 
 
-def new_modules_from_hf(rest: dict, base_args: ModelArgs) -> dict:
+def new_modules_from_hf(rest: dict, base_args) -> dict:
     """Inverse of new_modules_to_hf (official names -> ours, q/k un-permuted)."""
     out = {}
     for ours, theirs, _, _ in OFFICIAL_STACKS:
@@ -448,45 +446,6 @@ def save_cola(model, path, max_shard_bytes: int = 5 * 2**30):
     save_hf_checkpoint(path, cola_config_json(model), tensors, max_shard_bytes)
 
 
-def load_cola(cls, path, dtype=torch.float32, device="cpu", cola_args=None, max_seq_len: int | None = None):
-    """A CoLA (or subclass `cls`) from an official-layout checkpoint, or started from a plain Llama directory.
-
-    CoLA checkpoint: sizes come from config.json; cola_args, if given, must agree on them. Plain Llama (HF or
-    Meta): base loaded, IDM / codebook / merge / policy freshly initialised (global torch RNG) with cola_args, else
-    cola.default_cola_args (the COLA_PRESETS entry matching the base's shape). Built on the meta device and
-    filled by assignment: every tensor is read once, never copied twice.
-    """
-    from cola import default_cola_args
-    path = Path(path)
-    base_args, state, rest = load_llama_checkpoint(path, dtype)
-    rest = {k: v for k, v in rest.items() if not k.endswith("rotary_emb.inv_freq")}
-    if max_seq_len is not None:
-        base_args.max_seq_len = max_seq_len
-    cfg = read_json(path / "config.json") if detect_layout(path) == "hf" else {}
-    is_cola = "num_code" in cfg
-    if is_cola:
-        cola_args = cola_args_from_config(cfg, cola_args, path / "config.json")
-    elif rest:
-        raise ValueError(f"{path}: unexpected tensor {next(iter(rest))!r}; config.json has no num_code, so "
-                         f"this is not a CoLA checkpoint")
-    elif cola_args is None:
-        cola_args = default_cola_args(base_args)
-    with torch.device("meta"):
-        model = cls(base_args, cola_args)
-    load_base_state(model.base, state, str(path))
-    new = (model.idm, model.codebook, model.merge, model.policy)
-    if is_cola:
-        load_new_modules(model, rest, str(path))
-    else:
-        for m in new:
-            m.to_empty(device="cpu")
-        model.init_new_modules()
-        for m in new:
-            m.to(dtype)
-    model.initialised_from_llama = not is_cola
-    return model.to(device)
-
-
 def load_new_modules(model, rest: dict, source: str):
     """Check the official action_* / policy_* tensors against the config, then assign them."""
     K = model.args.n_actions
@@ -506,9 +465,9 @@ def load_new_modules(model, rest: dict, source: str):
     model.load_state_dict(new_modules_from_hf(rest, model.base_args), strict=False, assign=True)
 
 
-def cola_args_from_config(cfg: dict, given, source):
-    """CoLAArgs from an official config.json (num_code, num_action_layer, num_dyna_layer, num_policy_layer)."""
-    from cola import CoLAArgs
+def cola_args_from_config(cfg: dict, given, source, CoLAArgs):
+    """cola.CoLAArgs from an official config.json (num_code, num_action_layer, num_dyna_layer, num_policy_layer);
+    `given`, if not None, must agree with it."""
     try:
         args = CoLAArgs(n_actions=int(cfg["num_code"]), n_idm_layers=int(cfg["num_action_layer"]),
                         n_merge_layers=int(cfg["num_dyna_layer"]), n_policy_layers=int(cfg["num_policy_layer"]),

@@ -1,15 +1,20 @@
 """infra/memory.py: how many bytes each training stage needs per GPU, planned by arithmetic and measured on fake tensors.
 
-plan(stage, cfg)       bytes per GPU by category (trained state, frozen weights, FSDP buffers, autocast copies,
+plan(stage, cfg, phases)
+                       bytes per GPU by category (trained state, frozen weights, FSDP buffers, autocast copies,
                        activations, loss), arithmetic on the real module sizes (built on the meta device) and on the
-                       constants train.py trains with: train.TRAINS, train.ce_chunk_rows, the bf16 rule of
-                       trainer.bf16_frozen_groups, cfg.micro_batch / seq_len / activation_checkpointing
-measure(stage, cfg, gpus)
+                       constants the stage trains with: its phases (train.TRAINS[stage], passed in), ce_chunk_rows,
+                       the bf16 rule of trainer.bf16_frozen_groups, cfg.micro_batch / seq_len /
+                       activation_checkpointing
+measure(stage, cfg, phases, losses, gpus)
                        peak bytes of one training micro step (forward, backward, AdamW) of that stage's own loss
-                       function from train.py, with every tensor fake (FakeTensorMode: shapes and dtypes, no data),
-                       on one process or as rank 0 of a fake process group under FSDP: a live-storage count
-check_fits(stage, cfg, world, device)
+                       functions (train.stage_losses, passed in), with every tensor fake (FakeTensorMode: shapes and
+                       dtypes, no data), on one process or as rank 0 of a fake process group under FSDP: a
+                       live-storage count
+check_fits(stage, cfg, phases, world, device)
                        one line and exit when the plan exceeds the GPU; nothing on CPU
+
+train.py passes its stage table in; this module imports no training script.
 
 The 8B stages are those of PAPER.md §3 (micro batch 4 x 2048 tokens, bf16 mixed precision, AdamW).
 
@@ -27,12 +32,23 @@ Deviations (this is tooling; the paper reports no memory figures):
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
+from cola import COLA_PRESETS, CoLA
+from data import Batch
+from infra import parallel
+from infra.ce import ce_chunk_rows
+from infra.trainer import autocast, enable_activation_checkpointing, make_optimizer, set_trainable
+from model import PRESETS, Transformer
 
 GiB = 2**30
 
@@ -169,7 +185,7 @@ class Plan:
         return self.state + self.frozen + self.buffers + self.copies + self.activations + self.loss
 
 
-def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen: bool = False) -> Plan:
+def plan(stage: str, cfg, phases: list, gpus: int = 1, shard: int | None = None, shard_frozen: bool = False) -> Plan:
     """Bytes per GPU of `stage` at cfg's preset, micro batch B, sequence length T, dtype and activation
     checkpointing, on one process (gpus 1) or under torchrun with the trained groups sharded over `shard` ranks
     (default: the GPUs of one node, at most 8). Every phase is planned; the largest counts. Per phase:
@@ -190,7 +206,7 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
                  backward one block recomputed plus its input's gradient); the merge layers on the gradient path
                  (merge_activation_bytes; a frozen float32 merge also keeps its weights' bf16 casts); Norm_f's
                  float32 input and normalised value; the stack's norm and head over K; the states h;
-    loss         lm_head_ce: one chunk of train.ce_chunk_rows(V) positions at 12 B per logit, the saved world
+    loss         lm_head_ce: one chunk of ce_chunk_rows(V) positions at 12 B per logit, the saved world
                  state and log-sum-exp, and in backward the float32 dW [V, D] when W_lm trains and ds [B T, D];
                  masked_ce over K actions: 10 B per logit.
     Five moments can be the peak: the forward's end (copies alive), the loss's backward (copies freed, dW alive),
@@ -201,22 +217,17 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
     counted: the CUDA context and allocator fragmentation (1-3 GB together), the optimizer step's temporaries
     (none with CUDA's fused AdamW), RoPE tables (a few MB).
     """
-    from infra import parallel
-    import train
-    from cola import COLA_PRESETS
     shard = shard or (1 if gpus == 1 else min(gpus, 8))
     one, bf16 = shard == 1, cfg.dtype == "bfloat16"
-    from infra.trainer import set_trainable
     with torch.device("meta"):
         model = stage_model(stage, cfg.preset)
-    set_trainable(model, {g for ph in train.TRAINS[stage] for g in ph})      # fsdp_units lists the trained units
+    set_trainable(model, {g for ph in phases for g in ph})      # fsdp_units lists the trained units
     llama = stage in ("base", "sft")
     a, c = (model.args, None) if llama else (model.base_args, COLA_PRESETS[cfg.preset])
     groups = model.param_groups()
     n = {g: sum(p.numel() for p in ps) for g, ps in groups.items()}
     emb = (model if llama else model.base).tok_embeddings.weight       # a lookup: autocast casts no copy of it
     matrices = {g: sum(p.numel() for p in ps if p.dim() == 2 and p is not emb) for g, ps in groups.items()}
-    phases = train.TRAINS[stage]
     union = {g for ph in phases for g in ph}
     trained_ids = {id(p) for g in union for p in groups[g]}
     units = parallel.fsdp_units(model)
@@ -225,14 +236,14 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
     root = {g: sum(p.numel() for p in ps if id(p) not in in_units) for g, ps in groups.items()}
     size = lambda us: sorted((sum(p.numel() for p in u.parameters()) for u in us), reverse=True)   # noqa: E731
     unit_sizes = size(u for u in units if any(id(p) in trained_ids for p in u.parameters()))
-    stored = {g: 2 if (bf16 and g not in union and g in bf16_groups(stage)) else 4 for g in n}
+    stored = {g: 2 if (bf16 and g not in union and g in bf16_groups(phases)) else 4 for g in n}
     B, T, V, D = cfg.micro_batch, cfg.seq_len, a.vocab_size, a.dim
     K = c.n_actions if c else 0
     N, N1 = B * T, B * (T + 1)
     e = 2 if bf16 else 4                                   # bytes of an activation
     res = 4 if (not bf16 or (one and stored["base"] == 4)) else 2      # the residual stream and h
     norm = 4 * D + 4 + 2 * D if bf16 else 8 * D + 4        # an RMSNorm: float32 input, 1/rms, normalised
-    rows = min(N, train.ce_chunk_rows(V))
+    rows = min(N, ce_chunk_rows(V))
     plans = []
     for i, (this, (stack, merge, head, reads)) in enumerate(zip(phases, PATHS[stage])):
         merge = cfg.base_grad == "merge" if merge is None else merge
@@ -290,42 +301,22 @@ def plan(stage: str, cfg, gpus: int = 1, shard: int | None = None, shard_frozen:
     return best
 
 
-def config(stage: str, preset: str = "llama-3.1-8b", **overrides):
-    """The stage's config as train.py resolves it for one process at `preset` (its TINY or LARGE defaults) on a GPU
-    with native bf16 (A100, H100: what --dtype auto resolves to bfloat16 on), whatever machine makes the plan."""
-    import train
-    defaults = {**train.COMMON_TINY, **train.TINY[stage]} if preset == "tiny" else train.LARGE.get(stage, {})
-    return train.STAGE_ARGS[stage](**{"preset": preset, **defaults, "dtype": "bfloat16", **overrides})
-
-
 def stage_model(stage: str, preset: str):
     """The module a stage trains, on the current default device or mode: a plain Llama for sft and base, CoLA
     otherwise (train.py's stage functions)."""
-    from cola import COLA_PRESETS, CoLA
-    from model import PRESETS, Transformer
     a = PRESETS[preset]
     return Transformer(a) if stage in ("base", "sft") else CoLA(a, COLA_PRESETS[preset])
 
 
-def stage_losses(stage: str, cfg) -> list:
-    """(model, batch) -> (loss, metrics) of each phase of `stage`: the loss functions of train.py's stage functions."""
-    import train
-    return {"base": [train.base_loss], "sft": [train.base_loss], "bc": [train.bc_loss],
-            "pretrain": [lambda m, b: train.pretrain_loss(m, b, cfg.gumbel_tau, cfg.beta, cfg.seed)],
-            "fta-i": [train.fta_i_loss, train.bc_loss],
-            "fta-p": [lambda m, b: train.fta_p_loss(m, b, cfg.base_grad)]}[stage]
-
-
-def bf16_groups(stage: str) -> list[str]:
+def bf16_groups(phases: list) -> list[str]:
     """The frozen groups stored in bf16 when training in bf16: the base, whose official weights are bf16 values
     (trainer.bf16_frozen_groups checks exactness on the real weights; the new modules were trained in float32 by an
     earlier stage and are not)."""
-    import train
-    trained = {g for groups in train.TRAINS[stage] for g in groups}
+    trained = {g for groups in phases for g in groups}
     return [] if "base" in trained else ["base"]
 
 
-def measure(stage: str, cfg, gpus: int = 1) -> list[int]:
+def measure(stage: str, cfg, phases: list, losses: list, gpus: int = 1) -> list[int]:
     """Peak bytes of one micro step of each phase of `stage` on one GPU, on fake tensors: [phase 1, ...].
 
     gpus 1: the model is built as trainer.Run.build does for one process (float32 parameters; requires_grad on
@@ -338,16 +329,11 @@ def measure(stage: str, cfg, gpus: int = 1) -> list[int]:
     the first of an accumulated step); then forward under bf16 autocast, backward, gradient clipping (one process)
     and the AdamW step of trainer.Run.train, counted by LiveBytes.
     """
-    import contextlib
-    import train
-    from data import Batch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from infra.trainer import autocast, enable_activation_checkpointing, make_optimizer, set_trainable
-    device, phases, peaks = torch.device("cpu"), train.TRAINS[stage], []
+    device, peaks = torch.device("cpu"), []
     B, T = cfg.micro_batch, cfg.seq_len
     with contextlib.ExitStack() as stack:
         if gpus > 1:
-            model = fsdp_model(stage, cfg, gpus, stack)
+            model = fsdp_model(stage, cfg, phases, gpus, stack)
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             model.to_empty(device=device)              # the shards (fake): FSDP's own buffers appear as it runs
             run = model
@@ -357,12 +343,12 @@ def measure(stage: str, cfg, gpus: int = 1) -> list[int]:
             model = run = stage_model(stage, cfg.preset)
             set_trainable(model, {g for groups in phases for g in groups})
             if cfg.dtype == "bfloat16":
-                for name in bf16_groups(stage):         # what .to(torch.bfloat16) does (fake tensors refuse .to)
+                for name in bf16_groups(phases):         # what .to(torch.bfloat16) does (fake tensors refuse .to)
                     for p in getattr(model, name).parameters():
                         p.data = p.data.to(torch.bfloat16)
             if cfg.activation_checkpointing:
                 enable_activation_checkpointing(model.blocks())
-        for groups, loss_fn in zip(phases, stage_losses(stage, cfg)):
+        for groups, loss_fn in zip(phases, losses):
             opt = make_optimizer(model.param_groups(), groups, cfg)
             params = [p for g in groups for p in model.param_groups()[g]]
             for p in params:
@@ -387,26 +373,21 @@ def measure(stage: str, cfg, gpus: int = 1) -> list[int]:
     return peaks
 
 
-def fsdp_model(stage: str, cfg, gpus: int, stack):
+def fsdp_model(stage: str, cfg, phases: list, gpus: int, stack):
     """parallel.Root of the stage's model on meta, sharded by parallel.apply_fsdp over a fake process group of
     `gpus` ranks (this process is rank 0), as trainer.Run.build does under torchrun; the group is destroyed when
     `stack` closes."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    from infra import parallel
-    import train
-    from infra.trainer import enable_activation_checkpointing, set_trainable
     if dist.is_initialized():
         raise RuntimeError("memory.measure(gpus > 1) starts its own fake process group; one exists already")
+    from torch.testing._internal.distributed.fake_pg import FakeStore     # registers the "fake" backend
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     stack.callback(dist.destroy_process_group)
     with torch.device("meta"):
         model = stage_model(stage, cfg.preset)
         if cfg.dtype == "bfloat16":
-            for name in bf16_groups(stage):
+            for name in bf16_groups(phases):
                 getattr(model, name).to(torch.bfloat16)
-    set_trainable(model, {g for groups in train.TRAINS[stage] for g in groups})
+    set_trainable(model, {g for groups in phases for g in groups})
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.blocks())
     root = parallel.Root(model)
@@ -420,7 +401,7 @@ def fsdp_model(stage: str, cfg, gpus: int, stack):
 CONTEXT_BYTES = 2 * GiB            # the CUDA context and allocator fragmentation, which the plan leaves out
 
 
-def check_fits(stage: str, cfg, world=None, device=None, capacity: int | None = None, shard: int | None = None):
+def check_fits(stage: str, cfg, phases: list, world=None, device=None, capacity: int | None = None, shard: int | None = None):
     """Stop with one line when the plan of `stage` (plus CONTEXT_BYTES) exceeds one GPU's memory, and say what to
     run instead. capacity: bytes of one GPU (default: torch.cuda.get_device_properties(device).total_memory; on a
     CPU device with no capacity given nothing is checked). world: parallel.World (default one process); shard:
@@ -435,13 +416,13 @@ def check_fits(stage: str, cfg, world=None, device=None, capacity: int | None = 
     gpus = world.size if world is not None and world.launched else 1
     if gpus > 1 and not shard:
         shard = world.node_size                    # parallel.device_mesh's default: the ranks of one node
-    p = plan(stage, cfg, gpus, shard)
+    p = plan(stage, cfg, phases, gpus, shard)
     if p.total + CONTEXT_BYTES <= capacity:
         return
     where = "one process" if gpus == 1 else f"{gpus} processes (state sharded over {p.shard})"
-    if gpus == 1 and plan(stage, cfg, 8).total + CONTEXT_BYTES <= capacity:
+    if gpus == 1 and plan(stage, cfg, phases, 8).total + CONTEXT_BYTES <= capacity:
         todo = f"run `torchrun --nproc_per_node=8 train.py --stage {stage} ...` to shard it over 8 GPUs"
-    elif not cfg.activation_checkpointing and plan(stage, replace(cfg, activation_checkpointing=True), gpus,
+    elif not cfg.activation_checkpointing and plan(stage, replace(cfg, activation_checkpointing=True), phases, gpus,
                                                    shard).total + CONTEXT_BYTES <= capacity:
         todo = "add --activation-checkpointing"
     elif cfg.micro_batch > 1:

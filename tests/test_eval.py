@@ -2,7 +2,7 @@
 diversity measure's sanity ranking, the plots (only where matplotlib is installed: it is optional), one-line errors.
 
 Tiers: unit maths (pairwise cosine, distinct-n, QD, mean pooling) by hand; consistency (per-action losses add up to
-the overall ones, which equal train.cola_metrics'); sanity (held-out text: random tokens get the lowest QD, the
+the overall ones, which equal eval.cola_metrics'); sanity (held-out text: random tokens get the lowest QD, the
 highest distinct-n); smoke (every command on the tiny chain's checkpoints: conftest.chain); plots (skipped without
 matplotlib), and the pipeline's hook without it; bad input.
 
@@ -92,7 +92,7 @@ def test_embed_mean_pools_each_sequence_alone():
 
 def test_controllability_adds_up_and_equals_train_cola_metrics():
     from data import Batch
-    from train import cola_metrics
+    from eval import cola_metrics
     model = tiny_cola()
     g = torch.Generator().manual_seed(1)
     batches = [Batch(torch.randint(0, 256, (2, 17), generator=g), torch.ones(2, 17, dtype=torch.bool),
@@ -209,7 +209,7 @@ def test_usage_cache_is_recomputed_after_the_model_changes(tmp_path):
     cache = runs / "pretrain" / "eval" / "usage.json"
     assert ev.usage_of_runs(runs, torch.device("cpu"))["direct"]["alive"] == 60         # cached, newer than the model
     os.utime(cache, (1, 1))                                                             # now older than final/
-    with pytest.raises(SystemExit, match="config.json"):                                # so it reloads: a fake model
+    with pytest.raises(SystemExit, match="config.json describes no model"):             # so it reloads: a fake model
         ev.usage_of_runs(runs, torch.device("cpu"))
 
 

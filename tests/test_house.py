@@ -1,7 +1,9 @@
-"""The repository as a reader meets it: the README stays an index, and every link between the documents resolves.
+"""The repository as a reader meets it: the paper's modules at the top, machinery in infra/, tools in tools/, no
+import circle, no source file too long to read, the README an index, and every link between the documents resolves.
 
     python -m pytest -q tests/test_house.py
 """
+import ast
 import re
 
 import pytest
@@ -9,6 +11,63 @@ import pytest
 from conftest import REPO
 
 DOCS = ["README.md", "PAPER.md", "COURSE.md", *sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("docs/*.md"))]
+SOURCES = sorted(p.relative_to(REPO) for d in (".", "infra", "tools") for p in (REPO / d).glob("*.py"))
+MODULES = {".".join(p.with_suffix("").parts) for p in SOURCES} - {"infra.__init__", "tools.__init__"}
+
+
+def import_graph(root, sources, modules: set) -> dict:
+    """module -> the project modules its file imports, at any depth (inside functions too): `import x`,
+    `from x import y`, `from infra import trainer` (-> infra.trainer)."""
+    graph = {}
+    for path in sources:
+        found = set()
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[".".join(path.relative_to(root).with_suffix("").parts if path.is_absolute() else
+                       path.with_suffix("").parts)] = found & modules
+    return graph
+
+
+def find_circle(graph: dict) -> list[str] | None:
+    """A path m -> ... -> m through the graph, or None."""
+    for start in sorted(graph):
+        seen, stack = set(), [(m, [start, m]) for m in sorted(graph[start])]
+        while stack:
+            m, trail = stack.pop()
+            if m == start:
+                return trail
+            if m not in seen:
+                seen.add(m)
+                stack += [(n, trail + [n]) for n in sorted(graph.get(m, ()))]
+    return None
+
+
+def test_no_import_circle():
+    """No module reaches itself through the imports of the project's modules, counting imports inside functions: a
+    circle dodged by a late import is still a circle (a reader cannot read either module first)."""
+    circle = find_circle(import_graph(REPO, SOURCES, MODULES))
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_circle_check_sees_late_imports(tmp_path):
+    """The check above finds a circle closed by an import inside a function, and a package-style import."""
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from infra import c\n")
+    (tmp_path / "infra").mkdir()
+    (tmp_path / "infra" / "c.py").write_text("def g():\n    import a\n")
+    files = [tmp_path / "a.py", tmp_path / "b.py", tmp_path / "infra" / "c.py"]
+    assert find_circle(import_graph(tmp_path, files, {"a", "b", "infra.c"})) == ["a", "b", "infra.c", "a"]
+    (tmp_path / "infra" / "c.py").write_text("def g():\n    import os\n")
+    assert find_circle(import_graph(tmp_path, files, {"a", "b", "infra.c"})) is None
+
+
+@pytest.mark.parametrize("path", [str(p) for p in SOURCES])
+def test_source_files_stay_readable(path):
+    """No source file outside tests/ over 800 lines: what grows past it is split where a reader can follow."""
+    assert len((REPO / path).read_text().splitlines()) <= 800
 
 
 def test_readme_is_an_index():

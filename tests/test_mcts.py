@@ -2,7 +2,7 @@
 
 Tiers: unit maths against by-hand numbers (Double-DQN targets with terminal steps, the target network's copy
 schedule, PUCT selection, backup and the TD test on a hand-built tree); parity (a search's rollouts against
-CoLA.generate / Transformer.generate, best-of-N against rl.rollout with the same noise, the TD errors against a
+CoLA.generate / Transformer.generate, best-of-N against data.rollout with the same noise, the TD errors against a
 full forward of the Q-network); properties of real searches on the tiny chain (deterministic, the answer is a path
 of the tree, prefix reuse changes the cost but not the tree, the cost counter equals what the blocks ran); resume of
 train-q after SIGKILL; bad input. Everything starts from the shared tiny chain (conftest.chain).
@@ -18,8 +18,12 @@ import time
 import pytest
 import torch
 
+import data
+from infra import treecache
 import mcts
-import rl
+import policy
+import qnet
+import search_eval
 import tasks
 from cola import CoLA
 from conftest import ENV, REPO, read_rows, run_ok, step_rows
@@ -28,7 +32,7 @@ from policy import seeded_sampler
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MCTS = REPO / "mcts.py"
+QNET = REPO / "qnet.py"
 NEW = 12                                                   # max new tokens of the searches here
 
 
@@ -43,7 +47,7 @@ def models(chain):
 
 def qnet_of(base, n_actions, level, std=0.0, seed=0):
     """A Q-network on the chain's base with a head of N(0, std^2) (0: the zero head of a fresh train-q)."""
-    q = mcts.QNetwork.from_base(base, n_actions, level)
+    q = qnet.QNetwork.from_base(base, n_actions, level)
     if std:
         torch.nn.init.normal_(q.head.weight, std=std, generator=torch.Generator().manual_seed(seed))
     return q.eval().requires_grad_(False)
@@ -51,7 +55,7 @@ def qnet_of(base, n_actions, level, std=0.0, seed=0):
 
 def search(model, level, tok, problem, prompt, qnet=None, **kw):
     cfg = mcts.SearchArgs(**{"max_new_tokens": NEW, "n_rounds": 10, "stop_at_success": False, **kw})
-    s = mcts.Search(mcts.Engine(model, level, qnet), tok, problem, prompt, cfg)
+    s = mcts.Search(treecache.Engine(model, level, qnet), tok, problem, prompt, cfg)
     return s, s.run()
 
 
@@ -73,7 +77,7 @@ def test_double_dqn_targets_by_hand():
                        [[0, 0, 0], [0, 0, 0], [1, -1, 2], [10, 10, 10]]], dtype=torch.float)
     valid = torch.tensor([[False, True, True, True], [False, True, True, False]])
     r = torch.tensor([[0, 0, 0, 1.0], [0, 0, .1, 0]])
-    y = mcts.double_dqn_targets(qo, qt, r, valid, 0.9)
+    y = qnet.double_dqn_targets(qo, qt, r, valid, 0.9)
     # row 0, t=1: a* = argmax Q(s_2) = 0, Q_target(s_2, 0) = 4 -> 3.6 (vanilla DQN's max Q_target would give 5.4);
     # t=2: a* = argmax Q(s_3) = 0 -> 0.9 * 7 = 6.3; t=3: terminal -> r = 1.
     # row 1, t=1: a* = 1, Q_target(s_2, 1) = -1 -> -0.9; t=2: terminal (t=3 is padding) -> 0.1, not 0.1 + 9.
@@ -83,7 +87,7 @@ def test_double_dqn_targets_by_hand():
 def test_q_batch_puts_the_reward_on_the_last_action():
     rows = [{"prompt": [1, 2, 3], "tokens": [4, 5], "actions": [7, 8], "reward": 0.5},
             {"prompt": [1, 2], "tokens": [4, 5, 6], "actions": [9, 10, 11], "reward": 1.0}]
-    b = mcts.q_batch(rows, "cpu")
+    b = qnet.q_batch(rows, "cpu")
     # x[0] = 1 2 3 4 5: actions at t = 2 (-> 4) and t = 3 (-> 5); x[1] = 1 2 4 5 6: t = 1, 2, 3
     assert b["mask"].tolist() == [[False, False, True, True], [False, True, True, True]]
     assert b["actions"][b["mask"]].tolist() == [7, 8, 9, 10, 11]
@@ -92,16 +96,16 @@ def test_q_batch_puts_the_reward_on_the_last_action():
 
 def test_target_network_changes_only_on_its_copy_schedule(models):
     cola, _, tok, problem, prompt = models
-    pair = mcts.QPair(qnet_of(cola.base, 64, "latent").requires_grad_(True))
+    pair = qnet.QPair(qnet_of(cola.base, 64, "latent").requires_grad_(True))
     opt = torch.optim.AdamW(pair.online.trained_parameters(), lr=1e-2)
     rows = [{"prompt": prompt[:20], "tokens": [65, 66, 67], "actions": [1, 2, 3], "reward": 1.0},
             {"prompt": prompt[:18], "tokens": [68, 69], "actions": [4, 5], "reward": 0.1}]
-    b = mcts.q_batch(rows, "cpu")
-    cfg = mcts.QArgs(target_every=3, gamma=0.99, grad_clip=1.0)
+    b = qnet.q_batch(rows, "cpu")
+    cfg = qnet.QArgs(target_every=3, gamma=0.99, grad_clip=1.0)
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()]).clone()   # noqa: E731
     target_before, online_before = flat(pair.target), flat(pair.online)
     for step in range(7):
-        m = mcts.q_update(pair, opt, b, cfg, step)
+        m = qnet.q_update(pair, opt, b, cfg, step)
         online, target = flat(pair.online), flat(pair.target)
         assert not torch.equal(online, online_before), f"update {step + 1} did not train Q"
         if (step + 1) % 3 == 0:
@@ -149,7 +153,7 @@ def test_backup_puct_and_td_test_by_hand():
     assert mcts.select_descent(root, c) is b and mcts.select_best_first(nodes, c) is b
     # TD test: (Q(s, a) - gamma max Q(s', .))^2 < 0.01
     assert mcts.td_error(0.5, 0.4, g) == pytest.approx(0.0196)
-    assert not mcts.td_consistent(0.5, 0.4, g) and mcts.td_consistent(0.4, 0.4, g)     # 0.0016
+    assert mcts.td_error(0.4, 0.4, g) == pytest.approx(0.0016)                         # < 0.01: Q trusted there
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,8 +262,8 @@ def test_cost_counter_equals_the_forward_tokens_run(models, reuse):
         c = s.e.cost
         assert counts == [c.base, c.policy, c.q, c.wm] and c.q > 0 and s.stats["td_tests"] > 0
         counts[:] = [0] * 4
-        engine = mcts.Engine(cola, "latent")
-        out = mcts.best_of_n(engine, tok, problem, prompt, budget=len(prompt) + 30, seed=0, max_new_tokens=NEW,
+        engine = treecache.Engine(cola, "latent")
+        out = search_eval.best_of_n(engine, tok, problem, prompt, budget=len(prompt) + 30, seed=0, max_new_tokens=NEW,
                              top_k=40, wave=4, stop_at_success=False)
         c = engine.cost
         assert counts == [c.base, c.policy, 0, c.wm] and out["trace"][-1][0] == c.total
@@ -291,22 +295,20 @@ def test_mcts_q_td_errors_and_extension(models):
 
 
 def test_best_of_n_matches_rl_rollouts_with_the_same_noise(models):
-    """Samples i = 0..3 of best_of_n (prompt run once, rows leaving the batch when done) are rl.rollout's rows with
-    rl.row_uniforms(seed, 0, i): the same tokens, whatever the wave size; another seed draws other noise, and its
+    """Samples i = 0..3 of best_of_n (prompt run once, rows leaving the batch when done) are data.rollout's rows with
+    policy.sample_uniforms(seed, 0, i): the same tokens, whatever the wave size; another seed draws other noise, and its
     samples are the rollouts of that noise (whether they differ in text depends on how peaked the tiny model is)."""
-    from types import SimpleNamespace
     cola, llama, tok, problem, prompt = models
-    assert not torch.equal(rl.row_uniforms(3, 0, 0, 4, NEW), rl.row_uniforms(4, 0, 0, 4, NEW))
+    assert not torch.equal(policy.sample_uniforms(3, 0, 0, 4, NEW), policy.sample_uniforms(4, 0, 0, 4, NEW))
     for model, level, top_k in ((cola, "latent", 40), (llama, "token", None)):
         for seed, waves in ((3, (4, 2)), (4, (4,))):
-            u = rl.row_uniforms(seed, 0, 0, 4, NEW)
-            rows = rl.rollout(model, SimpleNamespace(max_new_tokens=NEW, level=level), tok, [prompt] * 4,
-                              seeded_sampler(u, 1.0, top_k))
-            want = [rl.score(problem, r["text"], tasks.reward) for r in rows]
+            u = policy.sample_uniforms(seed, 0, 0, 4, NEW)
+            rows = data.rollout(model, tok, [prompt] * 4, seeded_sampler(u, 1.0, top_k), NEW)
+            want = [tasks.score(problem, r["text"]) for r in rows]
             for wave in waves:
-                out = mcts.best_of_n(mcts.Engine(model, level), tok, problem, prompt, budget=10**6, seed=seed,
-                                     max_new_tokens=NEW, top_k=top_k, wave=wave, stop_at_success=False,
-                                     max_samples=4)
+                out = search_eval.best_of_n(treecache.Engine(model, level), tok, problem, prompt, budget=10**6,
+                                            seed=seed, max_new_tokens=NEW, top_k=top_k, wave=wave,
+                                            stop_at_success=False, max_samples=4)
                 assert out["tokens"] == [r["tokens"] for r in rows] and [r for _, r in out["trace"]] == want
         costs = [c for c, _ in out["trace"]]
         assert costs == sorted(costs) and costs[0] == len(prompt) + len(rows[0]["tokens"]) - 1
@@ -317,7 +319,7 @@ def test_best_of_n_matches_rl_rollouts_with_the_same_noise(models):
 
 
 def q_cmd(out, *args):
-    return [sys.executable, str(MCTS), "train-q", "--out-dir", str(out), *map(str, args)]
+    return [sys.executable, str(QNET), "--out-dir", str(out), *map(str, args)]
 
 
 def test_train_q_resume_after_kill_same_curve(chain, models, tmp_path):
@@ -326,16 +328,16 @@ def test_train_q_resume_after_kill_same_curve(chain, models, tmp_path):
             "--eval-every", 5, "--target-every", 2, "--lr", "1e-3"]
     # the data train-q samples itself (same flags, same noise), with rewards set so that the curve moves: the
     # tiny chain's 6-token responses all score 0
-    cfg = mcts.parse_q_args(list(map(str, args)) + ["--out-dir", str(tmp_path / "x")])
+    cfg = qnet.parse_q_args(list(map(str, args)) + ["--out-dir", str(tmp_path / "x")])
     cola, _, tok, problem, _ = models
-    train = mcts.collect(cola, "latent", tok, rl.problems_at(cfg, 0, 2), 2, cfg, stream=0)
-    val = mcts.collect(cola, "latent", tok, tasks.make_problems("countdown-2", 1, 0, split="val"), 1, cfg, stream=1)
+    train = qnet.collect(cola, "latent", tok, tasks.problems_at(cfg.task, cfg.seed, 0, 2), 2, cfg, stream=0)
+    val = qnet.collect(cola, "latent", tok, tasks.make_problems("countdown-2", 1, 0, split="val"), 1, cfg, stream=1)
     for i, r in enumerate(train + val):
         r["reward"] = [1.0, 0.1][i % 2]
     ref, run = tmp_path / "ref", tmp_path / "killed"
     for d in (ref, run):
         d.mkdir()
-        torch.save({"key": {k: getattr(cfg, k) for k in mcts.DATA_KEYS}, "train": train, "val": val},
+        torch.save({"key": {k: getattr(cfg, k) for k in qnet.DATA_KEYS}, "train": train, "val": val},
                    d / "trajectories.pt")
     run_ok(q_cmd(ref, *args))
     proc = subprocess.Popen(q_cmd(run, *args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
@@ -352,7 +354,7 @@ def test_train_q_resume_after_kill_same_curve(chain, models, tmp_path):
     assert len({r["td_loss"] for r in rows_ref}) > 1                                   # the curve moves
     assert [r["target_copied"] for r in rows_ref] == [False, True] * 5
     assert [r["eval"] for r in read_rows(run) if "eval" in r] == [r["eval"] for r in read_rows(ref) if "eval" in r]
-    a, b = mcts.QNetwork.from_pretrained(ref / "final"), mcts.QNetwork.from_pretrained(run / "final")
+    a, b = qnet.QNetwork.from_pretrained(ref / "final"), qnet.QNetwork.from_pretrained(run / "final")
     assert (a.level, a.n_actions) == ("latent", 64)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     hist = json.loads((run / "final/config.json").read_text())["train_history"]
@@ -364,37 +366,37 @@ def test_train_q_says_when_every_reward_is_zero(chain, models, tmp_path, capsys)
     args = ["--init", chain / "fta-i/final", "--task", "countdown-2", "--prompts", 2, "--samples", 1,
             "--val-prompts", 1, "--max-new-tokens", 4, "--batch", 2, "--steps", 2, "--eval-every", 2]
     argv = [*map(str, args), "--out-dir", str(tmp_path / "q")]
-    cfg = mcts.parse_q_args(argv)
+    cfg = qnet.parse_q_args(argv)
     cola, _, tok, _, _ = models
-    rows = mcts.collect(cola, "latent", tok, rl.problems_at(cfg, 0, 2), 1, cfg, stream=0)
+    rows = qnet.collect(cola, "latent", tok, tasks.problems_at(cfg.task, cfg.seed, 0, 2), 1, cfg, stream=0)
     for r in rows:
         r["reward"] = 0.0
     (tmp_path / "q").mkdir()
-    torch.save({"key": {k: getattr(cfg, k) for k in mcts.DATA_KEYS}, "train": rows, "val": rows[:1]},
+    torch.save({"key": {k: getattr(cfg, k) for k in qnet.DATA_KEYS}, "train": rows, "val": rows[:1]},
                tmp_path / "q/trajectories.pt")
-    mcts.main(["train-q", *argv])
+    qnet.main(argv)
     out = capsys.readouterr().out
     assert "warning: all 2 training trajectories score 0 on --task countdown-2" in out
     assert {r["td_loss"] for r in step_rows(tmp_path / "q")} == {0.0}
 
 
 def test_search_and_eval_commands(chain, models, tmp_path, capsys):
-    mcts.main(["search", "--ckpt", str(chain / "fta-i/final"), "--n-rounds", "3", "--max-new-tokens", "8",
+    mcts.main(["--ckpt", str(chain / "fta-i/final"), "--n-rounds", "3", "--max-new-tokens", "8",
                "--show-tree", "--no-stop-at-success"])
     out = capsys.readouterr().out
     assert "#0 root" in out and "MCTS (latent actions): 3 rounds, 4 nodes" in out and "answer (node #" in out
     assert "stopped after --n-rounds 3" in out
-    mcts.main(["search", "--ckpt", str(chain / "fta-i/final"), "--n-rounds", "500", "--max-new-tokens", "2",
+    mcts.main(["--ckpt", str(chain / "fta-i/final"), "--n-rounds", "500", "--max-new-tokens", "2",
                "--no-stop-at-success"])                           # 2 tokens deep: 5 + 5 x 4 nodes at most
     out = capsys.readouterr().out
     assert "tree exhausted after" in out and "of --n-rounds 500" in out
-    rows, text = mcts.main(["eval", "--ckpt", str(chain / "fta-i/final"), "--llama", str(chain / "sft/final"),
-                            "--methods", "greedy,bon,token-mcts", "--problems", "2", "--seeds", "0,1",
-                            "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
+    rows, text = search_eval.main(["--ckpt", str(chain / "fta-i/final"), "--llama", str(chain / "sft/final"),
+                                   "--methods", "greedy,bon,token-mcts", "--problems", "2", "--seeds", "0,1",
+                                   "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
     assert len(rows) == 2 + 4 + 2 and "| bon | 2 |" in text and "| token-mcts | 1 |" in text
-    again, _ = mcts.main(["eval", "--ckpt", str(chain / "fta-i/final"), "--llama", str(chain / "sft/final"),
-                          "--methods", "greedy,bon,token-mcts", "--problems", "2", "--seeds", "0,1",
-                          "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
+    again, _ = search_eval.main(["--ckpt", str(chain / "fta-i/final"), "--llama", str(chain / "sft/final"),
+                                 "--methods", "greedy,bon,token-mcts", "--problems", "2", "--seeds", "0,1",
+                                 "--budgets", "200,260", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "ev")])
     assert again == json.loads(json.dumps(rows))                                        # nothing rerun
     assert all(r["trace"][-1][0] == r["spent"] for r in rows)
 
@@ -410,14 +412,14 @@ def test_digest_sees_contents_names_and_linked_folders(tmp_path):
     (ck / "tok").symlink_to(shared)
     (ck / "loop").symlink_to(ck)                                     # a cycle: each folder once
     cache = {}
-    first = mcts.digest(str(ck), cache)
-    assert mcts.digest(str(ck), cache) == first and len(cache) == 2
+    first = search_eval.digest(str(ck), cache)
+    assert search_eval.digest(str(ck), cache) == first and len(cache) == 2
     (shared / "tokenizer.json").write_text("[]")                     # same size, inside the linked folder
-    second = mcts.digest(str(ck), cache)
+    second = search_eval.digest(str(ck), cache)
     (ck / "model.safetensors").write_bytes(b"abce")
-    third = mcts.digest(str(ck), cache)
+    third = search_eval.digest(str(ck), cache)
     (ck / "model.safetensors").rename(ck / "other.safetensors")
-    assert len({first, second, third, mcts.digest(str(ck), cache)}) == 4
+    assert len({first, second, third, search_eval.digest(str(ck), cache)}) == 4
 
 
 def test_eval_reruns_rows_of_a_replaced_checkpoint(chain, tmp_path, capsys):
@@ -426,14 +428,14 @@ def test_eval_reruns_rows_of_a_replaced_checkpoint(chain, tmp_path, capsys):
     import shutil
     llama = tmp_path / "llama"
     shutil.copytree(chain / "sft/final", llama)
-    argv = ["eval", "--ckpt", str(chain / "fta-i/final"), "--llama", str(llama), "--methods", "greedy,token-greedy",
+    argv = ["--ckpt", str(chain / "fta-i/final"), "--llama", str(llama), "--methods", "greedy,token-greedy",
             "--problems", "2", "--seeds", "0", "--budgets", "300", "--max-new-tokens", "8", "--out-dir",
             str(tmp_path / "ev")]
-    first, _ = mcts.main(argv)
+    first, _ = search_eval.main(argv)
     other = Transformer.from_pretrained(chain / "base/final")        # another Llama, written over the same path
     other.save_pretrained(llama)
     capsys.readouterr()
-    rows, _ = mcts.main(argv)
+    rows, _ = search_eval.main(argv)
     printed = capsys.readouterr().out
     assert len(rows) == len(first) + 2                                 # token-greedy's 2 problems, again
     assert "token-greedy seed 0 problem 1/2" in printed and "greedy seed 0" not in printed.replace("token-greedy", "")
@@ -464,6 +466,6 @@ def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
         "not a Q-net": (["--qnet", chain / "sft/final"], "is not a Q-network"),
     }[case]
     with pytest.raises(SystemExit) as e:
-        mcts.main(["search", "--ckpt", str(chain / "fta-i/final"), *map(str, argv)])
+        mcts.main(["--ckpt", str(chain / "fta-i/final"), *map(str, argv)])
     msg = str(e.value.code)
     assert expected in msg and "\n" not in msg, msg

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from infra import memory
+import train
 from infra.parallel import World
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,9 +46,9 @@ def test_block_activation_bytes_are_what_a_block_keeps(weights):
 @pytest.mark.parametrize("stage", STAGES)
 def test_plan_matches_fake_measurement_at_8b(stage):
     """One process at the 8B shapes: every phase's planned peak within 10% of the measured one (they agree to ~1%)."""
-    cfg = memory.config(stage)
-    p = memory.plan(stage, cfg)
-    measured = memory.measure(stage, cfg)
+    cfg = train.stage_config(stage)
+    p = memory.plan(stage, cfg, train.TRAINS[stage])
+    measured = memory.measure(stage, cfg, train.TRAINS[stage], train.stage_losses(stage, cfg))
     assert len(measured) == len(p.phases)
     for planned, got in zip(p.phases, measured):
         assert abs(planned - got) <= 0.10 * got, (stage, planned / GiB, got / GiB)
@@ -59,9 +60,9 @@ def test_fsdp_plan_matches_fake_measurement_at_8b(stage):
     """Rank 0 of 8 under FSDP (a fake process group, destroyed afterwards): within 10% (they agree to ~3%). The
     stages that train the base agree within 6% as well, but take ~30 s each here, so they are left out."""
     import torch.distributed as dist
-    cfg = memory.config(stage)
-    p = memory.plan(stage, cfg, 8)
-    measured = memory.measure(stage, cfg, 8)
+    cfg = train.stage_config(stage)
+    p = memory.plan(stage, cfg, train.TRAINS[stage], 8)
+    measured = memory.measure(stage, cfg, train.TRAINS[stage], train.stage_losses(stage, cfg), 8)
     assert not dist.is_initialized()
     for planned, got in zip(p.phases, measured):
         assert abs(planned - got) <= 0.10 * got, (stage, planned / GiB, got / GiB)
@@ -69,28 +70,28 @@ def test_fsdp_plan_matches_fake_measurement_at_8b(stage):
 
 def test_fta_i_at_8b_is_refused_on_one_80_gib_gpu():
     with pytest.raises(SystemExit) as e:
-        memory.check_fits("fta-i", memory.config("fta-i"), World(), capacity=80 * GiB)
+        memory.check_fits("fta-i", train.stage_config("fta-i"), train.TRAINS["fta-i"], World(), capacity=80 * GiB)
     msg = str(e.value)
     assert "\n" not in msg
     assert "stage fta-i at --preset llama-3.1-8b" in msg and "80.0 GiB" in msg
-    assert f"{memory.plan('fta-i', memory.config('fta-i')).total / GiB:.1f} GiB" in msg
+    assert f"{memory.plan('fta-i', train.stage_config('fta-i'), train.TRAINS['fta-i']).total / GiB:.1f} GiB" in msg
     assert "torchrun --nproc_per_node=8 train.py --stage fta-i" in msg
 
 
 def test_pretrain_at_8b_fits_one_80_gib_gpu():
-    cfg = memory.config("pretrain")
-    assert memory.plan("pretrain", cfg).total + memory.CONTEXT_BYTES < 80 * GiB
-    assert memory.check_fits("pretrain", cfg, World(), capacity=80 * GiB) is None
+    cfg = train.stage_config("pretrain")
+    assert memory.plan("pretrain", cfg, train.TRAINS["pretrain"]).total + memory.CONTEXT_BYTES < 80 * GiB
+    assert memory.check_fits("pretrain", cfg, train.TRAINS["pretrain"], World(), capacity=80 * GiB) is None
 
 
 def test_every_stage_fits_80_gib_per_gpu_on_8_gpus():
     world = World(rank=0, size=8, local_rank=0, launched=True)
     for stage in STAGES:
-        memory.check_fits(stage, memory.config(stage), world, capacity=80 * GiB, shard=8)
+        memory.check_fits(stage, train.stage_config(stage), train.TRAINS[stage], world, capacity=80 * GiB, shard=8)
 
 
 def test_cpu_is_not_checked():
-    assert memory.check_fits("fta-i", memory.config("fta-i"), World(), torch.device("cpu")) is None
+    assert memory.check_fits("fta-i", train.stage_config("fta-i"), train.TRAINS["fta-i"], World(), torch.device("cpu")) is None
 
 
 def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys):

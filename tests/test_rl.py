@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import data
 import rl
 import tasks
 from cola import CoLA
@@ -150,11 +151,11 @@ def test_rollout_logprobs_equal_teacher_forced(latent):
     """The log pi the rollout records (KV cache, step by step) equals the update's teacher-forced recomputation, so
     the importance ratio is 1 before the first update (up to float rounding, 1e-5)."""
     cfg, model, tok = latent
-    problems = rl.problems_at(cfg, 0, 2)
+    problems = tasks.problems_at(cfg.task, cfg.seed, 0, 2)
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
     out = model.generate(prompts, 6, eos=tok.stop_tokens, choose=seeded_sampler(torch.rand(2, 6), 1.0, 40))
     rows = [{"tokens": t, "actions": a} for t, a in zip(out["tokens"], out["actions"])]
-    b = rl.pack(prompts, rows, "cpu")
+    b = data.pack(prompts, rows, "cpu")
     view = rl.SimpleNamespace(model=model, trained=rl.Root(model.policy), ref=None)
     logp = rl.log_probs(view, cfg, b, with_grad=False)
     recorded = torch.zeros_like(logp)
@@ -259,13 +260,13 @@ def test_remax_baseline_is_the_greedy_rollout_of_the_same_prompt(latent, monkeyp
     cfg, model, tok = latent
     cfg = cfg_of("--algo", "remax", "--init", cfg.init, *FAST, "--kl-coef", "0")
     calls = []
-    real = rl.rollout
+    real = data.rollout
 
-    def spy(model, cfg, tok, prompts, choose):
-        rows = real(model, cfg, tok, prompts, choose)
+    def spy(model, tok, prompts, choose, max_new_tokens):
+        rows = real(model, tok, prompts, choose, max_new_tokens)
         calls.append((prompts, rows))
         return rows
-    monkeypatch.setattr(rl, "rollout", spy)
+    monkeypatch.setattr(data, "rollout", spy)
     seen = {}
 
     def record(logp, ref_logp, A, mask, cfg, n_tokens=None):
@@ -279,7 +280,7 @@ def test_remax_baseline_is_the_greedy_rollout_of_the_same_prompt(latent, monkeyp
     assert p1 == p2                                             # the same prompts, one greedy rollout each
     direct = model.generate(p1, cfg.max_new_tokens, eos=tok.stop_tokens, choose=greedy())["tokens"]
     assert [r["tokens"] for r in greedy_rows] == direct
-    problems = rl.problems_at(cfg, 0, cfg.prompts_per_step)
+    problems = tasks.problems_at(cfg.task, cfg.seed, 0, cfg.prompts_per_step)
     want = [tasks.reward(p, s["text"]) - tasks.reward(p, g["text"]) for p, s, g in zip(problems, sampled, greedy_rows)]
     assert seen["A"].tolist() == pytest.approx(want)
 
@@ -322,13 +323,16 @@ def bad_cases(chain, tmp_path):
         "group of one": (["--group", "1"], "--group 1: GRPO normalises rewards within a group of at least 2"),
         "another preset": (["--init", chain / "bc/final", "--preset", "llama-3.1-8b"],
                            "--preset llama-3.1-8b has dim 4096"),
-        "no init": (["--init", tmp_path / "nowhere"], "no config.json"),
+        "no init": (["--init", tmp_path / "nowhere"], "nowhere: directory not found"),
+        "init not a checkpoint": (["--init", chain / "bc"],
+                                  "describes no model (no hidden_size) (a run directory? its model is in final/)"),
         "negative lr": (["--lr", "-1"], "--lr -1"),
     }
 
 
 @pytest.mark.parametrize("case", ["latent on a plain Llama", "token on a CoLA export", "unknown task",
-                                  "unknown algorithm", "group of one", "another preset", "no init", "negative lr"])
+                                  "unknown algorithm", "group of one", "another preset", "no init",
+                                  "init not a checkpoint", "negative lr"])
 def test_bad_input_one_line_before_work(case, chain, tmp_path, monkeypatch, capsys):
     cases = bad_cases(chain, tmp_path)
     argv, expected = cases[case]

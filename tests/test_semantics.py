@@ -28,13 +28,16 @@ import torch
 import torch.nn.functional as F
 
 import cola
+import eval as ev
 import policy
+import data
 import rl
 import train
 from cola import CoLA, CoLAArgs
 from data import Batch
 from idm import ActionStack, codebook_usage, entropy_regulariser, gumbel_softmax_st, new_module_std
 from model import KVCache, ModelArgs, Transformer, sample
+from infra import ce as infra_ce
 from infra.parallel import Root
 
 BASE = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, ffn_dim_multiplier=1.0,
@@ -382,14 +385,14 @@ def test_masked_ce_of_one_counted_target():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
     mask = torch.tensor([[False, True]])
     want = -math.log(math.e / (math.e + 1))
-    assert train.masked_ce(logits, torch.tensor([[0, 1]]), mask).item() == pytest.approx(want, rel=1e-6)
+    assert infra_ce.masked_ce(logits, torch.tensor([[0, 1]]), mask).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_ce_chunk_rows_by_hand():
     """Positions per chunk: 2^30 bytes / (12 bytes per logit x V), at least 1."""
-    assert train.CE_CHUNK_BYTES == 2**30
-    assert train.ce_chunk_rows(128_256) == 697                                          # 2^30 // 1,539,072
-    assert train.ce_chunk_rows(2**30 // 12) == 1 and train.ce_chunk_rows(2**30) == 1     # 1, then 0 -> 1
+    assert infra_ce.CE_CHUNK_BYTES == 2**30
+    assert infra_ce.ce_chunk_rows(128_256) == 697                                          # 2^30 // 1,539,072
+    assert infra_ce.ce_chunk_rows(2**30 // 12) == 1 and infra_ce.ce_chunk_rows(2**30) == 1     # 1, then 0 -> 1
 
 
 def test_lm_head_ce_in_one_chunk_is_masked_ce_bit_for_bit():
@@ -406,9 +409,9 @@ def test_lm_head_ce_in_one_chunk_is_masked_ce_bit_for_bit():
     def run(fn):
         loss = fn()
         return (loss.detach(), *torch.autograd.grad(loss, [s, head.weight]))
-    want = run(lambda: train.masked_ce(head(s), y, m))
+    want = run(lambda: infra_ce.masked_ce(head(s), y, m))
     for chunk in (6, None):
-        got = run(lambda: train.lm_head_ce(head, s, y, m, chunk=chunk))
+        got = run(lambda: infra_ce.lm_head_ce(head, s, y, m, chunk=chunk))
         assert all(torch.equal(a, b) for a, b in zip(got, want)), chunk
 
 
@@ -419,7 +422,7 @@ def test_chunked_ce_of_one_counted_position_by_hand():
     W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)           # [V, D]
     s = torch.tensor([[5.0, -1.0], [1.0, 2.0], [0.5, 0.5]], requires_grad=True)          # [N, D]
     y, m = torch.tensor([2, 0, 1]), torch.tensor([0.0, 1.0, 0.0])
-    loss = train.ChunkedCE.apply(s, W, y, m, 2)
+    loss = infra_ce.ChunkedCE.apply(s, W, y, m, 2)
     Z = math.e + math.e ** 2 + math.e ** 3
     assert loss.item() == pytest.approx(math.log(Z) - 1, rel=1e-6)
     loss.backward()
@@ -439,7 +442,7 @@ def test_chunked_ce_backward_makes_only_the_gradients_asked_for():
     dz = torch.tensor([[math.e, -math.e]]) / (math.e + math.e ** 2)                      # (p_0, p_1 - 1)
     for needs in ((True, False), (False, True)):
         ctx = SimpleNamespace(saved_tensors=saved, needs_input_grad=(*needs, False, False, False), chunk=1)
-        ds, dw, *rest = train.ChunkedCE.backward(ctx, torch.tensor(1.0))
+        ds, dw, *rest = infra_ce.ChunkedCE.backward(ctx, torch.tensor(1.0))
         assert rest == [None, None, None] and (ds is None, dw is None) == (not needs[0], not needs[1])
         if needs[0]:
             torch.testing.assert_close(ds, dz)
@@ -460,7 +463,7 @@ def test_pretrain_loss_is_ce_of_hard_actions_plus_beta_sum_y_log_y(model):
         g = -torch.log(-torch.log(u))
         k = (z + g).argmax(-1)
         y = ((z + g) / tau).softmax(-1)
-        ce = train.masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], b.mask[:, 1:]).item()
+        ce = infra_ce.masked_ce(model.world_logits(h[:, :-1], k), x[:, 1:], b.mask[:, 1:]).item()
         reg = (y * torch.log(y + 1e-8)).sum(-1).mean().item()                              # negative
     results = []
     for beta, rng in ((0.0, 1), (1.0, 2), (1.0, 3)):
@@ -483,10 +486,10 @@ def test_nearest_code_and_vq_loss_by_brute_force():
     z_e, C = torch.randn(2, 3, 5, generator=g), torch.randn(5, 4, generator=g)
     near = [[min(range(4), key=lambda j: ((z_e[b, t] - C[:, j]) ** 2).sum().item()) for t in range(3)]
             for b in range(2)]
-    assert train.nearest_code(z_e, C).tolist() == near
+    assert cola.nearest_code(z_e, C).tolist() == near
     # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2: z = (1, 0) is 0 from c_0 = (1, 0) and 0.64 from c_1 = (1.8, 0)
-    assert train.nearest_code(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[1.0, 1.8], [0.0, 0.0]])).item() == 0
-    m = tiny_cola(cls=train.VQCoLA).train()
+    assert cola.nearest_code(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[1.0, 1.8], [0.0, 0.0]])).item() == 0
+    m = tiny_cola(cls=cola.VQCoLA).train()
     x = tokens(2, 9, seed=6)
     b = batch(x, holey_mask(2, 9))
     with torch.no_grad():
@@ -496,7 +499,7 @@ def test_nearest_code_and_vq_loss_by_brute_force():
         ks = [[min(range(K), key=lambda j: ((z[i, t] - Cw[:, j]) ** 2).sum().item()) for t in range(8)]
               for i in range(2)]
         e = Cw.t()[torch.tensor(ks)]                                                       # [B, T, D]
-        ce = train.masked_ce(m.world_logits_from_code(h[:, :-1], e), x[:, 1:], b.mask[:, 1:]).item()
+        ce = infra_ce.masked_ce(m.world_logits_from_code(h[:, :-1], e), x[:, 1:], b.mask[:, 1:]).item()
         sq = (z - e).pow(2).mean().item()
     m.zero_grad(set_to_none=True)
     loss, metrics = train.vq_pretrain_loss(m, b, 0.25)
@@ -555,7 +558,7 @@ def test_fta_losses_report_their_ce_and_fta_p_passes_base_grad(model):
         a = m.policy_logits(m.hidden(x)[:, :-1]).argmax(-1)
     h = m.hidden(x)[:, :-1]
     s2 = m.merge(h, F.embedding(a, m.codebook.weight.t()))
-    by_hand = train.masked_ce(m.base.output(m.base.norm(s2).detach() - h), x[:, 1:], b.mask[:, 1:])
+    by_hand = infra_ce.masked_ce(m.base.output(m.base.norm(s2).detach() - h), x[:, 1:], b.mask[:, 1:])
     want = base_grads(by_hand)
     loss, metrics = train.fta_p_loss(m, b, "subtracted")
     got = base_grads(loss)
@@ -597,8 +600,8 @@ def test_evaluation_metrics_by_a_loop_over_positions(agreeing):
         counted = [per[i, t] for i in range(2) for t in range(8) if mask[i, t + 1]]
         want = {name: pytest.approx(sum(v[name] for v in counted) / len(counted), rel=1e-4, abs=1e-6)
                 for name in counted[0]}
-        assert train.cola_metrics(m, batch(x, mask)) == want
-        assert train.lm_metrics(m.base, batch(x, mask)) == {"lm": want["lm"]}
+        assert ev.cola_metrics(m, batch(x, mask)) == want
+        assert ev.lm_metrics(m.base, batch(x, mask)) == {"lm": want["lm"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,12 +657,12 @@ def test_pack_by_hand():
     a response token."""
     prompts = [[1, 2, 3], [4]]
     rows = [{"tokens": [5, 6], "actions": [7, 0]}, {"tokens": [8, 9, 10], "actions": [1, 2, 3]}]
-    b = rl.pack(prompts, rows, "cpu")
+    b = data.pack(prompts, rows, "cpu")
     assert b["x"].tolist() == [[1, 2, 3, 5, 6], [4, 8, 9, 10, 0]]
     assert b["mask"].tolist() == [[False, False, True, True], [True, True, True, False]]
     assert b["actions"].tolist() == [[-1, -1, 7, 0], [1, 2, 3, -1]]
     token_rows = [{"tokens": r["tokens"]} for r in rows]
-    assert rl.pack(prompts, token_rows, "cpu")["actions"].tolist() == [[-1] * 4] * 2
+    assert data.pack(prompts, token_rows, "cpu")["actions"].tolist() == [[-1] * 4] * 2
 
 
 def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
@@ -667,7 +670,7 @@ def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
     0 elsewhere, and the reference's under no gradient: each checked against a forward pass on x_{1:t} alone."""
     prompts = [[3, 1, 4], [1]]
     rows = [{"tokens": [5, 9], "actions": [2, 6]}, {"tokens": [2, 6, 5], "actions": [7, 0, 1]}]
-    b = rl.pack(prompts, rows, "cpu")
+    b = data.pack(prompts, rows, "cpu")
     ref = copy.deepcopy(model.policy)
     with torch.no_grad():
         ref.head.weight.mul_(1.5)
@@ -692,7 +695,7 @@ def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
     lm_ref = copy.deepcopy(lm)
     with torch.no_grad():
         lm_ref.output.weight.mul_(0.5)
-    tok = rl.pack(prompts, [{"tokens": r["tokens"]} for r in rows], "cpu")
+    tok = data.pack(prompts, [{"tokens": r["tokens"]} for r in rows], "cpu")
     learner = SimpleNamespace(model=lm, trained=Root(lm), ref=lm_ref)
     logp, ref_logp = rl.log_probs(learner, SimpleNamespace(level="token", temperature=1.0), tok, with_grad=False, ref=True)
     assert not logp.requires_grad

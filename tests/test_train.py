@@ -30,12 +30,14 @@ import torch.nn.functional as F
 
 import cola
 import model as model_py
+import pipeline
+from infra import ce as infra_ce
 from infra import parallel
 import train
 from infra import trainer
 from data import Batch
 
-from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, TRAIN, cmd, read_rows, run_ok, step_rows
+from conftest import ENV, LM, LM_STEPS, REPO, TASK_STEPS, cmd, read_rows, run_ok, step_rows
 
 K = cola.COLA_PRESETS["tiny"].n_actions          # 64
 
@@ -149,7 +151,7 @@ def test_smoke_frozen_parts_stay_frozen(chain):
 def test_pipeline_smallest_scale(tmp_path):
     """--scale 0.001 rounds every stage to 1 step (the smallest the pipeline runs); results.md has the table."""
     out = tmp_path / "runs"
-    run_ok([sys.executable, str(TRAIN), "--stage", "pipeline", "--scale", "0.001", "--out-dir", str(out)],
+    run_ok([sys.executable, str(REPO / "pipeline.py"), "--scale", "0.001", "--out-dir", str(out)],
            timeout=600)
     table = (out / "results.md").read_text()
     assert "| measurement" in table and "| value | paper / target |" in table
@@ -369,7 +371,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True], ids=["no-native-bf16", "native-bf16"])
 def test_dtype_auto_follows_the_hardware(native, monkeypatch, capsys):
-    import mcts
+    import qnet
     import rl
     monkeypatch.setattr(trainer, "native_bf16", lambda kind: native)
     monkeypatch.setattr(trainer, "_warned", [])                       # the warning is said once per process
@@ -381,11 +383,11 @@ def test_dtype_auto_follows_the_hardware(native, monkeypatch, capsys):
     assert (warned.count("\n"), "--dtype bfloat16" in warned) == ((0, False) if native else (1, True)), warned
     assert trainer.resolve_dtype("bfloat16", "cpu") == "bfloat16" and capsys.readouterr().out == ""     # not again
     assert train.parse_args(["--stage", "base"])[1].dtype == want     # every script's default is auto
-    assert train.parse_args(["--stage", "pipeline"])[1].dtype == want
+    assert pipeline.parse_pipeline_args([]).dtype == want
     assert train.parse_args(["--stage", "base", "--dtype", "float32"])[1].dtype == "float32"
     init = ["--init", str(REPO)]                                     # any directory: parsing reads no model
     assert rl.parse_args(init + ["--judge", "none"]).dtype == want
-    assert mcts.parse_q_args(init).dtype == want
+    assert qnet.parse_q_args(init).dtype == want
     with pytest.raises(SystemExit, match="--dtype 'fp16': expected one of auto, bfloat16, float32"):
         train.parse_args(["--stage", "base", "--dtype", "fp16"])
 
@@ -577,10 +579,10 @@ def test_masked_ce_matches_hand_computation():
     ce = [[-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.e / (math.e + 1)), math.log(2)],
           [-math.log(1 / (math.exp(0.5) + 1)), math.log(2), -math.log(math.exp(3) / (math.exp(3) + math.exp(-1)))]]
     want = (ce[0][0] + ce[0][2] + ce[1][1] + ce[1][2]) / 4
-    assert train.masked_ce(logits, targets, mask).item() == pytest.approx(want, rel=1e-5)
-    assert train.masked_ce(logits, targets, torch.ones(2, 3, dtype=torch.bool)).item() == \
+    assert infra_ce.masked_ce(logits, targets, mask).item() == pytest.approx(want, rel=1e-5)
+    assert infra_ce.masked_ce(logits, targets, torch.ones(2, 3, dtype=torch.bool)).item() == \
         pytest.approx(sum(map(sum, ce)) / 6, rel=1e-5)
-    assert train.masked_ce(logits, targets, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0   # no NaN
+    assert infra_ce.masked_ce(logits, targets, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0   # no NaN
 
 
 @pytest.fixture(scope="module")
@@ -740,7 +742,7 @@ def test_fta_i_gradient_does_not_pass_through_the_idm(tiny_cola):
         k = tiny_cola.idm_labels(tiny_cola.hidden(b.tokens))
     tiny_cola.zero_grad(set_to_none=True)
     h = tiny_cola.hidden(b.tokens)
-    train.masked_ce(tiny_cola.world_logits(h[:, :-1], k), b.tokens[:, 1:], b.mask[:, 1:]).backward()
+    infra_ce.masked_ce(tiny_cola.world_logits(h[:, :-1], k), b.tokens[:, 1:], b.mask[:, 1:]).backward()
     want = [p.grad.clone() for p in tiny_cola.base.parameters()]
     tiny_cola.zero_grad(set_to_none=True)
     train.fta_i_loss(tiny_cola, b)[0].backward()
@@ -765,12 +767,12 @@ def test_fta_p_base_grad_chooses_the_side_of_the_difference(tiny_cola):
     grads, losses = {}, {}
     for mode in ("subtracted", "merge"):
         hh = h.clone().requires_grad_(True)
-        loss = train.masked_ce(tiny_cola.world_logits(hh, a, mode), x[:, 1:], m)
+        loss = infra_ce.masked_ce(tiny_cola.world_logits(hh, a, mode), x[:, 1:], m)
         grads[mode], losses[mode] = torch.autograd.grad(loss, hh)[0], loss.item()
         s2 = tiny_cola.merge(hh, e)
         by_hand = (tiny_cola.base.norm(s2).detach() - hh) if mode == "subtracted" else \
             (tiny_cola.base.norm(s2) - hh.detach())
-        want = torch.autograd.grad(train.masked_ce(tiny_cola.base.output(by_hand), x[:, 1:], m), hh)[0]
+        want = torch.autograd.grad(infra_ce.masked_ce(tiny_cola.base.output(by_hand), x[:, 1:], m), hh)[0]
         assert torch.allclose(grads[mode], want, atol=1e-7), mode
     assert losses["subtracted"] == losses["merge"]
     assert not torch.allclose(grads["subtracted"], grads["merge"])
@@ -846,8 +848,8 @@ def _loss_and_grads(fn):
 def test_chunked_ce_equals_unchunked_values_and_grads(chunk):
     """Every chunk size (one row, uneven, one chunk for all 111 positions) gives masked_ce(head(s))'s loss and the
     gradients of both s and W, float32."""
-    want = _loss_and_grads(lambda h, s, y, m: train.masked_ce(h(s), y, m))
-    got = _loss_and_grads(lambda h, s, y, m: train.lm_head_ce(h, s, y, m, chunk=chunk))
+    want = _loss_and_grads(lambda h, s, y, m: infra_ce.masked_ce(h(s), y, m))
+    got = _loss_and_grads(lambda h, s, y, m: infra_ce.lm_head_ce(h, s, y, m, chunk=chunk))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -857,8 +859,8 @@ def test_chunked_ce_under_bf16_autocast_matches_the_plain_path():
     def run(fn):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _loss_and_grads(fn)
-    want = run(lambda h, s, y, m: train.masked_ce(h(s), y, m))
-    got = run(lambda h, s, y, m: train.lm_head_ce(h, s, y, m, chunk=5))
+    want = run(lambda h, s, y, m: infra_ce.masked_ce(h(s), y, m))
+    got = run(lambda h, s, y, m: infra_ce.lm_head_ce(h, s, y, m, chunk=5))
     assert got[0].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     for a, b in zip(got[1:], want[1:]):
@@ -869,9 +871,9 @@ def test_chunked_ce_under_bf16_autocast_matches_the_plain_path():
 def test_chunked_ce_frozen_head_gets_no_gradient_and_no_mask_counts_nothing():
     head, s, y, m = _head_problem()
     head.weight.requires_grad_(False)
-    train.lm_head_ce(head, s, y, m, chunk=4).backward()
+    infra_ce.lm_head_ce(head, s, y, m, chunk=4).backward()
     assert head.weight.grad is None and s.grad is not None
-    empty = train.lm_head_ce(head, s, y, torch.zeros_like(m), chunk=4)
+    empty = infra_ce.lm_head_ce(head, s, y, torch.zeros_like(m), chunk=4)
     assert empty.item() == 0.0
 
 
@@ -894,8 +896,8 @@ def test_chunked_ce_peak_memory_is_bounded_at_8b_shapes():
             return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     G = 2**30
     inputs = (V * D * 2 * 2 + B * T * D * 2 * 2)                  # W and its gradient, s and its gradient (bf16)
-    plain = peak(lambda h, s, y, m: train.masked_ce(h(s), y, m))
-    chunked = peak(lambda h, s, y, m: train.lm_head_ce(h, s, y, m))
+    plain = peak(lambda h, s, y, m: infra_ce.masked_ce(h(s), y, m))
+    chunked = peak(lambda h, s, y, m: infra_ce.lm_head_ce(h, s, y, m))
     assert plain - inputs > 10 * G                                # logits bf16 + float32 + softmax: > 10 GiB
     extra = chunked - inputs
-    assert extra < train.CE_CHUNK_BYTES + V * D * 4 + 0.25 * G, extra / G   # one chunk + dW (float32)
+    assert extra < infra_ce.CE_CHUNK_BYTES + V * D * 4 + 0.25 * G, extra / G   # one chunk + dW (float32)

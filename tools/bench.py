@@ -376,6 +376,7 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     stages that train the base, train.LARGE): one process, and per GPU under torchrun on `gpus` GPUs. GiB; "fits"
     compares total + memory.CONTEXT_BYTES with an 80 GiB GPU, as memory.check_fits does."""
     from infra import memory
+    import train
     G = 2**30
     stages = ["pretrain", "bc", "fta-i", "fta-p", "sft"]
     head = ("| stage | AC | trained | state | frozen | FSDP buffers | bf16 copies | activations | loss | total | "
@@ -384,8 +385,8 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
     for n in (1, gpus):
         rows = []
         for stage in stages:
-            cfg = memory.config(stage, preset, micro_batch=micro, seq_len=seq)
-            p = memory.plan(stage, cfg, n)
+            cfg = train.stage_config(stage, preset, micro_batch=micro, seq_len=seq)
+            p = memory.plan(stage, cfg, train.TRAINS[stage], n)
             at = (f"phase {p.phase + 1}, " if len(p.phases) > 1 else "") + p.moment
             fits = "yes" if p.total + memory.CONTEXT_BYTES <= 80 * G else "no"
             rows.append(f"| {stage} | {'yes' if cfg.activation_checkpointing else 'no'} | {p.trained / 1e9:.2f} B | "

@@ -114,7 +114,7 @@ ASSIGNMENTS = [
                    Function("train.py", "pretrain_loss", [CT + "test_a4_pretrain_loss_by_formula",
                                                           T + "test_pretrain_loss_trains_idm_codebook_merge_only"]),
                    Function("idm.py", "codebook_usage", [C + "test_codebook_usage_and_policy_helpers"]),
-                   Function("train.py", "nearest_code", [CT + "test_a4_nearest_code_brute_force"]),
+                   Function("cola.py", "nearest_code", [CT + "test_a4_nearest_code_brute_force"]),
                    Function("train.py", "vq_pretrain_loss", [CT + "test_a4_vq_pretrain_loss_by_formula"]),
                ]),
     Assignment(5, "Stage B: cloning the inverse dynamics model into a policy",
@@ -123,12 +123,12 @@ ASSIGNMENTS = [
                    Function("cola.py", "CoLA.policy_logits", [C + "test_policy_is_causal"]),
                    Function("train.py", "bc_loss", [T + "test_bc_loss_trains_policy_only",
                                                     T + "test_losses_count_exactly_the_response_targets"]),
-                   Function("train.py", "cola_metrics", [CT + "test_a5_cola_metrics_by_hand"]),
+                   Function("eval.py", "cola_metrics", [CT + "test_a5_cola_metrics_by_hand"]),
                ]),
     Assignment(6, "Fine-tuning under action guidance: FTA-I and FTA-P against token SFT, and what retention means",
                "PAPER.md §3 (FTA); Algorithm 2", [
-                   Function("train.py", "masked_ce", [T + "test_masked_ce_matches_hand_computation"]),
-                   Function("train.py", "ChunkedCE.backward", [
+                   Function("infra/ce.py", "masked_ce", [T + "test_masked_ce_matches_hand_computation"]),
+                   Function("infra/ce.py", "ChunkedCE.backward", [
                        T + "test_chunked_ce_equals_unchunked_values_and_grads",
                        T + "test_chunked_ce_frozen_head_gets_no_gradient_and_no_mask_counts_nothing"]),
                    Function("train.py", "base_loss", [T + "test_activation_checkpointing_same_loss_and_grads",
@@ -153,12 +153,11 @@ ASSIGNMENTS = [
                ]),
     Assignment(8, "Tree search over latent actions: the Double-DQN target, PUCT, the backup and MCTS-Q's TD test",
                "PAPER.md §5; Algorithm 3", [
-                   Function("mcts.py", "double_dqn_targets", [Q + "test_double_dqn_targets_by_hand"]),
+                   Function("qnet.py", "double_dqn_targets", [Q + "test_double_dqn_targets_by_hand"]),
                    Function("mcts.py", "puct", [CT + "test_a8_puct_by_formula", TREE]),
                    Function("mcts.py", "edge_value", [CT + "test_a8_edge_value_by_formula", TREE]),
                    Function("mcts.py", "backup", [TREE]),
                    Function("mcts.py", "td_error", [CT + "test_a8_td_error_by_formula", TREE]),
-                   Function("mcts.py", "td_consistent", [CT + "test_a8_td_consistent_by_formula", TREE]),
                ]),
 ]
 BY_N = {a.n: a for a in ASSIGNMENTS}

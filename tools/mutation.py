@@ -39,14 +39,18 @@ SCOPE = {
         "action_chooser", "check_actions", "MergeMLP.forward", "MergeModule.forward", "CoLA.hidden", "CoLA.idm_logits",
         "CoLA.idm_labels", "CoLA.world_state_from_code", "CoLA.world_state", "CoLA.world_state_onehot",
         "CoLA.world_logits_from_code", "CoLA.world_logits", "CoLA.world_logits_onehot", "CoLA.world_logits_last",
-        "CoLA.policy_logits", "CoLA.generate"],
-    "train.py": [  # every stage's loss and the metrics computed from them (Algorithms 1 and 2)
-        "masked_ce", "ce_chunk_rows", "lm_head_ce", "ChunkedCE.forward", "ChunkedCE.backward", "row_uniforms",
-        "base_loss", "pretrain_loss", "nearest_code", "vq_pretrain_loss", "bc_loss",
-        "fta_i_loss", "fta_p_loss", "lm_metrics", "cola_metrics"],
-    "rl.py": [  # advantages, KL estimators, aggregation, the GRPO / ReMax losses, the batch they read (Algorithm 4)
-        "grpo_advantages", "advantages", "k1", "k3", "aggregate", "grpo_loss", "remax_loss", "pack", "log_probs",
+        "CoLA.policy_logits", "CoLA.generate", "nearest_code"],
+    "train.py": [  # every stage's loss (Algorithms 1 and 2)
+        "row_uniforms", "base_loss", "pretrain_loss", "vq_pretrain_loss", "bc_loss", "fta_i_loss", "fta_p_loss"],
+    "infra/ce.py": [  # the token cross-entropy, and its chunked form over the vocabulary
+        "masked_ce", "ce_chunk_rows", "lm_head_ce", "ChunkedCE.forward", "ChunkedCE.backward"],
+    "eval.py": [  # the held-out metrics every stage logs (lm, wm_idm, wm_policy, policy_acc)
+        "lm_metrics", "cola_metrics"],
+    "rl.py": [  # advantages, KL estimators, aggregation, the GRPO / ReMax losses, the log-probs (Algorithm 4)
+        "grpo_advantages", "advantages", "k1", "k3", "aggregate", "grpo_loss", "remax_loss", "log_probs",
         "token_log_probs"],
+    "data.py": [  # the batch the RL losses read
+        "pack"],
     "model.py": [  # generation: KV cache, positions, the shared sampler
         "KVCache.update", "Attention.forward", "setup_kv_cache", "clear_kv_cache", "RopeCache.__call__",
         "Transformer.hidden", "Transformer.setup_cache", "Transformer.clear_cache", "Transformer.generate", "sample"],
@@ -68,7 +72,7 @@ WHY = {
     "topkn": "top-k with k = N keeps every entry",
     "topkdim": "topk's default dim is -1",
     "inf": "float() reads '-INF' as -inf too",
-    "ucast": "the uniforms are float32 like the CDF (rl.row_uniforms): the cast does nothing",
+    "ucast": "the uniforms are float32 like the CDF (policy.sample_uniforms): the cast does nothing",
     "cdf1": "cdf[:, -1] is 1 up to rounding: u * 1 and u / 1 fall in the same bin unless within rounding of an edge",
     "clamp": "the clamp never binds: u < 1 keeps the index below N",
     "poldef": "only the RL reference uses this default, without a KV cache; start_pos only indexes the cache",
@@ -327,11 +331,14 @@ def _functions(module):
 
 
 def install_also_copy():
-    """The modules the tests import but mutmut does not mutate (every other top-level .py, infra/, tools/) go into
-    mutants/ too."""
+    """The modules the tests import but mutmut does not mutate (every other .py at the top, in infra/ and tools/) go
+    into mutants/ too, file by file (a folder copied whole would overwrite the mutated files in it)."""
     from mutmut.configuration import config
     cfg = config()
-    cfg.also_copy += [p for p in Path(".").glob("*.py") if p.name not in SCOPE] + [Path("infra"), Path("tools")]
+    cfg.also_copy += [p for d in (".", "infra", "tools") for p in sorted(Path(d).glob("*.py"))
+                      if p.as_posix() not in SCOPE]
+    for d in ("infra", "tools"):                     # mutmut copies files into existing folders only
+        (Path("mutants") / d).mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +378,8 @@ def report() -> int:
             if status in ("killed", "timeout", "not checked"):
                 count["killed" if status != "not checked" else status] += 1
                 continue
-            func = name.split(".", 1)[1].split("__mutmut_")[0].replace("xǁ", "").replace("ǁ", ".").removeprefix("x_")
+            func = name[len(path.removesuffix(".py").replace("/", ".")) + 1:].split("__mutmut_")[0]
+            func = func.replace("xǁ", "").replace("ǁ", ".").removeprefix("x_")
             minus, plus = diff_lines(name, path)
             if status in ("survived", "no tests") and ((func, plus) in equivalent or device_only(minus, plus)):
                 cpu = (func, plus) not in equivalent or equivalent[func, plus].startswith("cpu")
@@ -385,11 +393,11 @@ def report() -> int:
     print("\nmutation score: killed / non-equivalent mutants, per file (equivalent: changes nothing observable;"
           "\ncpu-only: changes only the device a tensor is made on, which a CPU cannot see)")
     for path, c, total in rows:
-        print(f"  {path:<10} {c['killed']:>4} / {total:<4} {c['killed'] / max(total, 1):6.1%}   equivalent "
+        print(f"  {path:<12} {c['killed']:>4} / {total:<4} {c['killed'] / max(total, 1):6.1%}   equivalent "
               f"{c['equivalent']:>3}   cpu-only {c['cpu']:>3}   survived {c['survived']:>3}   no test "
               f"{c['no tests']:>3}   other {c['other']}   not run {c['not checked']}")
     killed, total = sum(c["killed"] for _, c, _ in rows), sum(t for *_, t in rows)
-    print(f"  {'all':<10} {killed:>4} / {total:<4} {killed / max(total, 1):6.1%}")
+    print(f"  {'all':<12} {killed:>4} / {total:<4} {killed / max(total, 1):6.1%}")
     if survivors:
         print("\nsurvivors:\n" + "\n".join(survivors))
     stale = [k for k in equivalent if k not in used]
