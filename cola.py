@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from idm import IDM, idm_labels, new_module_std
 from infra import checkpoint
-from model import PRESETS, ModelArgs, Transformer, check_sampling_flags, fit_new_tokens
+from model import PRESETS, ModelArgs, Transformer, check_sampling_flags, fit_new_tokens, new_tokens, prompt_buffer
 import policy
 from policy import Policy
 from tokenizer import Tokenizer
@@ -198,7 +198,7 @@ class CoLA(nn.Module):
 
     def world_state_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
         """The vector W_lm multiplies, Norm_f(s_2) - h_t, from states h [B, T, D] and action codes e [B, T, D]
-        (e_t = C a_t) -> [B, T, D]. Training losses project it with the chunked lm_head_ce (train.py), so the
+        (e_t = C a_t) -> [B, T, D]. Training losses project it with the chunked lm_head_ce (infra/ce.py), so the
         [B, T, V] logits never exist at once.
 
         The value is the same either way; base_grad says which side of the difference carries gradient to a
@@ -213,32 +213,20 @@ class CoLA(nn.Module):
             return self.base.norm(s).detach() - h                                        # [B, T, D]
         raise ValueError(f"world_logits: base_grad must be 'merge' or 'subtracted', got {base_grad!r}")
 
-    def world_state(self, h: torch.Tensor, actions: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
-        """h [B, T, D] (states x_{1:t}), actions [B, T] long -> Norm_f(s_2) - h_t [B, T, D]."""
-        check_actions(actions, self.args.n_actions, "world_logits")
-        e = F.embedding(actions, self.codebook.weight.t())                               # [B, T, D] e_t = C[:, a_t]
+    def world_state(self, h: torch.Tensor, a: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """h [B, T, D] (states x_{1:t}) and actions a -> Norm_f(s_2) - h_t [B, T, D]. Eq: e_t = C a_t, where a is
+        either action ids [B, T] long (C's column a_t) or one-hot / straight-through vectors [B, T, K] float (a~_t:
+        the gradient flows into a, Stage A's path to the IDM)."""
+        if a.is_floating_point():
+            e = self.codebook(a.to(self.codebook.weight.dtype))                          # [B, T, D] e_t = C a~_t
+        else:
+            check_actions(a, self.args.n_actions, "world_logits")
+            e = F.embedding(a, self.codebook.weight.t())                                 # [B, T, D] e_t = C[:, a_t]
         return self.world_state_from_code(h, e, base_grad)                               # [B, T, D]
 
-    def world_state_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, D]; gradient flows into a."""
-        e = self.codebook(a.to(self.codebook.weight.dtype))                              # [B, T, D] Eq: e_t = C a~_t
-        return self.world_state_from_code(h, e)                                          # [B, T, D]
-
-    def world_logits_from_code(self, h: torch.Tensor, e: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
-        """p_WM logits. Eq: logits = W_lm(Norm_f(s_2) - h_t): h, e [B, T, D] -> [B, T, V] (world_state_from_code)."""
-        return self.base.output(self.world_state_from_code(h, e, base_grad))             # [B, T, V]
-
-    def world_logits(self, h: torch.Tensor, actions: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
-        """h [B, T, D] (states x_{1:t}), actions [B, T] long -> logits of x_{t+1} [B, T, V]."""
-        return self.base.output(self.world_state(h, actions, base_grad))                 # [B, T, V]
-
-    def world_logits_onehot(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D], a [B, T, K] float (e.g. straight-through a~) -> [B, T, V]; gradient flows into a."""
-        return self.base.output(self.world_state_onehot(h, a))                           # [B, T, V]
-
-    def world_logits_last(self, h_last: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """One decoding step: h_last [B, D], actions [B] -> [B, V] (world_logits on a length-1 sequence)."""
-        return self.world_logits(h_last[:, None], actions[:, None])[:, 0]                # [B, V]
+    def world_logits(self, h: torch.Tensor, a: torch.Tensor, base_grad: str = "merge") -> torch.Tensor:
+        """p_WM logits. Eq: logits = W_lm(Norm_f(s_2) - h_t): h [B, T, D], a as in world_state -> [B, T, V]."""
+        return self.base.output(self.world_state(h, a, base_grad))                       # [B, T, V]
 
     def policy_logits(self, h: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """pi logits: h [B, T, D] at positions start_pos.. -> [B, T, K] (uses the policy's KV cache if set)."""
@@ -263,9 +251,7 @@ class CoLA(nn.Module):
         row still inside its prompt keeps its prompt token and records no action.
         """
         K, device = self.args.n_actions, self.base.tok_embeddings.weight.device
-        B, lens = len(prompts), [len(p) for p in prompts]
-        if B == 0 or min(lens) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
+        B = len(prompts)
         if choose is None:
             if mode == "forced":
                 if forced_actions is None:
@@ -277,26 +263,18 @@ class CoLA(nn.Module):
                 check_actions(forced_actions, K, "generate (forced)")
                 max_new_tokens = min(max_new_tokens, forced_actions.shape[1])
             choose = action_chooser(mode, K, action, forced_actions, temperature, top_k, top_p, generator)
-        if max(lens) > self.base_args.max_seq_len:
-            raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len "
-                             f"{self.base_args.max_seq_len}")
-        total = min(self.base_args.max_seq_len, max(lens) + max_new_tokens)
-        tokens = torch.full((B, total), -1, dtype=torch.long, device=device)            # [B, L]
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens, lens_t, stop = prompt_buffer(prompts, max_new_tokens, self.base_args.max_seq_len, eos, device)
+        total = tokens.shape[1]                                                          # tokens [B, L]
         in_prompt = tokens >= 0                                                          # [B, L]
         acts = torch.full((B, total), -1, dtype=torch.long, device=device)              # [B, L] action behind x_t
         logps = torch.zeros((B, total), dtype=torch.float32, device=device)             # [B, L]
-        lens_t = torch.tensor(lens, device=device)                                       # [B]
-        stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), dtype=torch.long,
-                            device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)                           # [B]
         if use_cache:
             self.base.setup_cache(B, total)
             self.policy.setup_cache(B, total, self.codebook.weight.dtype, device)
         try:
             prev = 0
-            for cur in range(min(lens), total):
+            for cur in range(int(lens_t.min()), total):
                 # states x_{1:cur} -> h_t (t = cur - 1) and pi(. | x_{1:t})
                 if use_cache:
                     h = self.hidden(tokens[:, prev:cur], prev)                           # [B, cur-prev, D]
@@ -305,7 +283,7 @@ class CoLA(nn.Module):
                     h = self.hidden(tokens[:, :cur])                                     # [B, cur, D]
                     pi_logits = self.policy_logits(h)[:, -1].float()                     # [B, K]
                 a = choose(pi_logits, (cur - lens_t).clamp(min=0))                     # [B] a_t
-                nxt = self.world_logits_last(h[:, -1], a).float().argmax(-1)             # [B] x_{t+1}, greedy
+                nxt = self.world_logits(h[:, -1:], a[:, None])[:, 0].float().argmax(-1)  # [B] x_{t+1}, greedy
                 new = ~in_prompt[:, cur]                                                 # [B] rows past their prompt
                 tokens[:, cur] = torch.where(new, nxt, tokens[:, cur])
                 acts[:, cur] = torch.where(new, a, -1)
@@ -319,13 +297,10 @@ class CoLA(nn.Module):
                 self.base.clear_cache()
                 self.policy.clear_cache()
         out = {"tokens": [], "actions": [], "logprobs": []}
-        stops = set(stop.tolist())
-        for i, n0 in enumerate(lens):
-            new = [t for t in tokens[i, n0:].tolist() if t >= 0][:max_new_tokens]
-            cut = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))
-            out["tokens"].append(new[:cut])
-            out["actions"].append(acts[i, n0:n0 + cut].tolist())
-            out["logprobs"].append(logps[i, n0:n0 + cut].tolist())
+        for i, (new, n0) in enumerate(new_tokens(tokens, lens_t, max_new_tokens, stop)):
+            out["tokens"].append(new)
+            out["actions"].append(acts[i, n0:n0 + len(new)].tolist())
+            out["logprobs"].append(logps[i, n0:n0 + len(new)].tolist())
         return out
 
     # -- checkpoints (the official release layout; infra/checkpoint.py reads and writes it) -------------------------

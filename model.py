@@ -379,26 +379,16 @@ class Transformer(nn.Module):
         choose(logits [B, V] float, n [B]) -> tokens [B], n the index of each row's new token (policy.py has
         choosers); default: `sample` with temperature and top_p.
         """
-        device = self.tok_embeddings.weight.device
-        lens = [len(p) for p in prompts]
-        if min(lens) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
-        if max(lens) > self.args.max_seq_len:
-            raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len "
-                             f"{self.args.max_seq_len}")
-        total = min(self.args.max_seq_len, max(lens) + max_new_tokens)
-        tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=device)  # [B, L]
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens, lens_t, stop = prompt_buffer(prompts, max_new_tokens, self.args.max_seq_len, eos,
+                                             self.tok_embeddings.weight.device)          # [B, L], [B], [S]
+        B, total = tokens.shape
         in_prompt = tokens >= 0                                                          # [B, L]
-        lens_t = torch.tensor(lens, device=device)                                       # [B]
-        stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), device=device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)                # [B]
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)                    # [B]
         if use_cache:
-            self.setup_cache(len(prompts), total)
+            self.setup_cache(B, total)
         try:
             prev = 0
-            for cur in range(min(lens), total):
+            for cur in range(int(lens_t.min()), total):
                 # Only the last position's logits are needed: W_lm on [B, D], not on the whole prefill [B, T, D].
                 if use_cache:
                     h = self.hidden(tokens[:, prev:cur], start_pos=prev)[:, -1]          # [B, D]
@@ -418,13 +408,35 @@ class Transformer(nn.Module):
         finally:
             if use_cache:
                 self.clear_cache()
-        out = []
-        for i, p in enumerate(prompts):
-            new = tokens[i, len(p):].tolist()
-            new = [t for t in new if t >= 0]
-            cut = next((j + 1 for j, t in enumerate(new) if stop.numel() and t in stop.tolist()), len(new))
-            out.append(new[:min(cut, max_new_tokens)])
-        return out
+        return [new for new, _ in new_tokens(tokens, lens_t, max_new_tokens, stop)]
+
+
+def prompt_buffer(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int, eos, device):
+    """What both generate()s decode into (Meta's shared-position scheme): tokens [B, L] holding each prompt and -1
+    after it, L = min(max_seq_len, longest prompt + max_new_tokens); the prompt lengths [B]; the stop tokens [S]
+    (eos: one id, a list, or None)."""
+    lens = [len(p) for p in prompts]
+    if not prompts or min(lens) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    if max(lens) > max_seq_len:
+        raise ValueError(f"generate: prompt of {max(lens)} tokens is longer than max_seq_len {max_seq_len}")
+    total = min(max_seq_len, max(lens) + max_new_tokens)
+    tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=device)      # [B, L]
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), dtype=torch.long, device=device)
+    return tokens, torch.tensor(lens, device=device), stop
+
+
+def new_tokens(tokens: torch.Tensor, lens: torch.Tensor, max_new_tokens: int, stop: torch.Tensor) -> list:
+    """Per row of a decoded buffer: (its new tokens, at most max_new_tokens, cut after the first stop token; the
+    position of the first of them)."""
+    stops, out = set(stop.tolist()), []
+    for row, n0 in zip(tokens.tolist(), lens.tolist()):
+        new = [t for t in row[n0:] if t >= 0][:max_new_tokens]
+        cut = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))
+        out.append((new[:cut], n0))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

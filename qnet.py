@@ -326,7 +326,7 @@ def q_eval(pair: QPair, rows: list[dict], cfg: QArgs, device) -> dict:
 def train_q(argv: list[str]):
     cfg = parse_q_args(argv)
     world = parallel.World()
-    run = Run(f"q-{cfg.level}", cfg, world)
+    run = Run(f"q-{cfg.level}", cfg, world, init=cfg.init)
     device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     policy_model = load_policy(cfg.init, cfg.level, torch.device("cpu"))

@@ -484,6 +484,14 @@ def sync(learner):
 
 
 def main(argv=None):
+    """Train (or, --eval-only, evaluate); every process group is destroyed however it ends."""
+    try:
+        return train(argv)
+    finally:
+        parallel.shutdown()
+
+
+def train(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     world = parallel.world_from_env()
     cfg = parse_args(argv, world)
@@ -499,7 +507,7 @@ def main(argv=None):
                                  judge=load_judge(cfg, device)), "general_loss": general_text_loss(model, cfg, tok, device)}
         print(json.dumps({"init": cfg.init, **result}))
         return result
-    run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world)
+    run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world, init=cfg.init)
     device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     learner = build(cfg, world, device)
@@ -550,9 +558,7 @@ def main(argv=None):
             return
     bar.close()
     run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
-    parallel.barrier(world)                    # every rank done before any tears the process group down, here:
-    if parallel.dist.is_initialized():         # left to the interpreter's exit, gloo's threads can abort the process
-        parallel.dist.destroy_process_group()  # ("terminate called without an active exception")
+    parallel.barrier(world)                    # every rank done before main tears the process group down
 
 
 def load_judge(cfg: RLArgs, device):

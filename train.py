@@ -322,7 +322,7 @@ def pretrain_loss(model: CoLA, b: Batch, tau: float, beta: float, seed: int):
     z = model.idm_logits(h)[:, 1:]                 # one-step look-ahead: a_t read at t+1       [B, T, K]
     u = row_uniforms(b.ids, z.shape[1:], seed, z.device)                                     # [B, T, K]
     a_st, y, k = gumbel_softmax_st(z, tau, u=u)    # Eq: a~ = onehot(k) - sg(y) + y             [B, T, K]
-    s2 = model.world_state_onehot(h[:, :-1], a_st)  # Norm_f(s_2) - h_t, what W_lm projects    [B, T, D]
+    s2 = model.world_state(h[:, :-1], a_st)         # Norm_f(s_2) - h_t, what W_lm projects    [B, T, D]
     ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
     reg = entropy_regulariser(y, beta)             # = -beta * mean entropy(y)
     usage = codebook_stats(k, model.args.n_actions)
@@ -382,7 +382,7 @@ def fta_i_loss(model: CoLA, b: Batch):
 
 def fta_p_loss(model: CoLA, b: Batch, base_grad: str):
     """FTA-P: the base learns the world-model CE under the frozen greedy policy's actions a_t = argmax pi(.|x_{1:t}).
-    base_grad: which side of W_lm(Norm_f(s_2) - h_t) carries the gradient (CoLA.world_logits_from_code)."""
+    base_grad: which side of W_lm(Norm_f(s_2) - h_t) carries the gradient (CoLA.world_state_from_code)."""
     x = b.tokens
     h = model.hidden(x)                                                                      # [B, T+1, D]
     with torch.no_grad():
@@ -409,6 +409,12 @@ def codebook_eval(run: Run, root, batches, assign) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and data a stage starts from
+
+
+def launch(cfg) -> dict:
+    """The options Run takes by name from a stage's flags: where it starts from, how it lays out over processes."""
+    return dict(init=cfg.init, collective_timeout=cfg.collective_timeout, cpu_offload=cfg.cpu_offload,
+                shard_group=cfg.shard_group, async_save=cfg.async_save)
 
 
 def new_tiny_llama(cfg, tok: Tokenizer, device) -> Transformer:
@@ -501,7 +507,7 @@ def fit(run: Run, root, phases: list[Phase], loader, evals: dict) -> dict | None
 
 def stage_base(cfg: BaseArgs, world: World):
     """A tiny Llama from scratch: next-token CE on the embedded corpus, everything trains."""
-    run, tok = Run("base", cfg, world), Tokenizer.find(None, cfg.tokenizer or None)
+    run, tok = Run("base", cfg, world, **launch(cfg)), Tokenizer.find(None, cfg.tokenizer or None)
     phases = [Phase("lm", *TRAINS["base"], base_loss, cfg.steps)]
     root = run.build(lambda device: new_tiny_llama(cfg, tok, device), phases)
     lm = lm_data(run, tok)
@@ -513,7 +519,7 @@ def stage_base(cfg: BaseArgs, world: World):
 
 def stage_a(cfg: PretrainArgs, world: World):
     """Stage A (Algorithm 1): base frozen; the IDM, codebook and merge module learn to explain every transition."""
-    run, tok = Run("pretrain", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("pretrain", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     loss = lambda m, b: pretrain_loss(m, b, cfg.gumbel_tau, cfg.beta, cfg.seed)             # noqa: E731
     phases = [Phase("stage-a", *TRAINS["pretrain"], loss, cfg.steps)]
     root = run.build(lambda device: load_init("pretrain", cfg, tok, device), phases)
@@ -528,7 +534,7 @@ def stage_a(cfg: PretrainArgs, world: World):
 def stage_a_vq(cfg: PretrainArgs, world: World):
     """The ablation of Stage A: a nearest-neighbour VQ codebook instead of direct assignment. Exports nothing (its
     IDM head has another shape); its base LM is evaluated to show it stays frozen."""
-    run, tok = Run("pretrain", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("pretrain", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     loss = lambda m, b: vq_pretrain_loss(m, b, cfg.vq_commitment)                           # noqa: E731
     phases = [Phase("stage-a", *TRAINS["pretrain"], loss, cfg.steps)]
     root = run.build(lambda device: load_init("pretrain", cfg, tok, device, VQCoLA), phases)
@@ -543,7 +549,7 @@ def stage_a_vq(cfg: PretrainArgs, world: World):
 
 def stage_b(cfg: BCArgs, world: World):
     """Stage B: only the policy learns, by behaviour cloning the frozen IDM's argmax actions."""
-    run, tok = Run("bc", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("bc", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     phases = [Phase("stage-b", *TRAINS["bc"], bc_loss, cfg.steps)]
     root = run.build(lambda device: load_init("bc", cfg, tok, device), phases)
     lm = lm_data(run, tok)
@@ -561,7 +567,7 @@ def finetune_evals(lm, ft, metric) -> dict:
 def stage_fta_i(cfg: FinetuneArgs, world: World):
     """FTA-I (Algorithm 2): (1) the base learns under the frozen IDM's actions, (2) the policy re-clones the IDM on
     the same data. Exports the CoLA (final/) and its fine-tuned base alone (final-llama/)."""
-    run, tok = Run("fta-i", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("fta-i", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)                 # task_data resolves --steps from --epochs
     base, policy = TRAINS["fta-i"]
     phases = [Phase("fta-i/base", base, fta_i_loss, cfg.steps), Phase("fta-i/bc", policy, bc_loss, cfg.steps)]
@@ -574,7 +580,7 @@ def stage_fta_i(cfg: FinetuneArgs, world: World):
 
 def stage_fta_p(cfg: FTAPArgs, world: World):
     """FTA-P (Algorithm 2): the base learns under the frozen greedy policy's actions (suited to narrow data)."""
-    run, tok = Run("fta-p", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("fta-p", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)
     phases = [Phase("fta-p", *TRAINS["fta-p"], lambda m, b: fta_p_loss(m, b, cfg.base_grad), cfg.steps)]
     root = run.build(lambda device: load_init("fta-p", cfg, tok, device), phases)
@@ -586,7 +592,7 @@ def stage_fta_p(cfg: FTAPArgs, world: World):
 
 def stage_sft(cfg: FinetuneArgs, world: World):
     """Token-level SFT of the plain base on the same task data: the paper's "Llama SFT" baseline."""
-    run, tok = Run("sft", cfg, world), Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    run, tok = Run("sft", cfg, world, **launch(cfg)), Tokenizer.find(cfg.init, cfg.tokenizer or None)
     lm, ft = lm_data(run, tok), task_data(run, tok)
     phases = [Phase("sft", *TRAINS["sft"], base_loss, cfg.steps)]
     root = run.build(lambda device: load_init("sft", cfg, tok, device, Transformer), phases)
@@ -619,8 +625,7 @@ def main(argv=None):
         raise
     finally:
         release_locks()                         # the run directories' locks, however the run ended
-        if parallel.dist.is_initialized():
-            parallel.dist.destroy_process_group()
+        parallel.shutdown()
 
 
 if __name__ == "__main__":

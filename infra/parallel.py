@@ -131,6 +131,16 @@ def init_process_group(world: World, device_flag: str, timeout: float = TIMEOUT)
     return device
 
 
+def shutdown():
+    """Destroy every process group, SLOW included, and drop this module's reference to it. Left to the interpreter's
+    exit, a group's gloo threads can abort the process after its work is done ("terminate called without an active
+    exception")."""
+    global _slow
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _slow = None
+
+
 def barrier(world: World):
     if world.launched:
         dist.barrier(group=_slow)

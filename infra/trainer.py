@@ -100,8 +100,10 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
     given = {f.name for f in fields(cls) for a in argv
              if a.split("=")[0] in ("--" + f.name.replace("_", "-"), "--no-" + f.name.replace("_", "-"))}
     cfg = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
-    if hasattr(cfg, "dtype"):                   # --dtype auto -> what this machine runs (config.json records it)
-        cfg.dtype = resolve_dtype(cfg.dtype, getattr(cfg, "device", ""), main=os.environ.get("RANK", "0") == "0")
+    names = {f.name for f in fields(cls)}
+    if "dtype" in names:                        # --dtype auto -> what this machine runs (config.json records it)
+        cfg.dtype = resolve_dtype(cfg.dtype, cfg.device if "device" in names else "",
+                                  main=os.environ.get("RANK", "0") == "0")
     return cfg, given
 
 
@@ -361,6 +363,12 @@ class Run:
 
     Use: run = Run(stage, cfg, world); root = run.build(make_model, phases); run.start(root);
     before = run.evaluate(root, evals); finished = run.train(root, phases, loader); ...; run.export(root, result).
+
+    cfg is the script's own flags; Run reads out_dir, resume, device, dtype, seed and activation_checkpointing from
+    it (every training script has them), and, for train(), the optimisation flags of train.py. What only some
+    scripts have is passed by name: init (the checkpoint a run starts from, which it must not write into),
+    collective_timeout, cpu_offload, shard_group, async_save (train.py's launch flags; their one-process defaults
+    otherwise).
     """
     # Flags that may differ when a run is resumed (they do not enter the maths).
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
@@ -370,16 +378,18 @@ class Run:
     # compared in start() instead of here.
     RESOLVED_LATER = {"steps"}
 
-    def __init__(self, stage: str, cfg, world: World):
-        self.stage, self.cfg, self.world = stage, cfg, world
-        if getattr(cfg, "dtype", None) == "auto":   # a config built without parse_config (which resolves it)
-            cfg.dtype = resolve_dtype("auto", getattr(cfg, "device", ""), main=False)
+    def __init__(self, stage: str, cfg, world: World, init: str = "", collective_timeout: float = parallel.TIMEOUT,
+                 cpu_offload: bool = False, shard_group: int = 0, async_save: bool = False):
+        self.stage, self.cfg, self.world, self.init = stage, cfg, world, init
+        self.cpu_offload, self.shard_group, self.async_save = cpu_offload, shard_group, async_save
+        if cfg.dtype == "auto":                 # a config built without parse_config (which resolves it)
+            cfg.dtype = resolve_dtype("auto", cfg.device, main=False)
         self.dir = Path(cfg.out_dir)
         self.check_out_dir()                    # reads only: before any process group, lock or file
         self.latest = parallel.latest_checkpoint(self.dir) if cfg.resume else None
         self.check_resumable(exclude=self.RESOLVED_LATER)
-        self.device = parallel.init_process_group(world, cfg.device, getattr(cfg, "collective_timeout", parallel.TIMEOUT))
-        if getattr(cfg, "cpu_offload", False):  # AdamW steps on the host: its cores shared by this node's ranks
+        self.device = parallel.init_process_group(world, cfg.device, collective_timeout)
+        if cpu_offload:                         # AdamW steps on the host: its cores shared by this node's ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.node_size))
         parallel.on_main(world, lambda: acquire_lock(self.dir))
         if cfg.resume:                          # verified now (a collective): maybe an older checkpoint
@@ -402,7 +412,7 @@ class Run:
                 continue                        # a damaged train.json: resume_checkpoint reports it
             if stage != self.stage:
                 raise SystemExit(f"{ckpt}: checkpoint of stage {stage!r}, not {self.stage!r}; use another --out-dir")
-        init = getattr(self.cfg, "init", "")
+        init = self.init
         if init:
             out, start = self.dir.resolve(), Path(init).resolve()
             if out == start or out in start.parents or start in out.parents:
@@ -484,9 +494,9 @@ class Run:
         if cfg.activation_checkpointing:            # before fully_shard
             enable_activation_checkpointing(model.blocks())
         root = Root(model)
-        parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, getattr(cfg, "shard_group", 0)),
-                            torch.bfloat16 if bf16 else None, cfg.cpu_offload)
-        root.to_empty(device="cpu" if cfg.cpu_offload else self.device)
+        parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, self.shard_group),
+                            torch.bfloat16 if bf16 else None, self.cpu_offload)
+        root.to_empty(device="cpu" if self.cpu_offload else self.device)
         state = None if full is None else {"model." + k: v for k, v in full.state_dict().items()}
         parallel.load_full_state(root, state, world)
         return root
@@ -578,7 +588,7 @@ class Run:
 
     def history(self) -> list[dict]:
         """train_history of the --init checkpoint (empty for official weights)."""
-        f = Path(self.cfg.init) / "config.json" if getattr(self.cfg, "init", "") else None
+        f = Path(self.init) / "config.json" if self.init else None
         return json.loads(f.read_text()).get("train_history", []) if f and f.exists() else []
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -653,7 +663,7 @@ class Run:
                     state = {"stage": self.stage, "step": step, "phase": pi + 1 if phase_over else pi,
                              "loader": loader.state_dict(), "config": asdict(cfg)}
                     self.finish_save()                       # the previous one, if still being written
-                    background = getattr(cfg, "async_save", False)
+                    background = self.async_save
                     with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                         self.pending = parallel.start_save(self.dir, root, None if phase_over else opt, state, world,
                                                            asynchronous=background)

@@ -111,7 +111,7 @@ class Engine:
         if self.level != "latent":
             return choice
         self.cost.wm += choice.shape[0]
-        return self.model.world_logits_last(h, choice).float().argmax(-1)               # [B]
+        return self.model.world_logits(h[:, None], choice[:, None])[:, 0].float().argmax(-1)   # [B]
 
 
 @dataclass(eq=False)

@@ -31,7 +31,7 @@ def main(init: str, out: str):
     run_dir = str(Path(out).parent / "run")                 # never the repository's runs/
     stage, cfg = train.parse_args(["--stage", "bc", "--init", init, "--dtype", "float32", "--device", "cpu",
                                    "--out-dir", run_dir], world)
-    run = trainer.Run(stage, cfg, world)
+    run = trainer.Run(stage, cfg, world, **train.launch(cfg))
     phases = [trainer.Phase("stage-b", ["policy"], train.bc_loss, 1)]
     root = run.build(lambda device: train.load_init(stage, cfg, Tokenizer.find(init, None), device), phases)
     wq = root.model.policy.layers[0].attention.wq.weight                  # trained: sharded

@@ -97,7 +97,7 @@ def test_straight_through_trains_the_idm():
     a_st, y, k = gumbel_softmax_st(z, 2.0, torch.Generator().manual_seed(0))
     assert ((a_st == 0) | (a_st == 1)).all() and torch.equal(a_st.sum(-1), torch.ones_like(a_st[..., 0]))
     assert torch.equal(a_st.argmax(-1), k) and torch.equal(y.argmax(-1), k)
-    logits = model.world_logits_onehot(h[:, :-1], a_st)                     # [B, T, V]
+    logits = model.world_logits(h[:, :-1], a_st)                            # [B, T, V]
     assert torch.allclose(logits, model.world_logits(h[:, :-1], k), atol=1e-6, rtol=0)
     ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())      # world-model CE alone ...
     (g_head,) = torch.autograd.grad(ce, model.idm.head.weight, retain_graph=True)
@@ -172,7 +172,7 @@ def test_world_logits_match_formula(model):
     out = model.world_logits(h, a)
     assert out.shape == (2, 7, BASE.vocab_size)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(model.world_logits_last(h[:, -1], a[:, -1]), out[:, -1], atol=1e-6, rtol=0)
+    assert torch.allclose(model.world_logits(h[:, -1:], a[:, -1:])[:, 0], out[:, -1], atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def test_a3_merge_module_is_a_residual_stack():
     torch.testing.assert_close(merge(h, e), merge_reference(merge.layers, h, e), atol=1e-5, rtol=1e-5)
 
 
-def test_a3_world_logits_from_code_by_formula():
+def test_a3_world_state_from_code_by_formula():
     model = tiny_cola(seed=3)
     x = batch(seed=3).tokens
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_a3_world_logits_from_code_by_formula():
     W, w, eps = model.base.output.weight, model.base.norm.weight, model.base_args.norm_eps
     for side in ("merge", "subtracted"):
         hh = h.clone().requires_grad_(True)
-        out = model.world_logits_from_code(hh, e, side)
+        out = model.base.output(model.world_state_from_code(hh, e, side))
         s2 = merge_reference(model.merge.layers, hh, e)
         want = (rmsnorm(s2, w, eps) - hh) @ W.t()                                       # Eq: W_lm(Norm_f(s_2) - h_t)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -240,7 +240,7 @@ def test_a3_world_logits_from_code_by_formula():
         (ref,) = torch.autograd.grad(((path @ W.t()) * r).sum(), hh)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError):
-        model.world_logits_from_code(h, e, "both")
+        model.world_state_from_code(h, e, "both")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_a4_vq_pretrain_loss_by_formula():
         k = ((z_e[..., None, :] - C.t()) ** 2).sum(-1).argmin(-1)                       # [B, T] by brute force
         e = C.t()[k]                                                                    # [B, T, D]
         z_q = z_e + (e - z_e).detach()                                                  # straight-through
-        ce = masked_mean_ce(model.world_logits_from_code(h[:, :-1], z_q), x[:, 1:], m)
+        ce = masked_mean_ce(model.base.output(model.world_state_from_code(h[:, :-1], z_q)), x[:, 1:], m)
         vq = ((e - z_e.detach()) ** 2).mean() + 0.25 * ((z_e - e.detach()) ** 2).mean()
         return (ce + vq).float(), k
     params = {"codebook": model.codebook.weight, "encoder head": model.idm.head.weight,

@@ -90,3 +90,54 @@ def test_no_document_sends_a_reader_outside_the_repository():
     for doc in DOCS + [p.relative_to(REPO).as_posix() for p in [*REPO.glob("*.py"), *REPO.glob("tests/*.py")]]:
         text = (REPO / doc).read_text()
         assert ".." + "/shared" not in text and "style" + ".md" not in text, doc
+
+
+def defined_names() -> tuple[dict, dict]:
+    """({module: its top-level names}, {class: its methods, fields and self.attributes}) over the sources."""
+    modules, classes = {}, {}
+    for path in SOURCES:
+        tree = ast.parse((REPO / path).read_text())
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+            if isinstance(node, ast.ClassDef):
+                members = classes.setdefault(node.name, set())
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.FunctionDef):
+                        members.add(sub.name)
+                    elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                        members.add(sub.target.id)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                        members.add(sub.attr)
+        modules[".".join(path.with_suffix("").parts)] = names
+    return modules, classes
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_code_the_documents_name_exists(doc):
+    """Every `module.name`, `Class.member` and `path/file.py` a document names in backquotes exists: PAPER.md's
+    equation -> code map, COURSE.md's functions and the docs follow the code when it moves."""
+    modules, classes = defined_names()
+    missing = []
+    for ref in re.findall(r"`([A-Za-z_][\w./]*)`", (REPO / doc).read_text()):
+        if "/" in ref or re.search(r"\.(py|json|md|model|safetensors|pth|jsonl|txt|png)$", ref):
+            if ref.endswith(".py") and "/" in ref and not (REPO / ref).exists():
+                missing.append(ref)
+            continue
+        parts = ref.split(".")
+        if len(parts) < 2:
+            continue
+        module = next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) in modules),
+                      None)
+        if module is not None:
+            rest = parts[len(module.split(".")):]
+            if rest[0] not in modules[module] or (len(rest) > 1 and rest[1] not in classes.get(rest[0], {rest[1]})):
+                missing.append(ref)
+        elif parts[0] in classes and parts[1] not in classes[parts[0]]:
+            missing.append(ref)
+    assert not missing, f"{doc} names {missing}, which the code does not define"

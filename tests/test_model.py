@@ -29,14 +29,9 @@ from transformers import LlamaConfig, LlamaForCausalLM      # the independent re
 from model import PRESETS, ModelArgs, Transformer, apply_rope, rope_frequencies
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is as fast, and immune to a busy neighbour on a shared CPU (an OpenMP barrier
-    waiting for a descheduled second thread made this file 10x slower on a loaded 2-core VM)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one thread is as fast, and immune to a busy neighbour on a shared CPU (an OpenMP barrier waiting for
+# a descheduled second thread made this file 10x slower on a loaded 2-core VM). conftest's fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The Meta rule gives F = 352 for d = 128: int(8 * 128 / 3) = 341 -> round up to a multiple of 32.

@@ -307,20 +307,21 @@ def test_world_model_accepts_float32_codes_in_a_bf16_model():
     m = tiny_cola(dtype=torch.bfloat16)
     h = m.hidden(tokens(2, 5))                                                          # [B, T, D] bf16
     a = F.one_hot(torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 7, 6]]), K).float()          # float32
-    out = m.world_logits_onehot(h, a)
+    out = m.world_logits(h, a)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, m.world_logits(h, a.argmax(-1)))
     e = (a @ m.codebook.weight.t().float())                                             # float32 codes
-    torch.testing.assert_close(m.world_logits_from_code(h, e), out)
+    torch.testing.assert_close(m.base.output(m.world_state_from_code(h, e)), out)
 
 
-def test_world_logits_from_code_passes_base_grad(model):
-    """world_logits_from_code(h, e, "subtracted") = W_lm(sg(Norm_f(s_2)) - h_t): the base learns only through the
+def test_world_state_from_code_passes_base_grad(model):
+    """W_lm(world_state_from_code(h, e, "subtracted")) = W_lm(sg(Norm_f(s_2)) - h_t): the base learns only through the
     subtracted h_t, so d(sum of logits)/dh_t = -sum_v W_lm[v] at every position (by hand); "merge" detaches h_t
     there instead (its gradient reaches h only through the merge module's input)."""
     h = model.hidden(tokens(2, 3)).detach().requires_grad_()                            # [B, T, D]
     e = F.embedding(torch.tensor([[1, 2, 3], [4, 5, 6]]), model.codebook.weight.t()).detach()
-    grad = lambda how: torch.autograd.grad(model.world_logits_from_code(h, e, how).sum(), h)[0]   # noqa: E731
+    grad = lambda how: torch.autograd.grad(model.base.output(model.world_state_from_code(h, e, how)).sum(),  # noqa
+                                           h)[0]
     want = -model.base.output.weight.detach().sum(0).expand_as(h)                        # [B, T, D]
     torch.testing.assert_close(grad("subtracted"), want)
     assert not torch.allclose(grad("merge"), want)
@@ -499,7 +500,7 @@ def test_nearest_code_and_vq_loss_by_brute_force():
         ks = [[min(range(K), key=lambda j: ((z[i, t] - Cw[:, j]) ** 2).sum().item()) for t in range(8)]
               for i in range(2)]
         e = Cw.t()[torch.tensor(ks)]                                                       # [B, T, D]
-        ce = infra_ce.masked_ce(m.world_logits_from_code(h[:, :-1], e), x[:, 1:], b.mask[:, 1:]).item()
+        ce = infra_ce.masked_ce(m.base.output(m.world_state_from_code(h[:, :-1], e)), x[:, 1:], b.mask[:, 1:]).item()
         sq = (z - e).pow(2).mean().item()
     m.zero_grad(set_to_none=True)
     loss, metrics = train.vq_pretrain_loss(m, b, 0.25)

@@ -101,10 +101,10 @@ ASSIGNMENTS = [
                    Function("cola.py", "MergeModule.forward", [CT + "test_a3_merge_module_is_a_residual_stack",
                                                                C + "test_world_logits_match_formula"]),
                    Function("cola.py", "CoLA.world_state_from_code", [
-                       CT + "test_a3_world_logits_from_code_by_formula",
+                       CT + "test_a3_world_state_from_code_by_formula",
                        T + "test_fta_p_base_grad_chooses_the_side_of_the_difference"]),
-                   Function("cola.py", "CoLA.world_state", [C + "test_world_logits_match_formula"]),
-                   Function("cola.py", "CoLA.world_state_onehot", [C + "test_straight_through_trains_the_idm"]),
+                   Function("cola.py", "CoLA.world_state", [C + "test_world_logits_match_formula",
+                                                            C + "test_straight_through_trains_the_idm"]),
                    Function("eval.py", "embed", [EV + "test_embed_mean_pools_each_sequence_alone"]),
                    Function("eval.py", "mean_pairwise_cosine", [EV + "test_mean_pairwise_cosine_by_hand"]),
                    Function("eval.py", "distinct_n", [EV + "test_distinct_n_by_hand"]),

@@ -37,8 +37,7 @@ SCOPE = {
         "uniform", "forced", "seeded_sampler", "action_log_probs"],
     "cola.py": [  # merge module, world-model logits, look-ahead labels, latent generation and its positions
         "action_chooser", "check_actions", "MergeMLP.forward", "MergeModule.forward", "CoLA.hidden", "CoLA.idm_logits",
-        "CoLA.idm_labels", "CoLA.world_state_from_code", "CoLA.world_state", "CoLA.world_state_onehot",
-        "CoLA.world_logits_from_code", "CoLA.world_logits", "CoLA.world_logits_onehot", "CoLA.world_logits_last",
+        "CoLA.idm_labels", "CoLA.world_state_from_code", "CoLA.world_state", "CoLA.world_logits",
         "CoLA.policy_logits", "CoLA.generate", "nearest_code"],
     "train.py": [  # every stage's loss (Algorithms 1 and 2)
         "row_uniforms", "base_loss", "pretrain_loss", "vq_pretrain_loss", "bc_loss", "fta_i_loss", "fta_p_loss"],
@@ -53,7 +52,8 @@ SCOPE = {
         "pack"],
     "model.py": [  # generation: KV cache, positions, the shared sampler
         "KVCache.update", "Attention.forward", "setup_kv_cache", "clear_kv_cache", "RopeCache.__call__",
-        "Transformer.hidden", "Transformer.setup_cache", "Transformer.clear_cache", "Transformer.generate", "sample"],
+        "Transformer.hidden", "Transformer.setup_cache", "Transformer.clear_cache", "Transformer.generate", "sample",
+        "prompt_buffer", "new_tokens"],
 }
 
 # Mutants that change nothing observable: (function, the mutated line (stripped, without its comment), why). Matched
@@ -142,7 +142,7 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("CoLA.generate",
      "stop = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or [])), device=device)", "stop"),
     ("CoLA.generate", "self.policy.setup_cache(B, total, self.codebook.weight.dtype, None)", "cpu"),
-    ("CoLA.generate", "nxt = self.world_logits_last(h[:, -1], a).float().argmax(+1)", "dim"),
+    ("CoLA.generate", "nxt = self.world_logits(h[:, -1:], a[:, None])[:, 0].float().argmax(+1)", "dim"),
     ("CoLA.generate", "acts[:, cur] = torch.where(new, a, +1)", "never"),
     ("CoLA.generate", "acts[:, cur] = torch.where(new, a, -2)", "never"),
     ("CoLA.generate", "logps[:, cur] = F.log_softmax(pi_logits, None).gather(-1, a[:, None])[:, 0]", "dim"),
