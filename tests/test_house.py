@@ -4,6 +4,7 @@ import circle, no source file too long to read, the README an index, and every l
     python -m pytest -q tests/test_house.py
 """
 import ast
+import shlex
 import re
 
 import pytest
@@ -141,3 +142,56 @@ def test_code_the_documents_name_exists(doc):
         elif parts[0] in classes and parts[1] not in classes[parts[0]]:
             missing.append(ref)
     assert not missing, f"{doc} names {missing}, which the code does not define"
+
+
+def documented_commands() -> dict:
+    """{(script, subcommand): flags} of every `python ...` / `torchrun ...` command in the documents' code blocks;
+    script is a path (train.py) or a module (tools.course); train.py's subcommand is its --stage."""
+    found = {}
+    for doc in DOCS:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", (REPO / doc).read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                tokens = shlex.split(line.replace("$", "").replace(";", " ; "), comments=True)
+                parts = [[]]
+                for t in tokens:
+                    parts.append([]) if t in ("&&", ";") else parts[-1].append(t)
+                for words in parts:
+                    if not words or words[0] not in ("python", "torchrun"):
+                        continue
+                    at = next((i for i, w in enumerate(words) if w.endswith(".py") or w == "-m"), None)
+                    if at is None:
+                        continue
+                    script, rest = (words[at + 1], words[at + 2:]) if words[at] == "-m" else (words[at], words[at + 1:])
+                    if script in ("pytest", "tools.mutation"):    # pytest's flags; mutmut's (a dev-only install)
+                        continue
+                    sub = rest[rest.index("--stage") + 1] if "--stage" in rest else \
+                        (rest[0] if rest and not rest[0].startswith("-") and script in SUBCOMMANDS else "")
+                    flags = {w.split("=")[0] for w in rest if w.startswith("-") and w not in ("-h", "--help")}
+                    found.setdefault((script, sub), set()).update(flags)
+    return found
+
+
+SUBCOMMANDS = {"eval.py", "data.py", "tools.course"}
+
+
+def test_documented_commands_exist_with_their_flags():
+    """Every command a document shows names a script that exists and flags that script accepts (its --help lists
+    them); the runs themselves are tested by the test file of each script."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    commands = documented_commands()
+    assert ("train.py", "pretrain") in commands and ("pipeline.py", "") in commands   # the parse reads the documents
+
+    def check(item):
+        (script, sub), flags = item
+        argv = ["-m", script] if not script.endswith(".py") else [str(REPO / script)]
+        argv += ["--stage", sub] if script == "train.py" else ([sub] if sub else [])
+        p = subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        unknown = sorted(f for f in flags if f not in p.stdout and f.replace("--no-", "--") not in p.stdout)
+        return f"{script} {sub}: exit {p.returncode} {p.stderr[-300:]}" if p.returncode else \
+            (f"{script} {sub}: flags {unknown} not in its --help" if unknown else None)
+    with ThreadPoolExecutor(2) as pool:
+        problems = [r for r in pool.map(check, sorted(commands.items())) if r]
+    assert not problems, "\n".join(problems)
