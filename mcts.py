@@ -42,7 +42,14 @@ Deviations from the paper / official code:
     same text prefix), whose prior is the sum of their probabilities and whose action is the more probable one;
     a node can then have fewer than b children; the prior p is pi's probability of the action(s);
   - MCTS-Q's extension is greedy CoLA generation (argmax pi), the node's own greedy rollout, so the search stays
-    deterministic and the extension costs nothing when rollouts are reused; the paper says "plain generation".
+    deterministic and the extension costs nothing when rollouts are reused; the paper says "plain generation";
+  - the release's own tree rules are flags, off by default because every search number in docs/rl-and-search.md
+    was measured without them (turning them on is a re-measurement): --fill (a round gives the selected node all
+    its b children, so the release's T = 64 rounds are up to 64 x b children; by default one child per round),
+    --answer release (the terminal node of highest V when its R is at least the best R; by default the highest R,
+    a terminal node first on ties), --stop-at-eos (stop at the first child that ends the response);
+  - an extended node keeps the prior of its first action (the release: the mean probability over the node's
+    actions): the extension's later actions are argmax pi, whose probabilities the search does not keep.
 """
 from __future__ import annotations
 
@@ -63,6 +70,7 @@ import tasks
 from tokenizer import Tokenizer
 
 SELECTS = ("best-first", "descent")
+ANSWERS = ("best-rollout", "release")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The tree: nodes, PUCT, the backup, selection, the TD error (Algorithm 3)
@@ -173,7 +181,7 @@ class SearchArgs:
     problem: str = arg("", "a problem as JSON with tasks.Problem's fields (kind, prompt, answer, meta); default: "
                            "held-out problem --index")
     index: int = arg(0, "which held-out problem (val split of the rl stream of --seed)", ">= 0")
-    n_rounds: int = arg(64, "N, rounds (one new child each; paper: 64)", ">= 1")
+    n_rounds: int = arg(64, "N, rounds (one new child each, or b with --fill; paper: 64)", ">= 1")
     budget: int = arg(0, "also stop once this many forward tokens are spent (0: no limit)", ">= 0")
     b_root: int = arg(5, "b at the root: children per node (release: larger at the root)", ">= 1")
     b: int = arg(4, "b below the root", ">= 1")
@@ -184,6 +192,13 @@ class SearchArgs:
                              ">= 1")
     select: str = arg("best-first", "best-first (the release: global scan of every open node) or descent "
                                     "(root-to-leaf PUCT)")
+    fill: bool = arg(False, "a round gives the selected node all its untried children, each evaluated and backed up "
+                            "(the release); off: one new child per round")
+    answer: str = arg("best-rollout", "best-rollout: the node of highest R, terminal first on ties; release: the "
+                                      "terminal node of highest V when its R is at least the best R, else the best "
+                                      "rollout")
+    stop_at_eos: bool = arg(False, "stop the search at the first new child whose token ends the response (the "
+                                   "release)")
     max_new_tokens: int = arg(160, "longest response, tokens", ">= 1")
     stop_at_success: bool = arg(True, "stop once a completion scores 1.0 (the checker's full reward)")
     kv_reuse: bool = arg(True, "keep each node's K/V and last state (off: every node reruns its whole prefix)")
@@ -203,8 +218,8 @@ class Answer:
 
 
 class Search:
-    """One tree for one problem (Algorithm 3). run() -> Answer; .nodes, .trace [(cost so far, R)] per evaluated node
-    (anytime: the answer within a budget B is the best R with cost <= B), .stats."""
+    """One tree for one problem (Algorithm 3). run() -> Answer; .nodes, .trace [(forward tokens so far, R, FLOPs so
+    far)] per evaluated node (anytime: the answer within a budget B is the best R with cost <= B), .stats."""
 
     def __init__(self, engine: Engine, tok: Tokenizer, problem: tasks.Problem, prompt: list[int], cfg: SearchArgs):
         self.e, self.tok, self.problem, self.cfg = engine, tok, problem, cfg
@@ -213,7 +228,7 @@ class Search:
         self.cache = TreeCache(engine, self.limit, self.stops, cfg.kv_reuse, cfg.rollout_reuse)
         self.root = Node(seg=list(prompt))
         self.nodes = [self.root]
-        self.trace: list[tuple[int, float]] = []
+        self.trace: list[tuple[int, float, int]] = []
         self.stats = {"rounds": 0, "rollouts": 0, "inherited": 0, "td_tests": 0, "td_fired": 0, "extended_tokens": 0}
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -225,7 +240,7 @@ class Search:
         try:
             self.evaluate(self.root)
             backup(self.root, self.cfg.gamma)
-            self.trace.append((self.e.cost.total, self.root.R))
+            self.mark(self.root)
             for _ in range(n_rounds):
                 if self.done(budget):
                     break
@@ -234,12 +249,19 @@ class Search:
                 if n is None:
                     self.stats["stopped"] = "exhausted"      # every node is terminal or has all its children
                     break
-                c = self.expand(n)
-                self.evaluate(c)
-                self.td_test(c)
-                backup(c, self.cfg.gamma)
+                while True:                                  # one child, or (--fill) every untried child of n
+                    c = self.expand(n)
+                    self.evaluate(c)
+                    self.td_test(c)
+                    backup(c, self.cfg.gamma)
+                    self.mark(c)
+                    eos = self.cfg.stop_at_eos and c.seg[0] in self.stops
+                    if eos or not self.cfg.fill or n.full or self.done(budget):
+                        break
                 self.stats["rounds"] += 1
-                self.trace.append((self.e.cost.total, c.R))
+                if eos:
+                    self.stats["stopped"] = "eos"
+                    break
             else:                                            # the rounds ran out, unless the last one ended it anyway
                 if not self.done(budget):
                     self.stats["stopped"] = "rounds"
@@ -251,15 +273,24 @@ class Search:
         """Whether the budget is spent or (--stop-at-success) a completion scored 1.0; records which in stats."""
         if budget is not None and self.e.cost.total >= budget:
             self.stats["stopped"] = "budget"
-        elif self.cfg.stop_at_success and max(r for _, r in self.trace) >= 1.0:
+        elif self.cfg.stop_at_success and max(t[1] for t in self.trace) >= 1.0:
             self.stats["stopped"] = "success"
         else:
             return False
         return True
 
+    def mark(self, n: Node):
+        """The trace's entry for a node just evaluated: what the search has run so far, and the node's R."""
+        self.trace.append((self.e.cost.total, n.R, self.e.cost.flops(self.e.rates)))
+
     def answer(self) -> Answer:
-        """The best terminal node, else the best rollout: highest R, terminal first, then the older node."""
+        """The best terminal node, else the best rollout: highest R, terminal first, then the older node. --answer
+        release: the terminal node of highest V (then the older) when its R is at least the best R."""
         best = max(self.nodes, key=lambda n: (n.R, n.terminal, -n.index))
+        terminal = [n for n in self.nodes if n.terminal]
+        if self.cfg.answer == "release" and terminal:
+            valued = max(terminal, key=lambda n: (n.V, -n.index))
+            best = valued if valued.R >= best.R else best
         tokens = best.response() + best.tail
         return Answer(best, tokens, self.text(tokens), best.R)
 
@@ -355,7 +386,8 @@ class Search:
 
 def parse_search_args(argv: list[str]) -> SearchArgs:
     cfg, _ = parse_config(SearchArgs, argv, "mcts.py", {})
-    for name, value, allowed in (("task", cfg.task, tasks.TASKS), ("select", cfg.select, SELECTS)):
+    for name, value, allowed in (("task", cfg.task, tasks.TASKS), ("select", cfg.select, SELECTS),
+                                 ("answer", cfg.answer, ANSWERS)):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
     if not cfg.ckpt:
@@ -434,6 +466,7 @@ def search_main(argv: list[str]):
           + (f"; TD tests {search.stats['td_tests']}, fired {search.stats['td_fired']}" if qnet else ""))
     print({"rounds": f"stopped after --n-rounds {cfg.n_rounds}", "budget": f"stopped at --budget {cfg.budget}",
            "success": "stopped at a completion scoring 1.0 (--stop-at-success)",
+           "eos": "stopped at the first child that ends the response (--stop-at-eos)",
            "exhausted": f"tree exhausted after {search.stats['rounds']} of --n-rounds {cfg.n_rounds}: every node is "
                         f"terminal or has all its b children"}[search.stats["stopped"]])
     print(f"answer (node #{ans.node.index}{', terminal' if ans.node.terminal else ', with its rollout'}), reward "

@@ -1,11 +1,14 @@
-"""search_eval.py: every search method of PAPER.md §5 on held-out problems at matched forward-token budgets (the
+"""search_eval.py: every search method of PAPER.md §5 on held-out problems at matched budgets (the
 paper's comparison of latent search with token search, in miniature; results in docs/rl-and-search.md).
 
 Methods: greedy (one greedy pass), bon (best-of-N sampled rollouts: CoLA a_t ~ pi, top-k 40, tau 1), mcts, mcts-q
 (mcts.py over latent actions, with qnet.py's Q-network for MCTS-Q), and their token-level twins on a plain Llama
-(token-greedy, token-bon: the LM's softmax at tau 1, token-mcts, token-mcts-q). Every method counts the token
-positions it runs through each Llama trunk (infra/treecache.Cost) and is read at every budget: the answer within a
-budget B is the best-scored completion run with cost <= B.
+(token-greedy, token-bon: the LM's softmax at tau 1, token-mcts, token-mcts-q). Every method counts what it runs
+(infra/treecache.Cost) and is read at every budget: the answer within a budget B is the best-scored completion run
+with cost <= B. Two tables read the same runs: matched forward tokens (positions through a Llama trunk: the base or
+the LM, and the Q-network's), and matched FLOPs (every matrix product: CoLA's policy blocks on every position and
+its merge module + W_lm on every candidate action count too, as do attention and the LM's W_lm). The runs stop at
+the largest token budget, which every method reaches no later than the same budget in FLOPs.
 
 Run it (CPU, tiny preset):
     python search_eval.py --ckpt runs/fta-i/final --llama runs/sft/final --qnet runs/q-latent/final \\
@@ -33,7 +36,7 @@ import torch
 from infra.checkpoint import atomic_write
 from infra.trainer import append_row, arg, parse_config
 from infra.treecache import Cost, Engine
-from mcts import SELECTS, Search, SearchArgs, encode_prompt, load_model
+from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt, load_model
 from policy import sample_uniforms, seeded_sampler
 from qnet import QNetwork, check_qnet
 import tasks
@@ -49,9 +52,9 @@ def best_of_n(engine: Engine, tok: Tokenizer, problem: tasks.Problem, prompt: li
               stop_at_success: bool = True, max_samples: int = 10_000) -> dict:
     """Sampled rollouts until `budget` forward tokens are spent: the prompt runs once, its K/V is copied into every
     row of a wave, finished rows leave the batch (so what is counted is what runs). Sample i draws its noise from
-    policy.sample_uniforms(seed, 0, i): the samples do not depend on the wave size. -> {trace [(cost, R)] in sample order
-    (cost = the prompt + the decode positions of samples 0..i), best (tokens, R), samples (how many), tokens (each
-    sample's)}."""
+    policy.sample_uniforms(seed, 0, i): the samples do not depend on the wave size. -> {trace [(tokens, R, FLOPs)] in
+    sample order (the prompt + the decode positions of samples 0..i, and their FLOPs), best (tokens, R), samples
+    (how many), tokens (each sample's)}."""
     stops = set(tok.stop_tokens)
     dev = engine.lm.tok_embeddings.weight.device
     limit = min(len(prompt) + max_new_tokens, engine.max_len)
@@ -61,6 +64,14 @@ def best_of_n(engine: Engine, tok: Tokenizer, problem: tasks.Problem, prompt: li
         engine.rows = 1
         h0, logits0 = engine.run(torch.tensor([prompt], device=dev), 0)                 # [1, D], [1, A]
         prompt_kv, spent = engine.save_kv("lm", 0, len(prompt)), engine.cost.total
+        spent_flops, latent = engine.cost.flops(engine.rates), engine.level == "latent"
+
+        def sample_flops(r: int) -> int:
+            """What sample r ran after the shared prompt: one decode position per fed token (at positions
+            P, P+1, ..., so its queries score P+1, P+2, ... keys) and, for CoLA, one world-model row per token."""
+            fed_r, keys = fed[r], sum(len(prompt) + n + 1 for n in range(fed[r]))
+            return Cost(base=fed_r, base_keys=keys, policy=fed_r if latent else 0, policy_keys=keys if latent else 0,
+                        head=0 if latent else fed_r, wm=len(outs[r]) if latent else 0).flops(engine.rates)
         while spent < budget and i < max_samples:
             B = wave
             engine.rows = B
@@ -88,9 +99,9 @@ def best_of_n(engine: Engine, tok: Tokenizer, problem: tasks.Problem, prompt: li
                     fed[r] += 1
                 h, logits = engine.run(x[:, None], len(prompt) + n)                      # [b, D], [b, A]
             for r in range(B):
-                spent = spent + fed[r]
+                spent, spent_flops = spent + fed[r], spent_flops + sample_flops(r)
                 R = tasks.score(problem, tok.decode([t for t in outs[r] if t not in stops]))
-                trace.append((spent, R))
+                trace.append((spent, R, spent_flops))
                 samples.append(outs[r])
                 if best is None or R > best[1]:
                     best = (outs[r], R)
@@ -131,6 +142,9 @@ class EvalArgs:
     td_threshold: float = arg(0.01, "MCTS-Q: TD threshold", "> 0")
     extend_tokens: int = arg(64, "MCTS-Q: k", ">= 1")
     select: str = arg("best-first", "search: best-first or descent")
+    fill: bool = arg(False, "search: a round gives the selected node all its untried children (the release)")
+    answer: str = arg("best-rollout", "search: best-rollout or release (mcts.py --help)")
+    stop_at_eos: bool = arg(False, "search: stop at the first child that ends the response (the release)")
     max_new_tokens: int = arg(160, "longest response, tokens", ">= 1")
     top_k: int = arg(40, "bon: CoLA samples actions from pi's top-k (tokens: the full softmax)", ">= 1")
     stop_at_success: bool = arg(True, "stop a method once a completion scores 1.0")
@@ -165,33 +179,44 @@ def run_method(method: str, engines: dict, tok: Tokenizer, problem: tasks.Proble
         trace, stats = search.trace, {**search.stats, "nodes": len(search.nodes)}
     c = engine.cost
     return {"method": method, "problem": problem.prompt, "seed": seed, "trace": trace, "spent": c.total,
-            "base": c.base, "q": c.q, "policy": c.policy, "wm": c.wm, "wall_s": round(time.time() - t0, 3), **stats}
+            "base": c.base, "q": c.q, "policy": c.policy, "wm": c.wm, "flops": c.flops(engine.rates),
+            "base_flops": engine.rates["base"], "wall_s": round(time.time() - t0, 3), **stats}
 
 
-def success_at(trace: list, budget: int) -> bool:
-    """Solved within the budget: some completion run with cost <= budget scored 1.0 (the answer is the best one)."""
-    return any(r >= 1.0 for cost, r in trace if cost <= budget)
+def success_at(trace: list, budget: float, unit: str = "tokens") -> bool:
+    """Solved within the budget: some completion run with cost <= budget scored 1.0 (the answer is the best one).
+    A trace entry is (forward tokens, R, FLOPs); unit picks which cost the budget counts."""
+    at = 0 if unit == "tokens" else 2
+    return any(e[1] >= 1.0 for e in trace if e[at] <= budget)
 
 
-def table(rows: list[dict], budgets: list[int], methods: list[str]) -> str:
-    """Markdown: success per method and budget (mean over problems and seeds), mean forward tokens spent."""
+def table(rows: list[dict], budgets: list[int], methods: list[str], unit: str = "tokens") -> str:
+    """Markdown: success per method and budget (mean over problems and seeds), and what each method spent.
+
+    unit "tokens": budgets of forward tokens through a Llama trunk (Cost.total). unit "flops": budgets of FLOPs,
+    written as base positions: b stands for b x the FLOPs of one position through the base's blocks (row
+    "base_flops"), so that policy blocks, world-model rows, W_lm and attention are charged too. Every method
+    spends at least one base position's FLOPs per forward token, so a run that reached the largest token budget
+    reached the same FLOP budget: both tables read the same runs."""
+    what = "forward tokens" if unit == "tokens" else "FLOPs, in base positions"
     head = "| method | seeds | " + " | ".join(f"success @ {b}" for b in budgets) + \
-           " | forward tokens spent (mean, to the largest budget) | policy pos. / WM rows / Q tokens (mean) |"
+           f" | {what} spent (mean, to the largest budget) | policy pos. / WM rows / Q tokens (mean) |"
     lines = [head, "|" + "---|" * (len(budgets) + 4)]
     for m in methods:
-        rs = [r for r in rows if r["method"] == m]
+        rs = [r for r in rows if r["method"] == m and (unit == "tokens" or "flops" in r)]
         if not rs:
             continue
         seeds = sorted({r["seed"] for r in rs})
         cells = []
         for b in budgets:
-            per_seed = [sum(success_at(r["trace"], b) for r in rs if r["seed"] == s) /
-                        sum(1 for r in rs if r["seed"] == s) for s in seeds]
+            per_seed = [sum(success_at(r["trace"], b if unit == "tokens" else b * r["base_flops"], unit)
+                            for r in rs if r["seed"] == s) / sum(1 for r in rs if r["seed"] == s) for s in seeds]
             mean = sum(per_seed) / len(per_seed)
             spread = f" ({min(per_seed):.3f}-{max(per_seed):.3f})" if len(seeds) > 1 else ""
             cells.append(f"{mean:.3f}{spread}")
         mean = lambda k: sum(r[k] for r in rs) / len(rs)                                # noqa: E731
-        lines.append(f"| {m} | {len(seeds)} | " + " | ".join(cells) + f" | {mean('spent'):.0f} | "
+        spent = mean("spent") if unit == "tokens" else sum(r["flops"] / r["base_flops"] for r in rs) / len(rs)
+        lines.append(f"| {m} | {len(seeds)} | " + " | ".join(cells) + f" | {spent:.0f} | "
                      f"{mean('policy'):.0f} / {mean('wm'):.0f} / {mean('q'):.0f} |")
     return "\n".join(lines)
 
@@ -203,6 +228,8 @@ def eval_main(argv: list[str]):
         raise SystemExit(f"--task {cfg.task!r}: expected one of {', '.join(tasks.TASKS)}")
     if cfg.select not in SELECTS:
         raise SystemExit(f"--select {cfg.select!r}: expected one of {', '.join(SELECTS)}")
+    if cfg.answer not in ANSWERS:
+        raise SystemExit(f"--answer {cfg.answer!r}: expected one of {', '.join(ANSWERS)}")
     try:
         budgets = sorted({int(b) for b in cfg.budgets.split(",")})
         seeds = [int(s) for s in cfg.seeds.split(",")]
@@ -232,7 +259,8 @@ def eval_main(argv: list[str]):
                                                              "out_dir", "device")}
     if (out / "config.json").exists():
         old = json.loads((out / "config.json").read_text())
-        diff = [k for k in key if old.get(k) != key[k]]
+        default = {f.name: f.default for f in fields(EvalArgs)}     # a flag added since: its default then
+        diff = [k for k in key if old.get(k, default.get(k)) != key[k]]
         if diff:
             raise SystemExit(f"{out}/config.json: written with --{diff[0].replace('_', '-')} {old.get(diff[0])!r}, "
                              f"this run has {key[diff[0]]!r}: use another --out-dir")
@@ -278,7 +306,7 @@ def eval_main(argv: list[str]):
                 append_row(f, row)
                 rows.append(row)
                 done.add(row_key(row))
-                print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best {max(r for _, r in row['trace']):.2f}, "
+                print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best {max(e[1] for e in row['trace']):.2f}, "
                       f"{row['spent']} tokens, {row['wall_s']:.1f} s", flush=True)
     prompts = {p.prompt for p in problems}
     first = {}
@@ -286,7 +314,10 @@ def eval_main(argv: list[str]):
         if r["method"] in methods and r["problem"] in prompts and r["seed"] in seeds and \
                 r.get("models") == models[r["method"]]:
             first.setdefault((r["method"], r["problem"], r["seed"]), r)
-    text = table(list(first.values()), budgets, methods)
+    kept = list(first.values())
+    text = (f"matched forward tokens (through a Llama trunk):\n{table(kept, budgets, methods)}\n\n"
+            f"matched FLOPs (every matrix product, in FLOPs of one base position):\n"
+            f"{table(kept, budgets, methods, 'flops')}")
     print(f"{len(problems)} held-out problems ({cfg.task}, distinct prompts)")
     print(text)
     return rows, text

@@ -24,15 +24,48 @@ LM, Q = "lm", "q"                      # the two stacks of caches: the base's bl
 
 @dataclass
 class Cost:
-    """What a method ran. base + q is the budgeted count of forward tokens; policy and wm are reported beside."""
+    """What a method ran. base + q is the count of forward tokens; flops(rates) the multiply-adds of all of it."""
     base: int = 0      # token positions through the base Llama (CoLA) or the LM (token level)
-    policy: int = 0    # positions through pi's blocks (CoLA: every base position)
+    policy: int = 0    # positions through pi's blocks and head (CoLA: every base position)
     wm: int = 0        # rows through the merge module + W_lm (CoLA: one per candidate action / generated token)
-    q: int = 0         # positions through the Q-network's Llama trunk (MCTS-Q)
+    q: int = 0         # positions through the Q-network's Llama trunk and head (MCTS-Q)
+    head: int = 0      # rows through the LM's W_lm (token level: the last position of each forward)
+    base_keys: int = 0     # attention scores: sum over the queries run of the keys each one is scored against
+    policy_keys: int = 0
+    q_keys: int = 0
 
     @property
     def total(self) -> int:
         return self.base + self.q
+
+    def flops(self, rates: dict) -> int:
+        """FLOPs (2 per multiply-add) of every matrix product run: the Linear layers per position or row, and
+        attention, 4 x heads x head_dim per (query, key) pair per layer (QK^T, then the weights times V) over the
+        whole score matrix, as the kernels compute it. Norms, RoPE, softmax and embedding lookups are not counted
+        (a few percent at most)."""
+        return sum(getattr(self, k) * rates[k] for k in rates)
+
+
+def matmul_params(*modules) -> int:
+    """Weights of the Linear layers of blocks, heads and merge MLPs (their 2-D parameters): one multiply-add per
+    weight per row."""
+    return sum(p.numel() for m in modules for p in m.parameters() if p.dim() == 2)
+
+
+def flop_rates(model, level: str, qnet=None) -> dict:
+    """FLOPs per unit of each Cost counter for this engine's models (Cost.flops)."""
+    lm = model.base if level == "latent" else model
+    a = lm.args
+    attn = 4 * a.n_heads * a.head_dim                                # per (query, key) pair per layer
+    rates = {"base": 2 * matmul_params(*lm.layers), "head": 2 * a.dim * a.vocab_size,
+             "base_keys": attn * len(lm.layers)}
+    if level == "latent":
+        rates |= {"policy": 2 * matmul_params(*model.policy.layers, model.policy.head),
+                  "policy_keys": attn * len(model.policy.layers),
+                  "wm": 2 * (matmul_params(model.merge) + a.dim * a.vocab_size)}
+    if qnet is not None:
+        rates |= {"q": 2 * matmul_params(*qnet.trunk.layers, qnet.head), "q_keys": attn * len(qnet.trunk.layers)}
+    return rates
 
 
 class Engine:
@@ -45,6 +78,7 @@ class Engine:
         self.lm = model.base if level == "latent" else model
         self.max_len = self.lm.args.max_seq_len
         self.cost, self.rows = Cost(), 0
+        self.rates = flop_rates(model, level, qnet)   # FLOPs per unit of each counter (Cost.flops)
         self.loaded = {LM: None, Q: None}              # the node whose path the caches hold now
 
     # -- caches ------------------------------------------------------------------------------------------------
@@ -94,15 +128,20 @@ class Engine:
         actions (CoLA) or the LM's over V tokens."""
         B, T = tokens.shape
         self.cost.base += B * T
+        self.cost.base_keys += B * T * (pos + T)
         h = self.lm.hidden(tokens, pos)                                                  # [B, T, D]
         if self.level == "latent":
             self.cost.policy += B * T
+            self.cost.policy_keys += B * T * (pos + T)
             return h[:, -1], self.model.policy_logits(h, pos)[:, -1].float()            # [B, D], [B, K]
+        self.cost.head += B
         return h[:, -1], self.lm.output(h[:, -1]).float()                                # [B, D], [B, V]
 
     def run_q(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens [B, T] at positions pos.. -> Q(s, .) [B, A] at the last position."""
-        self.cost.q += tokens.numel()
+        B, T = tokens.shape
+        self.cost.q += B * T
+        self.cost.q_keys += B * T * (pos + T)
         return self.qnet(tokens, pos)[:, -1].float()                                     # [B, A]
 
     def next_token(self, h: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

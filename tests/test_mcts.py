@@ -267,9 +267,52 @@ def test_cost_counter_equals_the_forward_tokens_run(models, reuse):
                              top_k=40, wave=4, stop_at_success=False)
         c = engine.cost
         assert counts == [c.base, c.policy, 0, c.wm] and out["trace"][-1][0] == c.total
+        assert out["trace"][-1][2] == c.flops(engine.rates)           # the samples' FLOPs add up to the engine's
     finally:
         for h in handles:
             h.remove()
+
+
+def counted_flops(fn, sdpa: bool = True) -> int:
+    """FLOPs of fn() counted independently of Cost: torch's FlopCounterMode for the matrix products (it has no
+    formula for the CPU attention kernel) plus every scaled_dot_product_attention call, 4 x B x H x T_q x T_k x Dh
+    (QK^T and the weights times V, over the whole score matrix)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    real, attn = F.scaled_dot_product_attention, [0]
+
+    def counted(q, k, v, *args, **kwargs):
+        attn[0] += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3] if sdpa else 0
+        return real(q, k, v, *args, **kwargs)
+    F.scaled_dot_product_attention = counted
+    try:
+        with FlopCounterMode(display=False) as mode:
+            fn()
+    finally:
+        F.scaled_dot_product_attention = real
+    return mode.get_total_flops() + attn[0]
+
+
+@pytest.mark.parametrize("level", ["latent", "token"])
+def test_flop_counter_equals_every_matrix_product_run(models, level):
+    """Cost.flops of MCTS-Q (with and without prefix reuse) and of best-of-N equals the FLOPs torch counts for the
+    same calls, to the FLOP: what the search runs is charged in full (policy blocks, world-model rows, W_lm,
+    attention), so a FLOP-matched comparison cannot favour either level."""
+    cola, llama, tok, problem, prompt = models
+    model = cola if level == "latent" else llama
+    q = qnet_of(cola.base if level == "latent" else llama, 64 if level == "latent" else llama.args.vocab_size,
+                level, std=0.02)
+    for reuse in (True, False):
+        box = {}
+        got = counted_flops(lambda: box.update(s=search(model, level, tok, problem, prompt, q, kv_reuse=reuse,
+                                                         rollout_reuse=reuse, n_rounds=6, extend_tokens=4)[0]))
+        s = box["s"]
+        assert got == s.e.cost.flops(s.e.rates) == s.trace[-1][2] > 0 and s.stats["td_tests"] > 0
+    engine = treecache.Engine(model, level)
+    got = counted_flops(lambda: search_eval.best_of_n(engine, tok, problem, prompt, budget=len(prompt) + 30, seed=0,
+                                                      max_new_tokens=NEW, top_k=40 if level == "latent" else None,
+                                                      wave=4, stop_at_success=False))
+    assert got == engine.cost.flops(engine.rates)
 
 
 def test_mcts_q_td_errors_and_extension(models):
@@ -309,8 +352,8 @@ def test_best_of_n_matches_rl_rollouts_with_the_same_noise(models):
                 out = search_eval.best_of_n(treecache.Engine(model, level), tok, problem, prompt, budget=10**6,
                                             seed=seed, max_new_tokens=NEW, top_k=top_k, wave=wave,
                                             stop_at_success=False, max_samples=4)
-                assert out["tokens"] == [r["tokens"] for r in rows] and [r for _, r in out["trace"]] == want
-        costs = [c for c, _ in out["trace"]]
+                assert out["tokens"] == [r["tokens"] for r in rows] and [e[1] for e in out["trace"]] == want
+        costs = [e[0] for e in out["trace"]]
         assert costs == sorted(costs) and costs[0] == len(prompt) + len(rows[0]["tokens"]) - 1
 
 
@@ -469,3 +512,72 @@ def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
         mcts.main(["--ckpt", str(chain / "fta-i/final"), *map(str, argv)])
     msg = str(e.value.code)
     assert expected in msg and "\n" not in msg, msg
+
+
+def test_bench_rl_step_flops_equal_the_products_run():
+    """tools/bench.py's FLOPs of an RL step (generation, the log-prob pass, the update) against torch's count of the
+    same computations at the tiny preset, random weights, every response exactly `new` tokens: generation and the
+    log-prob pass to the FLOP; the update's matrix products (forward and backward) to the FLOP, its attention by
+    the same rule as the forward (the CPU kernel's backward has no torch formula)."""
+    from cola import COLA_PRESETS
+    from model import PRESETS
+    from tools import bench
+    torch.manual_seed(0)
+    cola, llama = CoLA(PRESETS["tiny"], COLA_PRESETS["tiny"]), Transformer(PRESETS["tiny"])
+    cola.init_weights()
+    llama.init_weights()
+    P, N = 9, 5
+    want = bench.rl_step_flops("tiny", P, N)
+    prompts = torch.randint(0, 256, (2, P)).tolist()
+    x = torch.randint(0, 256, (2, P + N))
+    with torch.no_grad():
+        assert counted_flops(lambda: cola.generate(prompts, N, mode="greedy")) == 2 * want["latent"]["rollout"]
+        assert counted_flops(lambda: llama.generate(prompts, N)) == 2 * want["token"]["rollout"]
+        box = {}
+
+        def latent_log_probs():                      # the base once (its h kept), pi and the reference pi over it
+            box["h"] = cola.hidden(x)
+            return [cola.policy_logits(box["h"]) for _ in range(2)]
+        assert counted_flops(latent_log_probs) == 2 * want["latent"]["log-probs"]
+        assert counted_flops(lambda: [llama(x) for _ in range(2)]) == 2 * want["token"]["log-probs"]
+    cola.requires_grad_(False).policy.requires_grad_(True)
+    for logits, level in ((lambda: cola.policy_logits(box["h"]), "latent"), (lambda: llama(x), "token")):
+        forward = counted_flops(lambda: logits())
+        attn = forward - counted_flops(lambda: logits(), sdpa=False)
+        total = counted_flops(lambda: logits().float().logsumexp(-1).sum().backward(), sdpa=False) + 3 * attn
+        assert total == 2 * want[level]["update"], level
+
+
+
+def test_answer_rules_on_a_hand_built_tree(models):
+    """--answer best-rollout: highest R, a terminal node first on ties, then the older node. --answer release: the
+    terminal node of highest V when its R is at least the best R, else the best rollout."""
+    cola, _, tok, problem, prompt = models
+
+    def answer(rule, nodes):
+        s = mcts.Search(treecache.Engine(cola, "latent"), tok, problem, prompt, mcts.SearchArgs(answer=rule))
+        s.root.R, s.nodes = 0.0, [s.root, *nodes]
+        return s.answer().node
+    a = mcts.Node(seg=[5], index=1, R=0.1, V=0.2, terminal=True)
+    c = mcts.Node(seg=[7], index=3, R=0.1, V=0.6, terminal=True)
+    assert answer("best-rollout", [a, c]) is a and answer("release", [a, c]) is c          # equal R: V decides
+    b = mcts.Node(seg=[6], index=2, R=1.0, V=0.2)                                            # a better rollout
+    assert answer("best-rollout", [a, b, c]) is b and answer("release", [a, b, c]) is b
+    assert answer("release", [b]) is b                                                      # no terminal node
+
+
+def test_fill_expands_every_child_in_one_round_and_stop_at_eos(models):
+    """--fill: one round gives the selected node (the root) all its candidates, each evaluated, backed up and in the
+    trace; --stop-at-eos ends the search at the first child whose token ends the response."""
+    _, llama, tok, problem, prompt = models                  # over tokens: the top-b are b distinct children
+    one, _ = search(llama, "token", tok, problem, prompt, n_rounds=1)
+    full, _ = search(llama, "token", tok, problem, prompt, n_rounds=1, fill=True)
+    assert len(one.root.children) == 1 and len(full.root.children) == len(full.root.cands) > 1
+    assert full.stats["rounds"] == 1 and len(full.trace) == 1 + len(full.root.cands)
+    assert full.root.N == 1 + len(full.root.cands)
+    first = one.root.children[0].seg[0]                     # make the first child's token a stop token
+    cfg = mcts.SearchArgs(max_new_tokens=NEW, n_rounds=5, stop_at_success=False, stop_at_eos=True)
+    s = mcts.Search(treecache.Engine(llama, "token"), tok, problem, prompt, cfg)
+    s.stops.add(first)
+    s.run()
+    assert s.stats["stopped"] == "eos" and s.stats["rounds"] == 1 and s.root.children[0].terminal

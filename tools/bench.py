@@ -18,6 +18,7 @@ Run:
     python -m tools.bench --load-rss                       # writes ~2 x 2.5 GB to --tmp, ~1-2 minutes
     python -m tools.bench --memory-plan                    # bytes of each stage at 8B: one process, per GPU on 8
     python -m tools.bench --rl-memory-plan                 # the same for rl.py, latent and token level
+    python -m tools.bench --rl-step-cost --threads 1       # FLOPs of one RL step per level (tiny, 8B), tiny timed
 On a GPU the same commands run there (--device cuda); timings synchronise the device.
 
 FLOP counting (Kaplan et al. 2020, PaLM appendix B), per trained token:
@@ -69,6 +70,9 @@ p.add_argument("--memory-plan", action="store_true", help="only print the memory
                "one process and per GPU on --gpus GPUs (memory.plan)")
 p.add_argument("--rl-memory-plan", action="store_true", help="only print the per-GPU memory plan of rl.py at 8B, "
                "latent and token level (arithmetic, see rl_memory_plan)")
+p.add_argument("--rl-step-cost", action="store_true", help="only print the FLOPs of one RL step per rollout, latent "
+               "and token level, at the tiny preset and at 8B (--rl-prompt, --rl-new), and time its two costly phases "
+               "at the tiny preset (--batch rollouts, --steps rounds)")
 p.add_argument("--rollouts", type=int, default=16, help="--rl-memory-plan: rollouts per GPU per step")
 p.add_argument("--rl-prompt", type=int, default=512, help="--rl-memory-plan: prompt tokens")
 p.add_argument("--rl-new", type=int, default=1024, help="--rl-memory-plan: generated tokens")
@@ -453,9 +457,96 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
     return "\n".join([note, head, *lines])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The cost of one RL step per level (rl.py): FLOPs by arithmetic at any preset, seconds measured at the tiny one
+
+
+def rl_step_flops(preset: str, prompt: int, new: int) -> dict:
+    """FLOPs of one GRPO step of rl.py per rollout of `prompt` + `new` tokens, by phase, latent and token level.
+
+    rollout    generation: the prompt's prefill, then one position per new token through the base (decoding
+               attends to every earlier key); latent adds pi's blocks and head on every position and the merge
+               module + W_lm once per new token; token adds W_lm once per new token;
+    log-probs  the teacher-forced pass over all prompt + new positions for the behaviour and reference log-probs
+               (rl.log_probs): latent runs the frozen base once (its states h are kept for the update) and pi and
+               the reference pi over them; token runs the LM and the reference LM, W_lm included, on every position;
+    update     forward and backward of what trains (x3 the forward): pi over every position (latent, on the kept h),
+               the whole LM with W_lm (token).
+    Linear layers at 2 FLOPs per weight per row; attention 4 x D per (query, key) per layer over the score matrix
+    the kernels compute (the full square when teacher-forced). Norms, RoPE and softmax are left out."""
+    from cola import COLA_PRESETS, CoLA
+    with torch.device("meta"):
+        m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
+    a, c = m.base_args, m.args
+    W = lambda *mods: sum(p.numel() for mod in mods for p in mod.parameters() if p.dim() == 2)   # noqa: E731
+    L, fed = prompt + new, prompt + new - 1                  # the last new token is generated, never fed back
+    decode_keys = prompt * prompt + sum(prompt + i for i in range(1, new))       # prefill square, then one by one
+    stack = lambda n_w, layers, keys, rows: 2 * n_w * rows + 4 * a.dim * layers * keys   # noqa: E731
+    base = lambda keys, rows: stack(W(*m.base.layers), a.n_layers, keys, rows)          # noqa: E731
+    pi = lambda keys, rows: stack(W(*m.policy.layers, m.policy.head), c.n_policy_layers, keys, rows)  # noqa: E731
+    head = 2 * a.dim * a.vocab_size
+    wm = 2 * (W(m.merge) + a.dim * a.vocab_size)
+    latent = {"rollout": base(decode_keys, fed) + pi(decode_keys, fed) + wm * new,
+              "log-probs": base(L * L, L) + 2 * pi(L * L, L), "update": 3 * pi(L * L, L)}
+    token = {"rollout": base(decode_keys, fed) + head * new,
+             "log-probs": 2 * (base(L * L, L) + head * L), "update": 3 * (base(L * L, L) + head * L)}
+    return {"latent": latent, "token": token}
+
+
+def rl_step_seconds(rows: int, prompt: int, new: int, rounds: int) -> dict:
+    """Seconds of the two costly phases at the tiny preset, random weights, every response exactly `new` tokens:
+    generation (CoLA sampling pi, the world model greedy; the Llama sampling tokens) and the update's forward and
+    backward (pi on the frozen base's kept states; the whole Llama). The best of `rounds` interleaved rounds."""
+    from cola import COLA_PRESETS, CoLA
+    torch.manual_seed(0)
+    cola, llama = CoLA(PRESETS["tiny"], COLA_PRESETS["tiny"]), Transformer(PRESETS["tiny"])
+    cola.init_weights()
+    llama.init_weights()
+    V = PRESETS["tiny"].vocab_size
+    prompts = torch.randint(0, V, (rows, prompt)).tolist()
+    x = torch.randint(0, V, (rows, prompt + new))
+    with torch.no_grad():
+        h = cola.hidden(x)                                                               # kept, as rl.log_probs does
+
+    def update(logits_fn):
+        def run():
+            loss = logits_fn().float().logsumexp(-1).mean()
+            loss.backward()
+        return run
+    fns = {"latent rollout": lambda: cola.generate(prompts, new, mode="policy"),
+           "token rollout": lambda: llama.generate(prompts, new, temperature=1.0),
+           "latent update": update(lambda: cola.policy_logits(h)),
+           "token update": update(lambda: llama(x))}
+    return {k: min(v) for k, v in interleaved_seconds(fns, rounds, "cpu").items()}
+
+
+def rl_step_cost(a) -> str:
+    out = ["GFLOPs of one GRPO step per rollout (rl_step_flops; the phases of rl.py):",
+           "| preset | tokens (prompt + new) | level | rollout | log-probs | update | total | latent / token |",
+           "|---|---|---|---|---|---|---|---|"]
+    for preset, prompt, new in (("tiny", 220, 160), ("llama-3.1-8b", a.rl_prompt, a.rl_new)):
+        f = rl_step_flops(preset, prompt, new)
+        total = {lvl: sum(ph.values()) for lvl, ph in f.items()}
+        for lvl, ph in f.items():
+            ratio = f"{total['latent'] / total['token']:.2f}" if lvl == "latent" else ""
+            out.append(f"| {preset} | {prompt} + {new} | {lvl} | " + " | ".join(f"{v / 1e9:.3g}" for v in ph.values())
+                       + f" | {total[lvl] / 1e9:.3g} | {ratio} |")
+    t = rl_step_seconds(a.batch, 64, 64, a.steps)
+    out += ["", f"seconds at the tiny preset, {a.batch} rollouts of 64 + 64 tokens, random weights, "
+                f"{torch.get_num_threads()} thread(s), best of {a.steps} interleaved rounds:",
+            f"  rollout: latent {t['latent rollout']:.3f} s, token {t['token rollout']:.3f} s "
+            f"(latent / token {t['latent rollout'] / t['token rollout']:.2f})",
+            f"  update (forward + backward): latent {t['latent update']:.3f} s, token {t['token update']:.3f} s "
+            f"(latent / token {t['latent update'] / t['token update']:.2f})"]
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     a = p.parse_args()
-    if a.rl_memory_plan:
+    torch.set_num_threads(a.threads)
+    if a.rl_step_cost:
+        print(rl_step_cost(a))
+    elif a.rl_memory_plan:
         print(rl_memory_plan(a.preset if a.preset != "tiny" else "llama-3.1-8b", a.gpus, a.rollouts, a.rl_prompt,
                              a.rl_new, a.micro_batch))
     elif a.memory_plan:
