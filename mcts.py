@@ -64,7 +64,7 @@ import torch
 
 import cola
 from infra.treecache import Engine, NodeCache, TreeCache
-from infra.trainer import arg, parse_config
+from infra.trainer import arg, one_line_errors, parse_config
 from qnet import QNetwork, check_qnet
 import tasks
 from tokenizer import Tokenizer
@@ -485,10 +485,7 @@ def main(argv=None):
     moved = {"train-q": "python qnet.py", "eval": "python search_eval.py"}
     if argv[:1] and argv[0] in moved:
         raise SystemExit(f"mcts.py {argv[0]} is now its own script: {moved[argv[0]]} [flags]")
-    try:
-        return search_main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return one_line_errors(search_main, argv)
 
 
 if __name__ == "__main__":

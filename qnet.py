@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import data
 from infra import checkpoint, parallel
 from infra.checkpoint import atomic_write
 from infra.parallel import Root
-from infra.trainer import Run, arg, log_metrics, parse_config, trim_metrics, writing
+from infra.trainer import Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
 from model import ModelArgs, Transformer
 from policy import sample_uniforms, seeded_sampler
 import tasks
@@ -402,11 +401,7 @@ def check_qnet(q: QNetwork, qpath: str, level: str, model, ckpt: str):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return train_q(argv)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return one_line_errors(train_q, argv)
 
 
 if __name__ == "__main__":

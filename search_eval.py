@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from infra.checkpoint import atomic_write
-from infra.trainer import append_row, arg, parse_config
+from infra.trainer import append_row, arg, one_line_errors, parse_config
 from infra.treecache import Cost, Engine
 from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt, load_model
 from policy import sample_uniforms, seeded_sampler
@@ -381,11 +380,7 @@ def read_rows(f: Path) -> list[dict]:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return eval_main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return one_line_errors(eval_main, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -105,6 +106,15 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
         cfg.dtype = resolve_dtype(cfg.dtype, cfg.device if "device" in names else "",
                                   main=os.environ.get("RANK", "0") == "0")
     return cfg, given
+
+
+def one_line_errors(fn: Callable, argv: list[str] | None):
+    """fn(argv) (argv: the command line's arguments by default); a ValueError or FileNotFoundError that escapes it
+    ends the program with its first line, not a traceback (the scripts' checks raise them with the file named)."""
+    try:
+        return fn(sys.argv[1:] if argv is None else list(argv))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def joined_numbers(argv: list[str], flags: set[str]) -> list[str]:
