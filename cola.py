@@ -34,7 +34,6 @@ Deviations from the paper / official code:
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -371,32 +370,6 @@ def default_cola_args(base_args: ModelArgs) -> CoLAArgs:
 # ----------------------------------------------------------------------------------------------------------------
 # The one checked loader behind every script's --init / --ckpt / --embedder / --judge
 
-WHAT = {"llama": "a plain Llama", "cola": "a CoLA checkpoint", "qnet": "a Q-network (mcts.py reads it as --qnet)"}
-
-
-def kind_of(path, flag: str = "--ckpt") -> str:
-    """What a checkpoint directory holds, read from its config.json / params.json alone (no tensor): "llama",
-    "cola" (config.json has num_code) or "qnet" (q_level). Not a checkpoint directory: one line naming the flag."""
-    path = Path(path)
-    if not path.is_dir():
-        raise SystemExit(f"{flag} {path}: directory not found")
-    for name in ("config.json", "params.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                cfg = json.loads(f.read_text())
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"{flag} {f}: not readable JSON ({str(e).splitlines()[0]})") from None
-            if not isinstance(cfg, dict):
-                raise SystemExit(f"{flag} {f}: expected a JSON object")
-            size = "hidden_size" if name == "config.json" else "dim"
-            if size not in cfg:
-                run = " (a run directory? its model is in final/)" if (path / "final").is_dir() else ""
-                raise SystemExit(f"{flag} {f} describes no model (no {size}){run}")
-            return "qnet" if "q_level" in cfg else "cola" if "num_code" in cfg else "llama"
-    raise SystemExit(f"{flag} {path}: no config.json or params.json (not a checkpoint directory)")
-
-
 def load(path, kind: str, flag: str = "--ckpt", device="cpu", dtype=torch.float32, cls=None,
          preset: str | None = None, hint: str = ""):
     """The model in a checkpoint directory, checked before any tensor is read.
@@ -405,10 +378,10 @@ def load(path, kind: str, flag: str = "--ckpt", device="cpu", dtype=torch.float3
     either, as a CoLA (a plain Llama gets fresh IDM, codebook, merge and policy). cls: the class to build instead
     (VQCoLA). preset: the model.PRESETS name whose (dim, n_layers) the checkpoint must have. Every failure ends the
     run with one line naming the flag, the path and what was expected (hint: what to pass instead)."""
-    found = kind_of(path, flag)
+    found = checkpoint.kind_of(path, flag)
     allowed = {"llama": ("llama",), "cola": ("cola",), "llama->cola": ("llama", "cola")}[kind]
     if found not in allowed:
-        raise SystemExit(f"{flag} {path} is {WHAT[found]}, expected {' or '.join(WHAT[k] for k in allowed)}"
+        raise SystemExit(f"{flag} {path} is {checkpoint.WHAT[found]}, expected {' or '.join(checkpoint.WHAT[k] for k in allowed)}"
                          + (f": {hint}" if hint else ""))
     if preset is not None:
         shape, want = checkpoint.shape_of(Path(path)), PRESETS[preset]

@@ -97,7 +97,7 @@ def cola_metrics(model: CoLA, b: Batch) -> dict:
 
 
 def device_of(name: str) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return parallel.device_of(name)
 
 
 def load_cola(ckpt: str, device, what: str = "--ckpt"):

@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 import cola
+from infra import checkpoint, parallel
 from infra.treecache import Engine, NodeCache, TreeCache
 from infra.trainer import arg, one_line_errors, parse_config
 from qnet import QNetwork, check_qnet
@@ -407,6 +408,11 @@ def load_problem(cfg) -> tasks.Problem:
         raise SystemExit(f"--problem: not a JSON problem with kind, prompt, answer (and meta): {e}") from None
     if p.kind not in tasks.KINDS:
         raise SystemExit(f"--problem: kind {p.kind!r} is not one of {', '.join(tasks.KINDS)}")
+    try:
+        tasks.score(p, "")                           # the checker reads answer and meta: missing fields fail here
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"--problem: the {p.kind} checker cannot read it ({type(e).__name__}: {e}); a {p.kind} "
+                         f"problem as tasks.make_problems writes it is expected (python data.py sample)") from None
     return p
 
 
@@ -420,7 +426,7 @@ def encode_prompt(tok: Tokenizer, problem: tasks.Problem, context: int, ckpt: st
 
 def level_of(path: str, flag: str = "--ckpt") -> str:
     """latent for a CoLA checkpoint, token for a plain Llama (read from its config.json alone)."""
-    kind = cola.kind_of(path, flag)
+    kind = checkpoint.kind_of(path, flag)
     if kind == "qnet":
         raise SystemExit(f"{flag} {path} is a Q-network, not a model to search with (pass it as --qnet)")
     return "latent" if kind == "cola" else "token"
@@ -439,7 +445,7 @@ def load_model(path: str, level: str, device, flag: str = "--ckpt"):
 
 def search_main(argv: list[str]):
     cfg = parse_search_args(argv)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parallel.device_of(cfg.device)
     level = level_of(cfg.ckpt)
     tok = Tokenizer.find(cfg.ckpt, cfg.tokenizer or None)
     problem = load_problem(cfg)

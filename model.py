@@ -28,7 +28,6 @@ Deviations from Meta's reference llama/model.py (maths identical, checked agains
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -38,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infra import checkpoint
+from infra import checkpoint, parallel
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,16 +479,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    check_sampling_flags(a)
-    config = Path(a.ckpt) / "config.json"
-    if config.is_file() and "num_code" in json.loads(config.read_text()):
+    if check_sampling_flags(a) == "cola":
         raise SystemExit(f"--ckpt {a.ckpt} is a CoLA checkpoint: generate with `python cola.py --ckpt {a.ckpt}`, or "
                          f"pass its base alone (an FTA export's final-llama/)")
     tok = Tokenizer.find(a.ckpt, a.tokenizer)
     try:
         model = Transformer.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--ckpt {a.ckpt}: {e}") from None
+        msg = str(e).splitlines()[0]
+        raise SystemExit(f"--ckpt {msg}" if msg.startswith(str(a.ckpt)) else f"--ckpt {a.ckpt}: {msg}") from None
     if model.args.vocab_size < tok.n_words:
         raise SystemExit(f"--tokenizer has {tok.n_words} tokens but the model's vocab_size is "
                          f"{model.args.vocab_size}")
@@ -502,16 +500,19 @@ def main(argv=None):
         print("-" * 80)
 
 
-def check_sampling_flags(a):
-    """The flags model.py and cola.py share, each mistake one line."""
+def check_sampling_flags(a) -> str:
+    """The flags model.py and cola.py share, each mistake one line; -> what --ckpt holds ("llama" or "cola")."""
     if a.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens {a.max_new_tokens}: expected an integer >= 1")
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         raise SystemExit(f"--temperature {a.temperature}: expected a finite number >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
         raise SystemExit(f"--top-p {a.top_p}: expected a number in (0, 1]")
-    if not Path(a.ckpt).is_dir():
-        raise SystemExit(f"--ckpt {a.ckpt}: directory not found")
+    parallel.device_of(a.device)
+    kind = checkpoint.kind_of(a.ckpt, "--ckpt")
+    if kind == "qnet":
+        raise SystemExit(f"--ckpt {a.ckpt} is a Q-network, not a model to generate with (mcts.py reads it as --qnet)")
+    return kind
 
 
 def fit_new_tokens(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -30,8 +31,13 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
-                                                   "computes it natively, else float32), bfloat16 or float32")
+                                                   "computes it natively, else float32), bfloat16 or float32 "
+                                                   "(default: auto)")
     a = p.parse_args(argv)
+    if not (math.isfinite(a.scale) and a.scale > 0):
+        raise SystemExit(f"--scale {a.scale}: expected a finite number > 0 (1 = the full pipeline, 0.1 = a smoke run)")
+    if a.seed < 0:
+        raise SystemExit(f"--seed {a.seed}: expected an integer >= 0")
     a.dtype = resolve_dtype(a.dtype, "")
     return a
 

@@ -26,7 +26,6 @@ Deviations from the paper / official code:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -88,22 +87,31 @@ class QNetwork(nn.Module):
                                       tensors, max_shard_bytes)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu") -> "QNetwork":
+    def from_pretrained(cls, path, device="cpu", flag: str = "--qnet") -> "QNetwork":
+        """A qnet.py export (its final/), checked: every failure is one line naming `flag` and the path."""
         path = Path(path)
+        kind = checkpoint.kind_of(path, flag)
+        if kind != "qnet":
+            raise SystemExit(f"{flag} {path} is {checkpoint.WHAT[kind]}, not a Q-network; train one with "
+                             f"`python qnet.py` and pass its final/")
+        config = checkpoint.read_json(path / "config.json")
         try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise SystemExit(f"--qnet {path}: no readable config.json (a Q-network is the final/ of `python qnet.py`)"
-                             ) from None
-        if "q_level" not in config:
-            raise SystemExit(f"--qnet {path} is not a Q-network (no q_level in its config.json); train one with "
-                             f"`python qnet.py`")
-        args, state, rest = checkpoint.load_llama_checkpoint(path, ModelArgs)
-        q = cls(args, int(config["q_actions"]), config["q_level"])
-        checkpoint.load_base_state(q.trunk, state, str(path))
+            n_actions, level = int(config["q_actions"]), config["q_level"]
+            if n_actions < 1 or level not in LEVELS:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{flag} {path / 'config.json'}: expected q_actions (an integer >= 1) and q_level "
+                             f"({' or '.join(LEVELS)})") from None
+        try:
+            args, state, rest = checkpoint.load_llama_checkpoint(path, ModelArgs)
+            q = cls(args, n_actions, level)
+            checkpoint.load_base_state(q.trunk, state, str(path))
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            msg = str(e).splitlines()[0]
+            raise SystemExit(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
         head = rest.get("q_head.weight")
         if head is None or tuple(head.shape) != (q.n_actions, args.dim):
-            raise SystemExit(f"--qnet {path}: q_head.weight missing or not [{q.n_actions}, {args.dim}]")
+            raise SystemExit(f"{flag} {path}: q_head.weight missing or not [{q.n_actions}, {args.dim}]")
         q.head.weight.data.copy_(head)
         return q.to(device).eval().requires_grad_(False)
 
@@ -378,25 +386,30 @@ def train_q(argv: list[str]):
             print(f"stopped after update {step} (--stop-at); rerun the same command to continue")
             return
     bar.close()
+    if not result:                                   # a rerun of a finished run: its final evaluation again
+        with run.amp:
+            result = {"step": step, **q_eval(pair, trajs["val"], cfg, device)}
     run.export(Root(pair.online), result)
 
 
-def check_qnet(q: QNetwork, qpath: str, level: str, model, ckpt: str):
+def check_qnet(q: QNetwork, qpath: str, level: str, model, ckpt: str, flag: str = "--qnet",
+               ckpt_flag: str = "--ckpt"):
     """A Q-network must score the actions the search takes: its level and action count must match the model's."""
     if q.level != level:
         what = {"token": f"token-level Q-network (Q over V = {q.n_actions} tokens)",
                 "latent": f"latent Q-network (Q over K = {q.n_actions} actions)"}[q.level]
-        need = {"latent": "latent search (a CoLA --ckpt) needs a latent one (`python qnet.py --level latent`)",
-                "token": "token-level search (a plain Llama --ckpt) needs a token one "
+        need = {"latent": f"latent search (a CoLA {ckpt_flag}) needs a latent one (`python qnet.py --level latent`)",
+                "token": f"token-level search (a plain Llama {ckpt_flag}) needs a token one "
                          "(`python qnet.py --level token`)"}[level]
-        raise SystemExit(f"--qnet {qpath} is a {what}: {need}")
+        raise SystemExit(f"{flag} {qpath} is a {what}: {need}")
     n = model.args.n_actions if level == "latent" else model.args.vocab_size
     if q.n_actions != n:
         what = "latent actions K" if level == "latent" else "tokens V"
-        raise SystemExit(f"--qnet {qpath}: Q-network over {q.n_actions} actions, but --ckpt {ckpt} has {what} = {n}")
+        raise SystemExit(f"{flag} {qpath}: Q-network over {q.n_actions} actions, but {ckpt_flag} {ckpt} has {what} = "
+                         f"{n}")
     lm = model.base if level == "latent" else model
     if q.trunk.args.vocab_size != lm.args.vocab_size:
-        raise SystemExit(f"--qnet {qpath}: its trunk reads {q.trunk.args.vocab_size} tokens, --ckpt {ckpt} "
+        raise SystemExit(f"{flag} {qpath}: its trunk reads {q.trunk.args.vocab_size} tokens, {ckpt_flag} {ckpt} "
                          f"{lm.args.vocab_size}: not the same tokenizer")
 
 

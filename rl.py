@@ -498,7 +498,7 @@ def train(argv=None):
     if cfg.eval_only:                          # nothing is written: a checkpoint's numbers, e.g. before and after RL
         if world.launched:
             raise SystemExit("--eval-only runs on one process: start it with python, not torchrun")
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = parallel.device_of(cfg.device)
         tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
         model = load_model(cfg, device).eval()
         print(dtype_line(cfg))

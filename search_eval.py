@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from infra import parallel
 from infra.checkpoint import atomic_write
-from infra.trainer import append_row, arg, one_line_errors, parse_config
+from infra.trainer import append_row, arg, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt, load_model
 from policy import sample_uniforms, seeded_sampler
@@ -250,28 +251,15 @@ def eval_main(argv: list[str]):
                                                                        else ""), ("--token-qnet", cfg.token_qnet)):
         if path and not Path(path).is_dir():
             raise SystemExit(f"{flag} {path}: directory not found")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parallel.device_of(cfg.device)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # what the rows of every method depend on (a row of mcts-q also records its --qnet)
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "seeds", "problems", "qnet", "token_qnet",
-                                                             "out_dir", "device")}
-    if (out / "config.json").exists():
-        old = json.loads((out / "config.json").read_text())
-        default = {f.name: f.default for f in fields(EvalArgs)}     # a flag added since: its default then
-        diff = [k for k in key if old.get(k, default.get(k)) != key[k]]
-        if diff:
-            raise SystemExit(f"{out}/config.json: written with --{diff[0].replace('_', '-')} {old.get(diff[0])!r}, "
-                             f"this run has {key[diff[0]]!r}: use another --out-dir")
-    atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(key, indent=2)))
-    # A row is reused only when everything that determines it is the same: the flags (config.json above) and the
+    # A row is reused only when everything that determines it is the same: the flags (config.json, below) and the
     # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it).
     # Digests are taken before the models are loaded; files' own hashes are cached in digests.json.
     uses = {m: [cfg.llama if m.startswith("token-") else cfg.ckpt] + ([cfg.qnet] if m == "mcts-q" else [])
             + ([cfg.token_qnet] if m == "token-mcts-q" else []) for m in methods}
     cache = read_json_or_empty(out / "digests.json")
     digests = {path: digest(path, cache) for path in {p for paths in uses.values() for p in paths}}
-    atomic_write(out / "digests.json", lambda t: t.write_text(json.dumps(cache, indent=1)))
     models = {m: [digests[path] for path in paths] for m, paths in uses.items()}
     tok = Tokenizer.find(cfg.ckpt or cfg.llama, cfg.tokenizer or None)
     engines = {}
@@ -286,9 +274,23 @@ def eval_main(argv: list[str]):
         lm = load_model(cfg.llama, "token", device, "--llama")
         engines[("token", False)] = Engine(lm, "token")
         if "token-mcts-q" in methods:
-            q = QNetwork.from_pretrained(cfg.token_qnet, device)
-            check_qnet(q, cfg.token_qnet, "token", lm, cfg.llama)
+            q = QNetwork.from_pretrained(cfg.token_qnet, device, "--token-qnet")
+            check_qnet(q, cfg.token_qnet, "token", lm, cfg.llama, "--token-qnet", "--llama")
             engines[("token", True)] = Engine(lm, "token", q)
+    # Only now, with every flag and model checked, is anything written. The key holds what every row depends on
+    # but the models (each row records its models' digests), the methods, seeds and problems (rows name theirs).
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "seeds", "problems", "ckpt", "llama", "qnet",
+                                                             "token_qnet", "out_dir", "device", "tokenizer")}
+    old = read_json_or_empty(out / "config.json")
+    default = {f.name: f.default for f in fields(EvalArgs)}         # a flag added since: its default then
+    diff = [k for k in key if old and old.get(k, default.get(k)) != key[k]]
+    if diff:
+        raise SystemExit(f"{out}/config.json: written with --{diff[0].replace('_', '-')} {old.get(diff[0])!r}, "
+                         f"this run has {key[diff[0]]!r}: use another --out-dir")
+    with writing(f"--out-dir {out}: cannot write the results there"):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(key, indent=2)))
+        atomic_write(out / "digests.json", lambda t: t.write_text(json.dumps(cache, indent=1)))
     problems = held_out(cfg.task, cfg.problems, cfg.problem_seed)
     f = out / "results.jsonl"
     rows = read_rows(f)
@@ -305,7 +307,8 @@ def eval_main(argv: list[str]):
                 append_row(f, row)
                 rows.append(row)
                 done.add(row_key(row))
-                print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best {max(e[1] for e in row['trace']):.2f}, "
+                print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best "
+                      f"{max((e[1] for e in row['trace']), default=0.0):.2f}, "
                       f"{row['spent']} tokens, {row['wall_s']:.1f} s", flush=True)
     prompts = {p.prompt for p in problems}
     first = {}

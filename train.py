@@ -605,8 +605,7 @@ def stage_sft(cfg: FinetuneArgs, world: World):
 def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
     """Check the flags and that the stage fits the GPU (infra/memory.py's plan), then run the stage's function."""
     check_flags(stage, cfg, world)
-    memory.check_fits(stage, cfg, TRAINS[stage], world, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                      shard=cfg.shard_group)
+    memory.check_fits(stage, cfg, TRAINS[stage], world, parallel.device_of(cfg.device), shard=cfg.shard_group)
     if stage == "pretrain" and cfg.quantizer == "vq":
         return stage_a_vq(cfg, world)
     return {"base": stage_base, "pretrain": stage_a, "bc": stage_b, "fta-i": stage_fta_i, "fta-p": stage_fta_p,

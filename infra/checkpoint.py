@@ -259,6 +259,34 @@ def shape_of(path: Path) -> tuple[int, int] | None:
         return None
 
 
+WHAT = {"llama": "a plain Llama", "cola": "a CoLA checkpoint", "qnet": "a Q-network (mcts.py reads it as --qnet)"}
+
+
+def kind_of(path, flag: str = "--ckpt") -> str:
+    """What a checkpoint directory holds, read from its config.json / params.json alone (no tensor): "llama",
+    "cola" (config.json has num_code) or "qnet" (q_level). Not a checkpoint directory (missing, a file, no or
+    unreadable config, a run directory): one line naming the flag. cola.load and the scripts check with it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SystemExit(f"{flag} {path}: " + ("a file, not a checkpoint directory" if path.exists() else
+                                               "directory not found"))
+    for name in ("config.json", "params.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"{flag} {f}: not readable JSON ({str(e).splitlines()[0]})") from None
+            if not isinstance(cfg, dict):
+                raise SystemExit(f"{flag} {f}: expected a JSON object")
+            size = "hidden_size" if name == "config.json" else "dim"
+            if size not in cfg:
+                run = " (a run directory? its model is in final/)" if (path / "final").is_dir() else ""
+                raise SystemExit(f"{flag} {f} describes no model (no {size}){run}")
+            return "qnet" if "q_level" in cfg else "cola" if "num_code" in cfg else "llama"
+    raise SystemExit(f"{flag} {path}: no config.json or params.json (not a checkpoint directory)")
+
+
 def detect_layout(path: Path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")

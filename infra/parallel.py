@@ -108,6 +108,22 @@ def device_type(device_flag: str) -> str:
     return "cuda" if device_flag.startswith("cuda") or (not device_flag and torch.cuda.is_available()) else "cpu"
 
 
+def device_of(flag: str) -> torch.device:
+    """--device: "" (cuda if available, else cpu), cpu, cuda or cuda:N; anything else, or CUDA where there is none,
+    ends the run with one line."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"--device {flag!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {flag!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {flag}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {flag}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def init_process_group(world: World, device_flag: str, timeout: float = TIMEOUT) -> torch.device:
     """The training device; under torchrun also the process groups: NCCL (CUDA tensors) + gloo (CPU tensors) on
     GPUs, gloo on CPU, each timing out after `timeout` seconds, and the long-waiting gloo group SLOW."""
@@ -116,7 +132,7 @@ def init_process_group(world: World, device_flag: str, timeout: float = TIMEOUT)
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit(f"--device {device_flag}: CUDA is not available on this machine")
     if not world.launched:
-        return torch.device(device_flag or ("cuda" if use_cuda else "cpu"))
+        return device_of(device_flag)
     if use_cuda:
         if world.local_rank >= torch.cuda.device_count():
             raise SystemExit(f"LOCAL_RANK {world.local_rank}: this node has {torch.cuda.device_count()} visible "

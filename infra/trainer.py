@@ -261,11 +261,14 @@ def log_metrics(run_dir: Path, row: dict):
 
 def append_row(f: Path, row: dict):
     """One JSON row in a single os.write on an O_APPEND file: a kill leaves at most a half-written last line, and
-    writers sharing the file never interleave within a row."""
+    writers sharing the file never interleave within a row. A half-written last line left by a kill is ended first,
+    so the new row stands on a line of its own (readers skip the broken one)."""
     with writing(f"{f}: could not append a row"):
-        fd = os.open(f, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(f, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (json.dumps(row) + "\n").encode())
+            size = os.fstat(fd).st_size
+            broken = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            os.write(fd, (("\n" if broken else "") + json.dumps(row) + "\n").encode())
         finally:
             os.close(fd)
 

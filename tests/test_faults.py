@@ -32,7 +32,7 @@ import torch
 import cola
 import data
 import model as model_py
-from infra import parallel
+from infra import parallel, trainer
 import train
 from conftest import ENV, LM, LM_STEPS, REPO, cmd, read_rows, step_rows
 from tokenizer import Tokenizer
@@ -493,3 +493,23 @@ def test_cola_cli_says_when_the_context_clips_max_new_tokens(chain, capsys):
     err = capsys.readouterr().err
     assert "--max-new-tokens 1000000 exceeds what the context of 512 tokens leaves" in err
     assert "generating at most 11" in err, err
+
+
+def test_append_row_ends_a_half_written_line_first(tmp_path):
+    """A kill mid-row leaves a broken last line; the next row goes on a line of its own (readers skip the broken
+    one) instead of being glued to it."""
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"a": 1}\n{"method": "gre')
+    trainer.append_row(f, {"b": 2})
+    assert f.read_text().splitlines()[1:] == ['{"method": "gre', '{"b": 2}']
+    trainer.append_row(f, {"c": 3})
+    assert f.read_text().endswith('{"b": 2}\n{"c": 3}\n')
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1"])
+def test_pipeline_scale_is_a_finite_positive_number(scale):
+    import pipeline
+    with pytest.raises(SystemExit, match=f"--scale {scale if scale not in ('0', '-1') else float(scale)}: expected a "
+                                         f"finite number > 0"):
+        pipeline.parse_pipeline_args(["--scale", scale])
+

@@ -11,6 +11,7 @@ train-q after SIGKILL; bad input. Everything starts from the shared tiny chain (
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -496,8 +497,14 @@ def bad_qnets(models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["action count", "token Q-net to latent search", "zero rounds", "unknown task",
-                                  "prompt longer than the context", "not a Q-net"])
+                                  "prompt longer than the context", "not a Q-net", "Q-net run directory",
+                                  "Q-net config without q_actions", "problem without meta", "bad device"])
 def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
+    no_actions = tmp_path / "q"                                    # a Q-net whose config.json lost q_actions
+    shutil.copytree(bad_qnets / "k32", no_actions)
+    config = json.loads((no_actions / "config.json").read_text())
+    del config["q_actions"]
+    (no_actions / "config.json").write_text(json.dumps(config))
     long = json.dumps({"kind": "countdown", "prompt": "Using the numbers " + "1, " * 300, "answer": "1",
                        "meta": {"numbers": [1], "target": 1}})
     argv, expected = {
@@ -506,7 +513,13 @@ def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
         "zero rounds": (["--n-rounds", "0"], "--n-rounds 0: expected an integer >= 1"),
         "unknown task": (["--task", "chess"], "--task 'chess': expected one of countdown, arith"),
         "prompt longer than the context": (["--problem", long], "leaves no room in the context of 512 tokens"),
-        "not a Q-net": (["--qnet", chain / "sft/final"], "is not a Q-network"),
+        "not a Q-net": (["--qnet", chain / "sft/final"], "is a plain Llama, not a Q-network"),
+        "Q-net run directory": (["--qnet", chain / "bc"], "describes no model (no hidden_size) (a run directory? its "
+                                                           "model is in final/)"),
+        "Q-net config without q_actions": (["--qnet", no_actions], "expected q_actions (an integer >= 1) and q_level"),
+        "problem without meta": (["--problem", json.dumps({"kind": "countdown", "prompt": "x", "answer": "1"})],
+                                 "--problem: the countdown checker cannot read it"),
+        "bad device": (["--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
     }[case]
     with pytest.raises(SystemExit) as e:
         mcts.main(["--ckpt", str(chain / "fta-i/final"), *map(str, argv)])
@@ -581,3 +594,18 @@ def test_fill_expands_every_child_in_one_round_and_stop_at_eos(models):
     s.stops.add(first)
     s.run()
     assert s.stats["stopped"] == "eos" and s.stats["rounds"] == 1 and s.root.children[0].terminal
+
+
+def test_search_eval_writes_nothing_until_its_models_load_and_survives_a_tiny_budget(chain, tmp_path):
+    """A run refused for its flags or models leaves no config.json behind to refuse the corrected rerun; a budget
+    below what best-of-N's prompt costs gives rows with no completion (success 0), the same on a rerun."""
+    out = tmp_path / "ev"
+    with pytest.raises(SystemExit, match="is a plain Llama, expected a CoLA checkpoint"):
+        search_eval.main(["--ckpt", str(chain / "sft/final"), "--methods", "greedy", "--out-dir", str(out)])
+    assert not out.exists()
+    argv = ["--ckpt", str(chain / "fta-i/final"), "--methods", "bon", "--problems", "1", "--seeds", "0",
+            "--budgets", "30", "--max-new-tokens", "8", "--out-dir", str(out)]
+    rows, text = search_eval.main(argv)
+    assert [r["trace"] for r in rows] == [[]] and "| bon | 1 | 0.000 |" in text
+    assert search_eval.main(argv) == (json.loads(json.dumps(rows)), text)
+

@@ -74,8 +74,8 @@ p.add_argument("--rl-step-cost", action="store_true", help="only print the FLOPs
                "and token level, at the tiny preset and at 8B (--rl-prompt, --rl-new), and time its two costly phases "
                "at the tiny preset (--batch rollouts, --steps rounds)")
 p.add_argument("--rollouts", type=int, default=16, help="--rl-memory-plan: rollouts per GPU per step")
-p.add_argument("--rl-prompt", type=int, default=512, help="--rl-memory-plan: prompt tokens")
-p.add_argument("--rl-new", type=int, default=1024, help="--rl-memory-plan: generated tokens")
+p.add_argument("--rl-prompt", type=int, default=512, help="--rl-memory-plan, --rl-step-cost (8B): prompt tokens")
+p.add_argument("--rl-new", type=int, default=1024, help="--rl-memory-plan, --rl-step-cost (8B): generated tokens")
 p.add_argument("--gpus", type=int, default=8, help="--memory-plan: GPUs the state is sharded over")
 p.add_argument("--micro-batch", type=int, default=4, help="--memory-plan, --rl-memory-plan: sequences per GPU "
                "per forward")
@@ -543,6 +543,10 @@ def rl_step_cost(a) -> str:
 
 if __name__ == "__main__":
     a = p.parse_args()
+    for flag in ("steps", "batch", "seq", "prompt_len", "new_tokens", "threads", "gpus", "micro_batch", "rollouts",
+                 "rl_prompt", "rl_new"):
+        if getattr(a, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected an integer >= 1")
     torch.set_num_threads(a.threads)
     if a.rl_step_cost:
         print(rl_step_cost(a))
