@@ -713,6 +713,32 @@ def test_teacher_forced_log_probs_by_one_forward_per_prefix(model):
                     assert got[i, t].item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def test_log_probs_at_the_sampling_temperature_on_the_kept_states(model):
+    """log_probs divides the logits by tau (0.5 and 2 by hand; at 1 the logits as they are), and the latent level
+    reads the frozen base's states the batch keeps (b["h"]) rather than running the base again: planted states
+    give their own log-probs."""
+    prompts = [[3, 1, 4], [1]]
+    rows = [{"tokens": [5, 9], "actions": [2, 6]}, {"tokens": [2, 6, 5], "actions": [7, 0, 1]}]
+    b = data.pack(prompts, rows, "cpu")
+    learner = SimpleNamespace(model=model, trained=Root(model.policy), ref=None)
+    with torch.no_grad():
+        h = model.hidden(b["x"][:, :-1])                                                 # [B, L-1, D]
+        logits, other = model.policy_logits(h), model.policy_logits(h.flip(0))
+    for tau in (0.5, 1.0, 2.0):
+        got = rl.log_probs(learner, SimpleNamespace(level="latent", temperature=tau), dict(b), with_grad=False)
+        torch.testing.assert_close(got, policy.action_log_probs(logits.float() / tau, b["actions"], b["mask"]))
+    got = rl.log_probs(learner, SimpleNamespace(level="latent", temperature=1.0), dict(b, h=h.flip(0)), with_grad=False)
+    torch.testing.assert_close(got, policy.action_log_probs(other, b["actions"], b["mask"]))
+    lm = tiny_llama()
+    tok = data.pack(prompts, [{"tokens": r["tokens"]} for r in rows], "cpu")
+    learner = SimpleNamespace(model=lm, trained=Root(lm), ref=None)
+    with torch.no_grad():
+        lm_logits = lm(tok["x"][:, :-1])                                                 # [B, L-1, V]
+    for tau in (0.5, 2.0):
+        got = rl.log_probs(learner, SimpleNamespace(level="token", temperature=tau), tok, with_grad=False)
+        torch.testing.assert_close(got, rl.token_log_probs(lm_logits.float() / tau, tok["x"][:, 1:], tok["mask"]))
+
+
 def test_action_log_probs_without_a_mask():
     logits = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]])
     actions = torch.tensor([[2, 1]])
