@@ -181,7 +181,7 @@ class SearchArgs:
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
     problem: str = arg("", "a problem as JSON with tasks.Problem's fields (kind, prompt, answer, meta); default: "
                            "held-out problem --index")
-    index: int = arg(0, "which held-out problem (val split of the rl stream of --seed)", ">= 0")
+    index: int = arg(0, "which held-out problem (val split of the rl stream of --seed)", ">= 0, < 10000")
     n_rounds: int = arg(64, "N, rounds (one new child each, or b with --fill; paper: 64)", ">= 1")
     budget: int = arg(0, "also stop once this many forward tokens are spent (0: no limit)", ">= 0")
     b_root: int = arg(5, "b at the root: children per node (release: larger at the root)", ">= 1")

@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -511,6 +512,10 @@ def train(argv=None):
     device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     learner = build(cfg, world, device)
+    vocab = (learner.model.base if cfg.level == "latent" else learner.model).args.vocab_size
+    if tok.n_words > vocab:
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but --init {cfg.init} has vocab_size {vocab}: pass "
+                         f"the --tokenizer the model was trained with")
     judge = parallel.on_main(world, lambda: load_judge(cfg, device))      # evaluation runs on rank 0
     opt = torch.optim.AdamW([p for p in learner.trained.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -539,6 +544,10 @@ def train(argv=None):
     while step < cfg.steps:
         with run.amp:
             m = rl_step(learner, opt, cfg, tok, step, world, device)
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise SystemExit(f"step {step + 1}: the loss is {m['loss']} (gradient norm {m['grad_norm']}); nothing of "
+                             f"this step was saved: lower --lr, then rerun (it resumes from the newest checkpoint in "
+                             f"{run.dir}/checkpoints)")
         step += 1
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
@@ -557,7 +566,9 @@ def train(argv=None):
                 print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
             return
     bar.close()
-    run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
+    if not result:                             # resumed at the last step (killed before the export, or a rerun of a
+        result = held_out(step)                # finished run): the same final evaluation, from the same weights
+    run.export(Root(learner.model), result)   # final/, and the last evaluation as the last metrics row
     parallel.barrier(world)                    # every rank done before main tears the process group down
 
 

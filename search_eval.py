@@ -238,6 +238,8 @@ def eval_main(argv: list[str]):
     if not budgets or budgets[0] < 1:
         raise SystemExit(f"--budgets {cfg.budgets!r}: expected positive integers")
     methods = [m for m in cfg.methods.split(",") if m]
+    if not methods:
+        raise SystemExit(f"--methods {cfg.methods!r}: expected one or more of {', '.join(METHODS)}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: {bad[0]!r} is not one of {', '.join(METHODS)}")

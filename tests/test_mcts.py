@@ -498,7 +498,8 @@ def bad_qnets(models, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["action count", "token Q-net to latent search", "zero rounds", "unknown task",
                                   "prompt longer than the context", "not a Q-net", "Q-net run directory",
-                                  "Q-net config without q_actions", "problem without meta", "bad device"])
+                                  "Q-net config without q_actions", "problem without meta", "bad device",
+                                  "huge index"])
 def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
     no_actions = tmp_path / "q"                                    # a Q-net whose config.json lost q_actions
     shutil.copytree(bad_qnets / "k32", no_actions)
@@ -520,6 +521,7 @@ def test_bad_input_one_line(case, chain, bad_qnets, tmp_path):
         "problem without meta": (["--problem", json.dumps({"kind": "countdown", "prompt": "x", "answer": "1"})],
                                  "--problem: the countdown checker cannot read it"),
         "bad device": (["--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
+        "huge index": (["--index", "1000000000"], "--index 1000000000: expected an integer >= 0 and < 10000"),
     }[case]
     with pytest.raises(SystemExit) as e:
         mcts.main(["--ckpt", str(chain / "fta-i/final"), *map(str, argv)])
@@ -600,6 +602,8 @@ def test_search_eval_writes_nothing_until_its_models_load_and_survives_a_tiny_bu
     """A run refused for its flags or models leaves no config.json behind to refuse the corrected rerun; a budget
     below what best-of-N's prompt costs gives rows with no completion (success 0), the same on a rerun."""
     out = tmp_path / "ev"
+    with pytest.raises(SystemExit, match="--methods ',': expected one or more of greedy"):
+        search_eval.main(["--methods", ",", "--out-dir", str(out)])
     with pytest.raises(SystemExit, match="is a plain Llama, expected a CoLA checkpoint"):
         search_eval.main(["--ckpt", str(chain / "sft/final"), "--methods", "greedy", "--out-dir", str(out)])
     assert not out.exists()

@@ -9,6 +9,7 @@ Runs start from the shared tiny chain (conftest.chain), a few steps of a few sho
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -312,6 +313,35 @@ def test_run_resume_after_kill_same_curve(chain, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     cfgs = json.loads((run / "final/config.json").read_text())["train_history"]
     assert cfgs[-1]["stage"] == "rl-latent-grpo" and cfgs[-2]["stage"] == "bc"
+    # killed after the last checkpoint, before the export (no final/, no final row): the rerun evaluates the last
+    # checkpoint's weights and exports them, its final row equal to the uninterrupted run's; a rerun of the
+    # finished run the same again (never an empty evaluation)
+    final_eval = [r["eval"] for r in read_rows(ref) if "eval" in r][-1]
+    shutil.rmtree(run / "final")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    for _ in range(2):
+        run_ok(rl_cmd(run, *args), timeout=600)
+        assert [r["eval"] for r in read_rows(run) if "eval" in r][-1] == final_eval
+        assert (run / "final/config.json").exists()
+
+
+def test_a_non_finite_step_stops_before_it_is_saved(chain, tmp_path, monkeypatch, capsys):
+    """A step whose loss or gradient norm is not finite ends the run with one line before anything of it is saved:
+    the checkpoints hold only finite steps, and no final/ is written."""
+    real = rl.rl_step
+    calls = []
+
+    def step(*args, **kwargs):
+        m = real(*args, **kwargs)
+        calls.append(1)
+        return {**m, "loss": float("nan")} if len(calls) == 2 else m
+    monkeypatch.setattr(rl, "rl_step", step)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="step 2: the loss is nan"):
+        rl.main(["--init", str(chain / "bc/final"), *FAST, "--steps", "4", "--ckpt-every", "1", "--dtype", "float32",
+                 "--out-dir", str(out)])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"] and not (out / "final").exists()
 
 
 def bad_cases(chain, tmp_path):
