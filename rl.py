@@ -540,7 +540,7 @@ def train(argv=None):
         first = held_out(0)
         if world.main:
             log_metrics(run.dir, {"eval": first})
-    result = {}
+    result, at_end = {}, step >= cfg.steps     # resumed at the last step: killed before the export, or finished
     while step < cfg.steps:
         with run.amp:
             m = rl_step(learner, opt, cfg, tok, step, world, device)
@@ -566,9 +566,9 @@ def train(argv=None):
                 print(f"stopped after step {step} (--stop-at); rerun the same command to continue")
             return
     bar.close()
-    if not result:                             # resumed at the last step (killed before the export, or a rerun of a
-        result = held_out(step)                # finished run): the same final evaluation, from the same weights
-    run.export(Root(learner.model), result)   # final/, and the last evaluation as the last metrics row
+    if at_end:                                 # the same final evaluation, from the same weights (decided alike on
+        result = held_out(step)                # every rank: held_out waits for rank 0, whose result only it keeps)
+    run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
     parallel.barrier(world)                    # every rank done before main tears the process group down
 
 
