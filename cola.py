@@ -396,6 +396,17 @@ def load(path, kind: str, flag: str = "--ckpt", device="cpu", dtype=torch.float3
         raise SystemExit(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
 
 
+LEVELS = {"latent": "cola", "token": "llama"}    # what each level of RL and search acts with
+
+
+def load_level(path, level: str, flag: str, device="cpu", preset: str | None = None, hint: str = ""):
+    """The model a level acts with, checked by `load`: a CoLA export for latent actions, a plain Llama for tokens
+    (rl.py, qnet.py, mcts.py, search_eval.py). hint: what to pass instead (default: which export each level needs)."""
+    default = {"latent": "latent actions need a CoLA checkpoint (fta-i, fta-p or bc export)",
+               "token": "the token level needs a plain Llama (e.g. the sft export, or an FTA run's final-llama/)"}
+    return load(path, LEVELS[level], flag, device, preset=preset, hint=hint or default[level])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: load a checkpoint, generate under latent actions, print text and actions side by side
 

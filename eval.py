@@ -96,10 +96,6 @@ def cola_metrics(model: CoLA, b: Batch) -> dict:
 # Loading: checkpoints, the held-out text
 
 
-def device_of(name: str) -> torch.device:
-    return parallel.device_of(name)
-
-
 def load_cola(ckpt: str, device, what: str = "--ckpt"):
     """A CoLA export past Stage A (cola.load checks it), frozen."""
     return cola.load(ckpt, "cola", what, device, hint="pass a CoLA checkpoint after Stage A (a plain Llama has no "
@@ -455,7 +451,7 @@ def after_pipeline(root: Path, scale: float = 1.0, dtype: str = "auto"):
     """What the pipeline calls last: action usage (direct vs VQ) and the diversity comparison on its Stage A export,
     saved as JSON in the run directories, then the plots. Without matplotlib the numbers are still written and the
     way to get the plots is printed. Sizes shrink with --scale like the pipeline's evaluations."""
-    device = device_of("")
+    device = parallel.device_of("")
     root = Path(root)
     small = min(1.0, scale * 10)
     usage_of_runs(root, device, n_batches=max(1, round(8 * small)), dtype=dtype)
@@ -610,13 +606,13 @@ def main(argv=None):
             raise SystemExit(f"--runs {a.runs}: directory not found (run `python pipeline.py` first)")
         if not run_dirs(runs):
             raise SystemExit(f"--runs {a.runs}: no run directory (metrics.jsonl) inside")
-        written = plot_all(runs, device_of(a.device))
+        written = plot_all(runs, parallel.device_of(a.device))
         if written is None:
             raise SystemExit("eval.py plot needs matplotlib, an optional dependency: " + PLOT_HINT.format(runs=a.runs))
         print("\n".join(f"wrote {p}" for p in written))
         return written
     check_flags(a)
-    device = device_of(a.device)
+    device = parallel.device_of(a.device)
     if a.cmd in ("controllability", "actions"):
         a.dtype = resolve_dtype(a.dtype, device.type)
         print(dtype_line(a))

@@ -432,24 +432,13 @@ def level_of(path: str, flag: str = "--ckpt") -> str:
     return "latent" if kind == "cola" else "token"
 
 
-def load_model(path: str, level: str, device, flag: str = "--ckpt"):
-    """The frozen model a level searches with: a CoLA export (latent) or a plain Llama (token), checked."""
-    if level == "latent":
-        model = cola.load(path, "cola", flag, device, hint="latent actions need a CoLA checkpoint (fta-i, fta-p or "
-                          "bc export); a plain Llama searches over tokens")
-    else:
-        model = cola.load(path, "llama", flag, device, hint="token-level search needs a plain Llama (e.g. the sft "
-                          "export)")
-    return model.eval().requires_grad_(False)
-
-
 def search_main(argv: list[str]):
     cfg = parse_search_args(argv)
     device = parallel.device_of(cfg.device)
     level = level_of(cfg.ckpt)
     tok = Tokenizer.find(cfg.ckpt, cfg.tokenizer or None)
     problem = load_problem(cfg)
-    model = load_model(cfg.ckpt, level, device)
+    model = cola.load_level(cfg.ckpt, level, "--ckpt", device).eval().requires_grad_(False)
     qnet = None
     if cfg.qnet:
         qnet = QNetwork.from_pretrained(cfg.qnet, device)

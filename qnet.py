@@ -241,17 +241,6 @@ def parse_q_args(argv: list[str]) -> QArgs:
     return cfg
 
 
-def load_policy(path: str, level: str, device):
-    """The policy checkpoint whose samples are the data, checked: a CoLA export (latent) or a plain Llama (token)."""
-    if level == "latent":
-        model = cola.load(path, "cola", "--init", device, hint="latent actions need a CoLA checkpoint (fta-i, fta-p or "
-                          "bc export); use --level token for a plain Llama")
-    else:
-        model = cola.load(path, "llama", "--init", device, hint="--level token needs a plain Llama (e.g. the sft "
-                          "export)")
-    return model.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def collect(model, level: str, tok: Tokenizer, problems: list[tasks.Problem], samples: int, cfg: QArgs, stream: int,
             chunk: int = 32) -> list[dict]:
@@ -286,7 +275,7 @@ def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
             return saved
         print(f"{f}: sampled with other flags; sampling again")
     t0 = time.time()
-    model = load_policy(cfg.init, cfg.level, device)
+    model = cola.load_level(cfg.init, cfg.level, "--init", device).eval().requires_grad_(False)
     train = collect(model, cfg.level, tok, tasks.problems_at(cfg.task, cfg.seed, 0, cfg.prompts), cfg.samples, cfg,
                     stream=0)
     val = collect(model, cfg.level, tok, tasks.make_problems(cfg.task, cfg.val_prompts, cfg.seed, split="val",
@@ -336,7 +325,7 @@ def train_q(argv: list[str]):
     run = Run(f"q-{cfg.level}", cfg, world, init=cfg.init)
     device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
-    policy_model = load_policy(cfg.init, cfg.level, torch.device("cpu"))
+    policy_model = cola.load_level(cfg.init, cfg.level, "--init", "cpu").requires_grad_(False)
     base = policy_model.base if cfg.level == "latent" else policy_model
     n_actions = policy_model.args.n_actions if cfg.level == "latent" else base.args.vocab_size
     pair = QPair(QNetwork.from_base(base, n_actions, cfg.level)).to(device)

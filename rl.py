@@ -180,12 +180,11 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
 
 def load_model(cfg: RLArgs, device):
     """The starting checkpoint, checked against --level: a CoLA for latent RL, a plain Llama for token RL."""
-    if cfg.level == "latent":
-        return cola.load(cfg.init, "cola", "--init", device, preset=cfg.preset, hint="--level latent needs a CoLA "
-                         "checkpoint (fta-p, fta-i or bc export; a plain Llama has no policy to train); use --level "
-                         "token for a plain Llama")
-    return cola.load(cfg.init, "llama", "--init", device, preset=cfg.preset, hint="--level token trains a plain "
-                     f"Llama (e.g. the sft export, or {Path(cfg.init).parent}/final-llama)")
+    hint = {"latent": "--level latent needs a CoLA checkpoint (fta-p, fta-i or bc export; a plain Llama has no "
+                      "policy to train); use --level token for a plain Llama",
+            "token": f"--level token trains a plain Llama (e.g. the sft export, or {Path(cfg.init).parent}/"
+                     f"final-llama)"}[cfg.level]
+    return cola.load_level(cfg.init, cfg.level, "--init", device, preset=cfg.preset, hint=hint)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from infra import parallel
 from infra.checkpoint import atomic_write
 from infra.trainer import append_row, arg, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
-from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt, load_model
+import cola
+from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt
 from policy import sample_uniforms, seeded_sampler
 from qnet import QNetwork, check_qnet
 import tasks
@@ -266,14 +267,14 @@ def eval_main(argv: list[str]):
     tok = Tokenizer.find(cfg.ckpt or cfg.llama, cfg.tokenizer or None)
     engines = {}
     if any(not m.startswith("token-") for m in methods):
-        cola = load_model(cfg.ckpt, "latent", device)
-        engines[("latent", False)] = Engine(cola, "latent")
+        latent = cola.load_level(cfg.ckpt, "latent", "--ckpt", device).eval().requires_grad_(False)
+        engines[("latent", False)] = Engine(latent, "latent")
         if "mcts-q" in methods:
             q = QNetwork.from_pretrained(cfg.qnet, device)
-            check_qnet(q, cfg.qnet, "latent", cola, cfg.ckpt)
-            engines[("latent", True)] = Engine(cola, "latent", q)
+            check_qnet(q, cfg.qnet, "latent", latent, cfg.ckpt)
+            engines[("latent", True)] = Engine(latent, "latent", q)
     if any(m.startswith("token-") for m in methods):
-        lm = load_model(cfg.llama, "token", device, "--llama")
+        lm = cola.load_level(cfg.llama, "token", "--llama", device).eval().requires_grad_(False)
         engines[("token", False)] = Engine(lm, "token")
         if "token-mcts-q" in methods:
             q = QNetwork.from_pretrained(cfg.token_qnet, device, "--token-qnet")

@@ -475,10 +475,10 @@ def rl_step_flops(preset: str, prompt: int, new: int) -> dict:
     Linear layers at 2 FLOPs per weight per row; attention 4 x D per (query, key) per layer over the score matrix
     the kernels compute (the full square when teacher-forced). Norms, RoPE and softmax are left out."""
     from cola import COLA_PRESETS, CoLA
+    from infra.treecache import matmul_params as W         # the Linear weights: a multiply-add each per row
     with torch.device("meta"):
         m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
     a, c = m.base_args, m.args
-    W = lambda *mods: sum(p.numel() for mod in mods for p in mod.parameters() if p.dim() == 2)   # noqa: E731
     L, fed = prompt + new, prompt + new - 1                  # the last new token is generated, never fed back
     decode_keys = prompt * prompt + sum(prompt + i for i in range(1, new))       # prefill square, then one by one
     stack = lambda n_w, layers, keys, rows: 2 * n_w * rows + 4 * a.dim * layers * keys   # noqa: E731
