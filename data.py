@@ -38,7 +38,8 @@ Formats (choices made here):
     a record whose prompt alone fills the window has no response token left and is dropped (counted too).
   - Splits: a document or problem is "val" when the blake2b hash of its text (of its prompt, for problems) falls
     in the lowest 5%; identical texts therefore always land in the same split, and train/val never overlap.
-  - Mix: tasks are 20% of the embedded corpus's characters (countdown and arithmetic alternate), docstrings 80%.
+  - Mix: tasks are 50% of the embedded corpus's characters, docstrings 50%; the tasks are tasks.PRETRAIN_MIX's kinds
+    in turn (countdown-2, countdown-3 twice, full Countdown, arithmetic), rich in the tiny preset's RL task.
 
 Deviations from the paper / official code:
   - Pre-training text is Python's stdlib docstrings (~1.2 MB, English technical prose with some code) plus
@@ -63,14 +64,14 @@ import numpy as np
 import torch
 
 from infra.checkpoint import atomic_write, replace_dir
-from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
-from tokenizer import ChatFormat, Tokenizer
+from tasks import KINDS, PRETRAIN_MIX, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
+from tokenizer import TINY_BPE, TINY_RANKS, ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
 CACHE_DIR = ROOT / "data" / "cache"          # gitignored
-DATA_VERSION = 1                             # bump when the extraction or the task templates change
+DATA_VERSION = 2                             # bump when the extraction, the task templates or the mix change
 MIN_DOC_CHARS = 200                          # keep docstrings of at least this many characters
-TASK_SHARE = 0.20                            # share of the embedded corpus's characters that are task texts
+TASK_SHARE = 0.50                            # share of the embedded corpus's characters that are task texts
 VAL_SEED = 1234                              # the held-out windows' order: the same evaluation batches everywhere
 
 
@@ -145,14 +146,29 @@ def embedded_corpus(split: str = "train", seed: int = 0) -> list[str]:
     natural = sum(map(len, docs))
     budget = natural * TASK_SHARE / (1 - TASK_SHARE)          # task chars so that tasks / total = TASK_SHARE
     tasks, chars = [], 0
-    for p in problem_stream("mix", seed, "pretrain", split):
-        if chars >= budget:
-            break
-        tasks.append(p.text)
-        chars += len(p.text)
+    streams = [problem_stream(kind, seed, f"pretrain:{i}", split) for i, kind in enumerate(PRETRAIN_MIX)]
+    while chars < budget:
+        for stream in streams:                               # PRETRAIN_MIX's kinds in turn, counted by problem
+            p = next(stream)
+            tasks.append(p.text)
+            chars += len(p.text)
     out = docs + tasks
     random.Random(f"corpus:{split}:{seed}").shuffle(out)
     return out
+
+
+def tokenizer_text() -> list[str]:
+    """What the embedded BPE is trained on: the train split of the embedded corpus at seed 0 (tokenizer-free)."""
+    return embedded_corpus("train", seed=0)
+
+
+def tokenizer_spec(n_ranks: int = TINY_RANKS) -> tuple[dict, dict]:
+    """The embedded BPE as a tokenizer.json, and a note of the text it was trained on (its digest: the test
+    retrains where this Python's corpus has the same one)."""
+    texts = tokenizer_text()
+    note = {"corpus": f"embedded corpus, train split, seed 0, data v{DATA_VERSION}, Python "
+                      f"{sys.version.split()[0]}", "digest": corpus_digest(texts), "ranks": n_ranks}
+    return bpe_json(train_bpe(texts, n_ranks)), note
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,6 +658,9 @@ def main(argv=None):
     p.add_argument("--out", default="data/embedded")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("tokenizer", help="train the embedded BPE on the embedded corpus (data/tiny-bpe.json)")
+    p.add_argument("--out", default=str(TINY_BPE))
+    p.add_argument("--ranks", type=int, default=TINY_RANKS, help="tokens before the 256 specials (256 bytes + merges)")
     p = sub.add_parser("sample", help="print problems with their reference solutions and rewards")
     p.add_argument("--kind", default="countdown", choices=KINDS + ("mix",))
     p.add_argument("-n", type=int, default=3)
@@ -665,6 +684,15 @@ def main(argv=None):
             for split, paths in prepare_embedded(args.out, Tokenizer(args.tokenizer), args.seed).items():
                 meta = json.loads((Path(args.out) / split / "meta.json").read_text())
                 print(f"{split}: {meta['n_documents']} documents, {meta['n_tokens']:,} tokens -> {paths}")
+        elif args.cmd == "tokenizer":
+            if args.ranks < 256:
+                raise ValueError(f"--ranks {args.ranks}: expected at least the 256 single bytes")
+            spec, note = tokenizer_spec(args.ranks)
+            out = Path(args.out)
+            atomic_write_text(out, json.dumps(spec, ensure_ascii=False, indent=0) + "\n")
+            atomic_write_text(out.with_suffix(".trained-on.json"), json.dumps(note, indent=1) + "\n")
+            print(f"wrote {out} and {out.with_suffix('.trained-on.json').name}: {len(spec['model']['vocab'])} "
+                  f"ranks + 256 specials, trained on {note['corpus']}")
         elif args.cmd == "sample":
             for pr in make_problems(args.kind, args.n, args.seed, args.split):
                 print(f"--- {pr.kind}  answer={pr.answer}  reward(reference)={reward(pr, pr.response)}")

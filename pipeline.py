@@ -1,8 +1,8 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
 in miniature that the README and docs/results.md show (PAPER.md §6), then GRPO over latent actions (from FTA-I) and
-over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
+over tokens (from SFT) on countdown-3 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
 on 2 CPU cores with native bf16, 20 in float32 without; `--scale 0.1` for a smoke run); it writes runs/<stage>/ for
-each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/ and runs/results.md.
+each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/, runs/results.md and runs/results.json.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from infra.checkpoint import atomic_write
 from infra.parallel import device_type, world_from_env
 from infra.trainer import machine_line, release_locks, resolve_dtype
 import rl
+import tasks
+from tokenizer import Tokenizer
 from train import FinetuneArgs, parse_args, run_stage
 
 
@@ -66,15 +68,17 @@ def run_pipeline(a) -> dict:
     r["sft"] = run_stage("sft", cfg("sft", init=root / "base/final"))
     for level, init in (("latent", "fta-i"), ("token", "sft")):
         r[f"rl-{level}"] = run_rl(root, level, root / init / "final", a)
-    table = results_table(r, time.time() - t0, a.dtype)
+    seconds = time.time() - t0
+    table = results_table(r, seconds, a.dtype)
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
+    atomic_write(root / "results.json", lambda t: t.write_text(json.dumps(results_json(r, seconds, a), indent=1) + "\n"))
     after_pipeline(root, a.scale, a.dtype)  # usage (direct vs VQ), diversity, PNGs; says how to plot without matplotlib
     return r
 
 
 def run_rl(root: Path, level: str, init: Path, a) -> dict:
-    """rl.py's tiny defaults (30 GRPO steps on countdown-2; scaled by --scale) -> its first and last held-out
+    """rl.py's tiny defaults (30 GRPO steps on countdown-3; scaled by --scale) -> its first and last held-out
     evaluation."""
     out = root / f"rl-{level}-grpo"
     steps = max(2, round(30 * a.scale))
@@ -84,7 +88,25 @@ def run_rl(root: Path, level: str, init: Path, a) -> dict:
              *(smoke if a.scale < 0.05 else [])])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval"] for row in rows if "eval" in row]
-    return {"before": evals[0], "after": evals[-1], "steps": steps}
+    return {"before": evals[0], "after": evals[-1], "steps": steps, "init": str(init), "run_dir": str(out)}
+
+
+def results_json(r: dict, seconds: float, a) -> dict:
+    """runs/results.json: the pipeline's measurements under fixed names, for tools to read."""
+    tok = Tokenizer()
+    rl_part = {level: {"success_before": x["before"]["sampled_success"], "success_after": x["after"]["sampled_success"],
+                       "greedy_before": x["before"]["greedy_success"], "greedy_after": x["after"]["greedy_success"],
+                       "format_before": x["before"]["sampled_format"], "format_after": x["after"]["sampled_format"],
+                       "steps": x["steps"], "init": x["init"], "run_dir": x["run_dir"]}
+               for level, x in (("latent", r["rl-latent"]), ("token", r["rl-token"]))}
+    pre = r["pretrain"]
+    return {"seed": a.seed, "scale": a.scale, "dtype": a.dtype, "cpu": machine_line(device_type("")),
+            "seconds": round(seconds, 1), "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words},
+            "task": tasks.TINY_TASK, "heldout": {"distinct_problems": r["rl-latent"]["before"]["problems"]},
+            "stage_a": {"alive": pre["codebook"]["alive"], "alive_vq": r["vq"]["codebook"]["alive"],
+                        "n_actions": pre["codebook"]["n_actions"], "lm": pre["after"]["lm_val"]["lm"],
+                        "wm_idm": pre["after"]["lm_val"]["wm_idm"]},
+            "rl": rl_part}
 
 
 def results_table(r: dict, seconds: float, dtype: str) -> str:
@@ -117,9 +139,10 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     def change(key):       # latent / token, before -> after RL
         return " / ".join(f"{x['before'][key]:.2f} -> {x['after'][key]:.2f}" for x in (lat, tok))
     rows += [
-        (f"RL, {lat['steps']} GRPO steps on countdown-2, latent / token: sampled well-formed", change("sampled_format"),
-         "latent learns the format faster"),
-        ("RL latent / token: held-out success, greedy", change("greedy_success"), "paper (MATH-500): 42.4 vs 38.2"),
+        (f"RL, {lat['steps']} GRPO steps on {tasks.TINY_TASK}, latent / token: held-out success, sampled "
+         f"({lat['before']['problems']} problems)", change("sampled_success"), "rises; paper (MATH-500): 42.4 vs 38.2"),
+        ("RL latent / token: held-out success, greedy", change("greedy_success"), "rises"),
+        ("RL latent / token: sampled well-formed", change("sampled_format"), "latent learns the format faster"),
         ("RL latent / token: judge NLL of sampled responses (nats/token)", change("judge_nll"), ""),
         ("RL latent / token: KL to the reference at the end (nats/token)",
          f"{lat['after']['kl']:.3f} / {tok['after']['kl']:.3f}", ""),

@@ -4,26 +4,38 @@ Llama 3 (PAPER.md §2, "Base": V = 128256): 128000 byte-level BPE ranks read fro
 (one "<base64 token bytes> <rank>" per line; the rank is both merge priority and token id), Meta's
 pre-tokenisation regex, and 256 special tokens with ids 128000..128255 (Llama-3.1 names).
 
-Embedded default (the tiny CPU preset): the 256 single bytes are the whole "BPE" (no merges), so every UTF-8
-string round-trips and no file is needed; the same 256 special-token names follow at ids 256..511, so V = 512 and
-code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs unchanged. Why bytes and not a
-small trained BPE: nothing to ship or train, deterministic on every Python, and a 512-row embedding keeps the tiny
-model's parameters in its blocks. The price is ~4x more tokens per text than Llama 3's tokenizer.
+Embedded default (the tiny CPU preset): a small byte-level BPE trained by `train_bpe` on the tiny preset's
+pre-training text and shipped as data/tiny-bpe.json (Hugging Face's tokenizer.json layout, so it loads like any
+other): 2048 ranks (the 256 single bytes and 1792 merges), then the same 256 special-token names at ids
+2048..2303, so V = 2304 and code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs
+unchanged. Encoding uses Meta's regex and tiktoken, exactly as for Llama 3. Why a trained BPE and not bytes: with
+64 latent actions over 256 byte tokens an action means "the next character", and a 3M-parameter model reads ~3x
+less text per window; with BPE a Countdown prompt is ~3x shorter and an action picks among word- and number-sized
+pieces. Shipped rather than trained at run time: the corpus is the installed standard library's docstrings,
+which differ between Python versions, and tokenization must not (`python data.py tokenizer` retrains it;
+tests/test_tokenizer.py checks that retraining reproduces the file where the corpus is the same).
 
 Usage:
-    tok = Tokenizer()                                    # embedded byte-level default
+    tok = Tokenizer()                                    # embedded default (data/tiny-bpe.json)
     tok = Tokenizer("Meta-Llama-3.1-8B/tokenizer.model") # official file
     tok = Tokenizer.find("/path/to/checkpoint")          # tokenizer.model, original/tokenizer.model or
                                                          # tokenizer.json inside a checkpoint directory
     ids = tok.encode("Hello world!", bos=True, eos=False)
 
 Deviations from Meta's tokenizer.py: none in behaviour; `Tokenizer.find` also rebuilds the ranks from a Hugging
-Face tokenizer.json (GPT-2 byte alphabet), which gives the same ids for Llama 3.
+Face tokenizer.json (GPT-2 byte alphabet), which gives the same ids for Llama 3. `train_bpe` counts pre-tokenised
+chunks with Python's `re` (TRAIN_PAT, Meta's regex with \\p{L} / \\p{N} written as \\w classes; identical on ASCII
+text) and merges the most frequent pair, ties to the lowest ids, as the classic BPE of Sennrich et al.; tiktoken
+then applies the ranks by lowest rank first, as for Llama 3.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
+import heapq
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import tiktoken
@@ -31,6 +43,14 @@ import tiktoken
 # Meta's pre-tokenisation regex (identical in llama3, llama-models and HF tokenizer.json).
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
            r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# The same regex in Python's `re` (no \\p{...}): letters [^\\W\\d_], digits \\d, neither [\\W_]. For train_bpe only.
+TRAIN_PAT = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|"
+                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+TINY_BPE = Path(__file__).resolve().parent / "data" / "tiny-bpe.json"   # the embedded default (train_bpe)
+TINY_BPE_NOTE = TINY_BPE.with_suffix(".trained-on.json")                  # its corpus: name, digest, ranks
+TINY_RANKS = 2048                       # 256 bytes + 1792 merges; with the 256 specials V = 2304 (model.py "tiny")
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # Llama-3.1 special tokens (llama-models 3.1 release); id = number of base tokens + index.
@@ -89,19 +109,95 @@ def load_tokenizer_json(path: Path) -> dict[bytes, int]:
         raise ValueError(f"{path}: vocabulary is not in the GPT-2 byte alphabet") from None
 
 
+def train_bpe(texts, n_ranks: int) -> list[tuple[int, int]]:
+    """Byte-level BPE: the merges (a, b), most frequent adjacent pair first (ties: lowest ids), counted over
+    TRAIN_PAT chunks, until there are n_ranks tokens; a merge whose bytes are new makes the next id (256, 257, ...),
+    one whose bytes exist reuses that token. Incremental pair counts and a lazy heap: seconds for
+    the tiny corpus."""
+    chunks = Counter(c.encode("utf-8") for t in texts for c in TRAIN_PAT.findall(t))
+    words, freq = [list(w) for w in chunks], list(chunks.values())
+    pairs, where = Counter(), {}
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += freq[i]
+            where.setdefault(p, set()).add(i)
+    heap = [(-n, p) for p, n in pairs.items()]
+    heapq.heapify(heap)
+    merges, token = [], [bytes([b]) for b in range(256)]
+    known = {t: i for i, t in enumerate(token)}
+    while len(token) < n_ranks and heap:
+        n, p = heapq.heappop(heap)
+        if -n != pairs.get(p, 0) or n == 0:
+            continue                                     # stale entry: the pair's count changed since
+        joined = token[p[0]] + token[p[1]]
+        new = known.setdefault(joined, len(token))       # "ab"+"c" after "a"+"bc": the same token, no new rank
+        if new == len(token):
+            token.append(joined)
+        merges.append(p)
+        touched = set()
+        for i in sorted(where.pop(p)):
+            w = words[i]
+            for q in zip(w, w[1:]):
+                pairs[q] -= freq[i]
+                touched.add(q)
+            out, k = [], 0
+            while k < len(w):
+                if k + 1 < len(w) and (w[k], w[k + 1]) == p:
+                    out.append(new)
+                    k += 2
+                else:
+                    out.append(w[k])
+                    k += 1
+            words[i] = out
+            for q in zip(out, out[1:]):
+                pairs[q] += freq[i]
+                touched.add(q)
+                where.setdefault(q, set()).add(i)
+        pairs.pop(p, None)
+        for q in touched - {p}:
+            if pairs[q] > 0:
+                heapq.heappush(heap, (-pairs[q], q))
+    return merges
+
+
+def bpe_json(merges: list[tuple[int, int]]) -> dict:
+    """Merges -> a Hugging Face tokenizer.json (byte-level BPE, GPT-2 byte alphabet) that load_tokenizer_json and
+    the `tokenizers` library read (which refuses keys of its own, so what it was trained on goes beside it)."""
+    to_char = {b: c for c, b in gpt2_byte_alphabet().items()}
+    tokens = [bytes([b]) for b in range(256)]
+    known = set(tokens)
+    for a, b in merges:
+        if tokens[a] + tokens[b] not in known:
+            tokens.append(tokens[a] + tokens[b])
+            known.add(tokens[-1])
+    text = ["".join(to_char[x] for x in t) for t in tokens]
+    pre = [{"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre}, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {s: i for i, s in enumerate(text)},
+                      "merges": [[text[a], text[b]] for a, b in merges]}}
+
+
+def corpus_digest(texts) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\f")
+    return h.hexdigest()[:16]
+
+
 class Tokenizer:
     def __init__(self, model_path: str | Path | None = None):
-        if model_path is None:
-            ranks, name = {bytes([b]): b for b in range(256)}, "llama3-bytes"
-        else:
-            model_path = Path(model_path)
-            ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else \
-                load_tokenizer_model(model_path)
-            name = model_path.name
+        model_path = Path(TINY_BPE if model_path is None else model_path)
+        ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else load_tokenizer_model(model_path)
+        name = "tiny-bpe" if model_path == TINY_BPE else model_path.name
         self.special_tokens = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
-        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 512 embedded
+        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 2304 embedded
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
