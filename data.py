@@ -20,6 +20,7 @@ Commands:
     python data.py embedded --out data/embedded             # train/ and val/ shards of the embedded corpus
     python data.py prepare --out data/mycorpus a.txt b.jsonl [--tokenizer Meta-Llama-3.1-8B/tokenizer.model]
     python data.py sft --kind countdown --split train -n 5000 --out data/countdown_sft.jsonl
+    python data.py tokenizer --ranks 2048 --out data/bpe-2048.json   # a BPE trained on the embedded corpus
 
 Formats (choices made here):
   - .txt input: documents separated by a form feed (\\f); a file without one is one document. Each document is
@@ -38,8 +39,7 @@ Formats (choices made here):
     a record whose prompt alone fills the window has no response token left and is dropped (counted too).
   - Splits: a document or problem is "val" when the blake2b hash of its text (of its prompt, for problems) falls
     in the lowest 5%; identical texts therefore always land in the same split, and train/val never overlap.
-  - Mix: tasks are 50% of the embedded corpus's characters, docstrings 50%; the tasks are tasks.PRETRAIN_MIX's kinds
-    in turn (countdown-2, countdown-3 twice, full Countdown, arithmetic), rich in the tiny preset's RL task.
+  - Mix: tasks are 20% of the embedded corpus's characters (countdown and arithmetic alternate), docstrings 80%.
 
 Deviations from the paper / official code:
   - Pre-training text is Python's stdlib docstrings (~1.2 MB, English technical prose with some code) plus
@@ -64,14 +64,14 @@ import numpy as np
 import torch
 
 from infra.checkpoint import atomic_write, replace_dir
-from tasks import KINDS, PRETRAIN_MIX, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
-from tokenizer import TINY_BPE, TINY_RANKS, ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
+from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
+from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
 CACHE_DIR = ROOT / "data" / "cache"          # gitignored
-DATA_VERSION = 2                             # bump when the extraction, the task templates or the mix change
+DATA_VERSION = 1                             # bump when the extraction or the task templates change
 MIN_DOC_CHARS = 200                          # keep docstrings of at least this many characters
-TASK_SHARE = 0.50                            # share of the embedded corpus's characters that are task texts
+TASK_SHARE = 0.20                            # share of the embedded corpus's characters that are task texts
 VAL_SEED = 1234                              # the held-out windows' order: the same evaluation batches everywhere
 
 
@@ -146,25 +146,24 @@ def embedded_corpus(split: str = "train", seed: int = 0) -> list[str]:
     natural = sum(map(len, docs))
     budget = natural * TASK_SHARE / (1 - TASK_SHARE)          # task chars so that tasks / total = TASK_SHARE
     tasks, chars = [], 0
-    streams = [problem_stream(kind, seed, f"pretrain:{i}", split) for i, kind in enumerate(PRETRAIN_MIX)]
-    while chars < budget:
-        for stream in streams:                               # PRETRAIN_MIX's kinds in turn, counted by problem
-            p = next(stream)
-            tasks.append(p.text)
-            chars += len(p.text)
+    for p in problem_stream("mix", seed, "pretrain", split):
+        if chars >= budget:
+            break
+        tasks.append(p.text)
+        chars += len(p.text)
     out = docs + tasks
     random.Random(f"corpus:{split}:{seed}").shuffle(out)
     return out
 
 
 def tokenizer_text() -> list[str]:
-    """What the embedded BPE is trained on: the train split of the embedded corpus at seed 0 (tokenizer-free)."""
+    """What `python data.py tokenizer` trains on: the train split of the embedded corpus at seed 0."""
     return embedded_corpus("train", seed=0)
 
 
-def tokenizer_spec(n_ranks: int = TINY_RANKS) -> tuple[dict, dict]:
-    """The embedded BPE as a tokenizer.json, and a note of the text it was trained on (its digest: the test
-    retrains where this Python's corpus has the same one)."""
+def tokenizer_spec(n_ranks: int) -> tuple[dict, dict]:
+    """A BPE of n_ranks trained on the embedded corpus, as a tokenizer.json, and a note of the text it was trained
+    on (name and digest: the stdlib docstrings differ between Python versions, and so would the merges)."""
     texts = tokenizer_text()
     note = {"corpus": f"embedded corpus, train split, seed 0, data v{DATA_VERSION}, Python "
                       f"{sys.version.split()[0]}", "digest": corpus_digest(texts), "ranks": n_ranks}
@@ -658,9 +657,9 @@ def main(argv=None):
     p.add_argument("--out", default="data/embedded")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("tokenizer", help="train the embedded BPE on the embedded corpus (data/tiny-bpe.json)")
-    p.add_argument("--out", default=str(TINY_BPE))
-    p.add_argument("--ranks", type=int, default=TINY_RANKS, help="tokens before the 256 specials (256 bytes + merges)")
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE on the embedded corpus (a tokenizer.json)")
+    p.add_argument("--out", required=True, help="the tokenizer.json to write (a .trained-on.json note goes beside)")
+    p.add_argument("--ranks", type=int, default=2048, help="tokens before the 256 specials (256 bytes + merges)")
     p = sub.add_parser("sample", help="print problems with their reference solutions and rewards")
     p.add_argument("--kind", default="countdown", choices=KINDS + ("mix",))
     p.add_argument("-n", type=int, default=3)
@@ -685,8 +684,8 @@ def main(argv=None):
                 meta = json.loads((Path(args.out) / split / "meta.json").read_text())
                 print(f"{split}: {meta['n_documents']} documents, {meta['n_tokens']:,} tokens -> {paths}")
         elif args.cmd == "tokenizer":
-            if args.ranks < 256:
-                raise ValueError(f"--ranks {args.ranks}: expected at least the 256 single bytes")
+            if args.ranks < 257:
+                raise ValueError(f"--ranks {args.ranks}: expected more than the 256 single bytes")
             spec, note = tokenizer_spec(args.ranks)
             out = Path(args.out)
             atomic_write_text(out, json.dumps(spec, ensure_ascii=False, indent=0) + "\n")

@@ -28,14 +28,14 @@ A round is one expansion, free ones included: a child on its parent's greedy rol
 rollouts are reused, so search_eval.py ends searches by forward-token budget, not by rounds.
 
 Run it (CPU, tiny preset; checkpoints from `python train.py --stage fta-i` / `--stage sft`, Q-networks from qnet.py):
-    python mcts.py --ckpt runs/fta-i/final --task countdown-3 --n-rounds 64 --show-tree
-    python mcts.py --ckpt runs/fta-i/final --qnet runs/q-latent/final --task countdown-3        # MCTS-Q
-    python mcts.py --ckpt runs/sft/final --task countdown-3                                     # token-level MCTS
+    python mcts.py --ckpt runs/fta-i/final --task countdown-2 --n-rounds 64 --show-tree
+    python mcts.py --ckpt runs/fta-i/final --qnet runs/q-latent/final --task countdown-2        # MCTS-Q
+    python mcts.py --ckpt runs/sft/final --task countdown-2                                     # token-level MCTS
     python mcts.py --help                                                                       # every flag
     python -m pytest -q tests/test_mcts.py
 
 Deviations from the paper / official code:
-  - Tasks: Countdown (the tiny preset's countdown-3) instead of MATH-500; its checker needs no hidden answer, so the
+  - Tasks: Countdown (the tiny preset's countdown-2) instead of MATH-500; its checker needs no hidden answer, so the
     search may score rollouts with it, and every method stops once a completion scores 1.0 (--no-stop-at-success
     turns that off; it changes cost, not success);
   - children are deduplicated by token: two of the top-b actions whose greedy tokens coincide make one child (the
@@ -178,7 +178,7 @@ class SearchArgs:
     """MCTS over latent actions (Algorithm 3), MCTS-Q with --qnet, token-level MCTS on a plain Llama --ckpt."""
     ckpt: str = arg("", "CoLA checkpoint (latent search) or a plain Llama (token-level search)")
     qnet: str = arg("", "a qnet.py export of the same level: MCTS becomes MCTS-Q")
-    task: str = arg(tasks.TINY_TASK, "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
+    task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
     problem: str = arg("", "a problem as JSON with tasks.Problem's fields (kind, prompt, answer, meta); default: "
                            "held-out problem --index")
     index: int = arg(0, "which held-out problem (val split of the rl stream of --seed)", ">= 0, < 10000")
@@ -200,7 +200,7 @@ class SearchArgs:
                                       "rollout")
     stop_at_eos: bool = arg(False, "stop the search at the first new child whose token ends the response (the "
                                    "release)")
-    max_new_tokens: int = arg(96, "longest response, tokens (a countdown-3 reference answer is <= 70)", ">= 1")
+    max_new_tokens: int = arg(160, "longest response, tokens", ">= 1")
     stop_at_success: bool = arg(True, "stop once a completion scores 1.0 (the checker's full reward)")
     kv_reuse: bool = arg(True, "keep each node's K/V and last state (off: every node reruns its whole prefix)")
     rollout_reuse: bool = arg(True, "a child on its parent's greedy rollout inherits the rest of it")

@@ -91,9 +91,9 @@ class ModelArgs:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# Named presets. "tiny" is the embedded CPU default: the embedded BPE (data/tiny-bpe.json) fixes V = 2304 (tokenizer.py).
+# Named presets. "tiny" is the embedded CPU default: the byte-level tokenizer fixes V = 512 (tokenizer.py).
 PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2304, multiple_of=64,
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64,
                       ffn_dim_multiplier=1.0, max_seq_len=512),
     "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
                               ffn_dim_multiplier=1.5, rope_scale_factor=32.0, max_seq_len=8192,

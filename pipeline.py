@@ -1,6 +1,6 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
 in miniature that the README and docs/results.md show (PAPER.md §6), then GRPO over latent actions (from FTA-I) and
-over tokens (from SFT) on countdown-3 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
+over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
 on 2 CPU cores with native bf16, 20 in float32 without; `--scale 0.1` for a smoke run); it writes runs/<stage>/ for
 each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/, runs/results.md and runs/results.json.
 """
@@ -21,7 +21,6 @@ from infra.checkpoint import atomic_write
 from infra.parallel import device_type, world_from_env
 from infra.trainer import machine_line, release_locks, resolve_dtype
 import rl
-import tasks
 from tokenizer import Tokenizer
 from train import FinetuneArgs, parse_args, run_stage
 
@@ -32,6 +31,9 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rl-seeds", default="0", help="seeds of the RL runs at each level, from the same checkpoints "
+                                                      "(each seed its own held-out problems, sampling noise and "
+                                                      "prompts); the table gives their mean and range")
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
                                                    "computes it natively, else float32), bfloat16 or float32 "
                                                    "(default: auto)")
@@ -40,6 +42,13 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(f"--scale {a.scale}: expected a finite number > 0 (1 = the full pipeline, 0.1 = a smoke run)")
     if a.seed < 0:
         raise SystemExit(f"--seed {a.seed}: expected an integer >= 0")
+    try:
+        seeds = [int(x) for x in a.rl_seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected comma-separated integers >= 0, e.g. 0,1,2") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    a.rl_seeds = seeds
     a.dtype = resolve_dtype(a.dtype, "")
     return a
 
@@ -67,7 +76,7 @@ def run_pipeline(a) -> dict:
     r["fta-p-merge"] = run_stage("fta-p", cfg("fta-p", name="fta-p-merge", init=root / "bc/final", base_grad="merge"))
     r["sft"] = run_stage("sft", cfg("sft", init=root / "base/final"))
     for level, init in (("latent", "fta-i"), ("token", "sft")):
-        r[f"rl-{level}"] = run_rl(root, level, root / init / "final", a)
+        r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, seed) for seed in a.rl_seeds]
     seconds = time.time() - t0
     table = results_table(r, seconds, a.dtype)
     print(table)
@@ -77,36 +86,53 @@ def run_pipeline(a) -> dict:
     return r
 
 
-def run_rl(root: Path, level: str, init: Path, a) -> dict:
-    """rl.py's tiny defaults (30 GRPO steps on countdown-3; scaled by --scale) -> its first and last held-out
-    evaluation."""
-    out = root / f"rl-{level}-grpo"
+def run_rl(root: Path, level: str, init: Path, a, seed: int) -> dict:
+    """rl.py's tiny defaults (30 GRPO steps on countdown-2; scaled by --scale) with `seed` -> its first and last
+    held-out evaluation."""
+    out = root / (f"rl-{level}-grpo" + (f"-seed{seed}" if seed else ""))
     steps = max(2, round(30 * a.scale))
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
-    rl.main(["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(a.seed), "--no-resume",
+    rl.main(["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(seed), "--no-resume",
              "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
              *(smoke if a.scale < 0.05 else [])])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval"] for row in rows if "eval" in row]
-    return {"before": evals[0], "after": evals[-1], "steps": steps, "init": str(init), "run_dir": str(out)}
+    return {"before": evals[0], "after": evals[-1], "steps": steps, "seed": seed, "init": str(init),
+            "run_dir": str(out)}
+
+
+def over_seeds(runs: list[dict], when: str, key: str) -> tuple[float, float, float]:
+    """(mean, min, max) of one evaluation number over the RL seeds."""
+    xs = [x[when][key] for x in runs]
+    return sum(xs) / len(xs), min(xs), max(xs)
 
 
 def results_json(r: dict, seconds: float, a) -> dict:
-    """runs/results.json: the pipeline's measurements under fixed names, for tools to read."""
+    """runs/results.json: the pipeline's measurements under fixed names, for tools to read. RL numbers are means
+    over --rl-seeds; per_seed has each run."""
     tok = Tokenizer()
-    rl_part = {level: {"success_before": x["before"]["sampled_success"], "success_after": x["after"]["sampled_success"],
-                       "greedy_before": x["before"]["greedy_success"], "greedy_after": x["after"]["greedy_success"],
-                       "format_before": x["before"]["sampled_format"], "format_after": x["after"]["sampled_format"],
-                       "steps": x["steps"], "init": x["init"], "run_dir": x["run_dir"]}
-               for level, x in (("latent", r["rl-latent"]), ("token", r["rl-token"]))}
+
+    def level(runs):
+        mean = {f"{name}_{when}": over_seeds(runs, when, key)[0] for name, key in
+                (("success", "sampled_success"), ("greedy", "greedy_success"), ("format", "sampled_format"))
+                for when in ("before", "after")}
+        gains = [x["after"]["sampled_success"] - x["before"]["sampled_success"] for x in runs]
+        return {**mean, "gain_min": min(gains), "gain_max": max(gains), "steps": runs[0]["steps"],
+                "init": runs[0]["init"], "run_dir": runs[0]["run_dir"],
+                "per_seed": [{"seed": x["seed"], "run_dir": x["run_dir"], "problems": x["before"]["problems"],
+                              "success_before": x["before"]["sampled_success"],
+                              "success_after": x["after"]["sampled_success"],
+                              "greedy_before": x["before"]["greedy_success"],
+                              "greedy_after": x["after"]["greedy_success"]} for x in runs]}
     pre = r["pretrain"]
-    return {"seed": a.seed, "scale": a.scale, "dtype": a.dtype, "cpu": machine_line(device_type("")),
-            "seconds": round(seconds, 1), "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words},
-            "task": tasks.TINY_TASK, "heldout": {"distinct_problems": r["rl-latent"]["before"]["problems"]},
+    return {"seed": a.seed, "rl_seeds": a.rl_seeds, "scale": a.scale, "dtype": a.dtype,
+            "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
+            "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
+            "heldout": {"distinct_problems": r["rl-latent"][0]["before"]["problems"]},
             "stage_a": {"alive": pre["codebook"]["alive"], "alive_vq": r["vq"]["codebook"]["alive"],
                         "n_actions": pre["codebook"]["n_actions"], "lm": pre["after"]["lm_val"]["lm"],
                         "wm_idm": pre["after"]["lm_val"]["wm_idm"]},
-            "rl": rl_part}
+            "rl": {"latent": level(r["rl-latent"]), "token": level(r["rl-token"])}}
 
 
 def results_table(r: dict, seconds: float, dtype: str) -> str:
@@ -136,16 +162,21 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     ]
     lat, tok = r["rl-latent"], r["rl-token"]
 
-    def change(key):       # latent / token, before -> after RL
-        return " / ".join(f"{x['before'][key]:.2f} -> {x['after'][key]:.2f}" for x in (lat, tok))
+    def change(key, digits=2):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
+        def one(runs):
+            (b, _, _), (m, lo, hi) = over_seeds(runs, "before", key), over_seeds(runs, "after", key)
+            return f"{b:.{digits}f} -> {m:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if len(runs) > 1 else "")
+        return " / ".join(one(x) for x in (lat, tok))
+    n_seeds, first = len(lat), lat[0]
+    seeds = f" ({n_seeds} seeds: mean [range after])" if n_seeds > 1 else ""
     rows += [
-        (f"RL, {lat['steps']} GRPO steps on {tasks.TINY_TASK}, latent / token: held-out success, sampled "
-         f"({lat['before']['problems']} problems)", change("sampled_success"), "rises; paper (MATH-500): 42.4 vs 38.2"),
-        ("RL latent / token: held-out success, greedy", change("greedy_success"), "rises"),
-        ("RL latent / token: sampled well-formed", change("sampled_format"), "latent learns the format faster"),
+        (f"RL, {first['steps']} GRPO steps on {rl.TINY['task']}{seeds}, latent / token: sampled well-formed",
+         change("sampled_format"), "latent learns the format faster"),
+        ("RL latent / token: held-out success, greedy", change("greedy_success"), "paper (MATH-500): 42.4 vs 38.2"),
+        ("RL latent / token: held-out success, sampled", change("sampled_success"), ""),
         ("RL latent / token: judge NLL of sampled responses (nats/token)", change("judge_nll"), ""),
         ("RL latent / token: KL to the reference at the end (nats/token)",
-         f"{lat['after']['kl']:.3f} / {tok['after']['kl']:.3f}", ""),
+         " / ".join(f"{over_seeds(x, 'after', 'kl')[0]:.3f}" for x in (lat, tok)), ""),
     ]
     w = max(len(a) for a, _, _ in rows)
     lines = [f"dtype {dtype} on {machine_line(device_type(''))}; the numbers below depend on the dtype\n",

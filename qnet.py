@@ -9,7 +9,7 @@ with it.
         L   = mean_t (Q(s_t, a_t) - sg(y_t))^2,   gamma 0.99,   Q_target <- Q every 50 updates (hard copy).
 
 Run it (CPU, tiny preset; checkpoints from `python train.py --stage fta-i` / `--stage sft`):
-    python qnet.py --init runs/fta-i/final --task countdown-3             # Q over latent actions -> runs/q-latent/final
+    python qnet.py --init runs/fta-i/final --task countdown-2             # Q over latent actions -> runs/q-latent/final
     python qnet.py --level token --init runs/sft/final                    # the token twin -> runs/q-token/final
     python qnet.py --help                                                 # every flag
 It writes a run directory like train.py's and rl.py's (config.json, metrics.jsonl, checkpoints/step-N/ with online
@@ -21,7 +21,7 @@ Deviations from the paper / official code:
     tiny defaults (lr 1e-4, 8 trajectories per update, 64 prompts x 8 samples) are ours; paper at 8B: lr 5e-6,
     100 epochs, 8 responses per prompt; the target copy every 50 updates follows the release (paper: 100);
   - a rollout cut by --max-new-tokens is an episode end: its last action gets the checker's reward, no bootstrap;
-  - tasks: Countdown (the tiny preset's countdown-3) instead of MATH-500.
+  - tasks: Countdown (the tiny preset's countdown-2) instead of MATH-500.
 """
 from __future__ import annotations
 
@@ -200,13 +200,13 @@ class QArgs:
     init: str = arg("", "policy checkpoint whose samples are the data; the Q trunk starts from its base Llama "
                         "(tiny default: runs/fta-i/final, token: runs/sft/final)")
     out_dir: str = arg("", "run directory (default runs/q-<level>)")
-    task: str = arg(tasks.TINY_TASK, "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
+    task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
     prompts: int = arg(64, "training prompts (train split of the rl stream)", ">= 1")
     samples: int = arg(8, "sampled responses per prompt (paper: 8)", ">= 1")
     val_prompts: int = arg(16, "held-out prompts (val split), one sample each: held-out TD loss, Q against the return",
                            ">= 1")
-    max_new_tokens: int = arg(96, "longest response, tokens (a countdown-3 reference answer is <= 70)", ">= 1")
+    max_new_tokens: int = arg(160, "longest response, tokens", ">= 1")
     top_k: int = arg(40, "latent: actions sampled from pi's top-k (paper: 40); tokens: the full softmax", ">= 1")
     temperature: float = arg(1.0, "sampling temperature (paper: 1)", "> 0")
     steps: int = arg(300, "Q updates", ">= 1")

@@ -23,7 +23,7 @@ RL trains is FSDP2-sharded, the frozen world model replicated on every rank (bui
 evaluation runs on rank 0.
 
 Run it (CPU, tiny preset; start from the tiny pipeline's exports):
-    python rl.py                                        # latent GRPO on countdown-3 from runs/fta-i/final
+    python rl.py                                        # latent GRPO on countdown-2 from runs/fta-i/final
     python rl.py --algo remax
     python rl.py --level token                          # token GRPO from runs/sft/final
     python rl.py --reward proxy --kl-coef 0             # the reward-hacking experiment
@@ -127,7 +127,7 @@ class RLArgs:
     aggregate: str = arg("sequence", "sequence: mean per response, then over responses (GRPO paper, release); "
                                      "token: mean over all response tokens of the batch")
     eval_every: int = arg(20, "steps between held-out evaluations", ">= 1")
-    eval_problems: int = arg(64, "distinct held-out problems per evaluation (fewer if the task has fewer)", ">= 1")
+    eval_problems: int = arg(64, "held-out problems per evaluation", ">= 1")
     ckpt_every: int = arg(50, "steps between resumable checkpoints", ">= 1")
     log_every: int = arg(1, "steps between metrics.jsonl rows", ">= 1")
     judge: str = arg("", "a frozen plain Llama that scores the fluency of sampled text (NLL per token) in every "
@@ -143,8 +143,8 @@ class RLArgs:
 
 
 # The tiny preset's defaults: measured on 2 CPU cores (docs/rl-and-search.md).
-TINY = dict(lr=3e-4, steps=30, prompts_per_step=8, group=4, max_new_tokens=96, eval_every=10, eval_problems=200,
-            ckpt_every=10, task=tasks.TINY_TASK)
+TINY = dict(lr=3e-4, steps=30, prompts_per_step=8, group=4, max_new_tokens=160, eval_every=5, eval_problems=32,
+            ckpt_every=10, task="countdown-2")
 LARGE = {"grpo": dict(lr=5e-7, kl_coef=1e-3, group=4), "remax": dict(lr=1e-5, kl_coef=1e-4)}
 
 
@@ -377,10 +377,10 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
 
 @torch.no_grad()
 def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None, judge=None) -> dict:
-    """Greedy and sampled rollouts on n distinct held-out problems (tasks.held_out); with a judge (a frozen
+    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream); with a judge (a frozen
     plain Llama), the judge's NLL per token of the sampled responses: fluency, which a hacked policy loses."""
-    problems = tasks.held_out(cfg.task, n or cfg.eval_problems, cfg.seed)
-    n = len(problems)
+    n = n or cfg.eval_problems
+    problems = tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
     model.eval()
     out = {}
@@ -390,7 +390,7 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
         rows = data.rollout(model, tok, prompts, choose, cfg.max_new_tokens)
         task_r = [tasks.reward(p, r["text"]) for p, r in zip(problems, rows)]
         out[f"{name}_success"] = sum(r == 1.0 for r in task_r) / n
-        out["problems"] = n
+        out["problems"] = len({p.prompt for p in problems})        # distinct prompts among the n drawn
         out[f"{name}_reward"] = sum(task_r) / n
         out[f"{name}_proxy"] = sum(tasks.proxy_reward(p, r["text"]) for p, r in zip(problems, rows)) / n
         out[f"{name}_format"] = sum(well_formed(p, r["text"]) for p, r in zip(problems, rows)) / n

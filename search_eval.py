@@ -12,14 +12,14 @@ the largest token budget, which every method reaches no later than the same budg
 
 Run it (CPU, tiny preset):
     python search_eval.py --ckpt runs/fta-i/final --llama runs/sft/final --qnet runs/q-latent/final \\
-        --task countdown-3 --problems 64 --budgets 1000,2000,4000 --seeds 0,1,2
+        --task countdown-2 --problems 64 --budgets 1000,2000,4000 --seeds 0,1,2
     python search_eval.py --help
 It appends one row per (method, problem, seed) to <out-dir>/results.jsonl, skips rows already there when rerun (a
 row records the digests of the checkpoints it ran: a replaced model reruns it), and prints the table. One process.
 
-Deviations: eval scores each distinct held-out prompt once (countdown-2's val split holds only 13 distinct problems;
-the first 64 draws of the stream cover them) and runs the deterministic methods (greedy, the searches) once: the
-seeds only change best-of-N's samples.
+Deviations: eval scores --problems distinct held-out prompts, each once (tasks.held_out; countdown-2's val split
+holds only 13 distinct problems, so --problems 64 gives those 13) and runs the deterministic methods (greedy, the
+searches) once: the seeds only change best-of-N's samples.
 """
 from __future__ import annotations
 
@@ -127,9 +127,9 @@ class EvalArgs:
     qnet: str = arg("", "latent Q-network for mcts-q (tiny default: runs/q-latent/final)")
     token_qnet: str = arg("", "token-level Q-network for token-mcts-q (optional)")
     out_dir: str = arg("runs/mcts-eval", "results.jsonl (appended; rows already there are skipped) and config.json")
-    task: str = arg(tasks.TINY_TASK, "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
-    problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed, as rl.py's "
-                            "evaluation draws them: tasks.held_out)", ">= 1")
+    task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3")
+    problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed: "
+                            "tasks.held_out; fewer if the task has fewer)", ">= 1")
     problem_seed: int = arg(0, "seed of the held-out problems", ">= 0")
     seeds: str = arg("0,1,2", "sampling seeds of bon / token-bon (the other methods are deterministic)")
     budgets: str = arg("1000,4000", "forward-token budgets, comma-separated; each method runs to the largest and is "
@@ -146,7 +146,7 @@ class EvalArgs:
     fill: bool = arg(False, "search: a round gives the selected node all its untried children (the release)")
     answer: str = arg("best-rollout", "search: best-rollout or release (mcts.py --help)")
     stop_at_eos: bool = arg(False, "search: stop at the first child that ends the response (the release)")
-    max_new_tokens: int = arg(96, "longest response, tokens (a countdown-3 reference answer is <= 70)", ">= 1")
+    max_new_tokens: int = arg(160, "longest response, tokens", ">= 1")
     top_k: int = arg(40, "bon: CoLA samples actions from pi's top-k (tokens: the full softmax)", ">= 1")
     stop_at_success: bool = arg(True, "stop a method once a completion scores 1.0")
     kv_reuse: bool = arg(True, "search: reuse each node's K/V")

@@ -461,16 +461,10 @@ REWARDS = {"task": reward, "proxy": proxy_reward}   # by name, e.g. for rl.py's 
 
 # Easier variants for RL at the tiny preset, where a 3M-parameter model solves almost no full Countdown problem and
 # RL would see no reward: the same prompt and format (so fine-tuning on the full task carries over), fewer and
-# smaller numbers. Their problems have kind "countdown" (the same checker). PRETRAIN_MIX puts them in the corpus.
+# smaller numbers. Their problems have kind "countdown" (the same checker). Not part of the pre-training corpus.
 VARIANTS = {"countdown-2": lambda rng: make_countdown(rng, sizes=(2,), high=9),
             "countdown-3": lambda rng: make_countdown(rng, sizes=(3,), high=9)}
 TASKS = KINDS + tuple(VARIANTS)              # what RL and search accept as --task
-# The tiny preset's task for fine-tuning, RL and search: three numbers 1..9, about 10,700 distinct problems of which
-# 530 are held out (val), and a tiny base solves some of them (a start RL can improve; countdown-2 has only 251
-# distinct problems, 13 held out). The embedded pre-training corpus's task texts (data.py), counted by problem:
-# rich in this format, the harder full Countdown and arithmetic alongside.
-TINY_TASK = "countdown-3"
-PRETRAIN_MIX = ("countdown-2", "countdown-3", "countdown-3", "countdown", "arith")
 
 
 def problem_stream(kind: str, seed: int, stream: str, split: str | None = None) -> Iterator[Problem]:
@@ -499,7 +493,7 @@ def make_problems(kind: str, n: int, seed: int, split: str | None = None, stream
 def held_out(task: str, n: int, seed: int) -> list[Problem]:
     """The first n distinct held-out problems (the val split of the "rl" stream of `seed`), each prompt once: what
     RL evaluates and search is scored on. Draws at most 20n problems, so a task with fewer distinct held-out
-    prompts gives all it has (countdown-2: 13; TINY_TASK: 530)."""
+    prompts gives all it has (countdown-2: 13 of about 250; countdown-3: 530)."""
     out, seen = [], set()
     stream = problem_stream(task, seed, "rl", "val")
     for _ in range(20 * n):

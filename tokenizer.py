@@ -4,23 +4,24 @@ Llama 3 (PAPER.md §2, "Base": V = 128256): 128000 byte-level BPE ranks read fro
 (one "<base64 token bytes> <rank>" per line; the rank is both merge priority and token id), Meta's
 pre-tokenisation regex, and 256 special tokens with ids 128000..128255 (Llama-3.1 names).
 
-Embedded default (the tiny CPU preset): a small byte-level BPE trained by `train_bpe` on the tiny preset's
-pre-training text and shipped as data/tiny-bpe.json (Hugging Face's tokenizer.json layout, so it loads like any
-other): 2048 ranks (the 256 single bytes and 1792 merges), then the same 256 special-token names at ids
-2048..2303, so V = 2304 and code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs
-unchanged. Encoding uses Meta's regex and tiktoken, exactly as for Llama 3. Why a trained BPE and not bytes: with
-64 latent actions over 256 byte tokens an action means "the next character", and a 3M-parameter model reads ~3x
-less text per window; with BPE a Countdown prompt is ~3x shorter and an action picks among word- and number-sized
-pieces. Shipped rather than trained at run time: the corpus is the installed standard library's docstrings,
-which differ between Python versions, and tokenization must not (`python data.py tokenizer` retrains it;
-tests/test_tokenizer.py checks that retraining reproduces the file where the corpus is the same).
+Embedded default (the tiny CPU preset): the 256 single bytes are the whole "BPE" (no merges), so every UTF-8
+string round-trips and no file is needed; the same 256 special-token names follow at ids 256..511, so V = 512 and
+code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs unchanged. Why bytes and not a
+small trained BPE: nothing to ship or train, deterministic on every Python, and a 512-row embedding keeps the tiny
+model's parameters in its blocks. The price is ~4x more tokens per text than Llama 3's tokenizer.
 
 Usage:
-    tok = Tokenizer()                                    # embedded default (data/tiny-bpe.json)
+    tok = Tokenizer()                                    # embedded byte-level default
     tok = Tokenizer("Meta-Llama-3.1-8B/tokenizer.model") # official file
     tok = Tokenizer.find("/path/to/checkpoint")          # tokenizer.model, original/tokenizer.model or
                                                          # tokenizer.json inside a checkpoint directory
     ids = tok.encode("Hello world!", bos=True, eos=False)
+
+Trained BPE (opt-in): `train_bpe` learns byte-level merges from text and `bpe_json` writes them as a Hugging Face
+tokenizer.json that `Tokenizer(path)` and the `tokenizers` library read alike; `python data.py tokenizer --ranks N
+--out F` trains one on the embedded corpus. The tiny preset stays on bytes: with a BPE of 512 / 1024 / 2048 ranks
+the world model given the IDM's actions predicts held-out text worse relative to the base the more ranks there
+are (docs/results.md, "A BPE tokenizer for the tiny preset").
 
 Deviations from Meta's tokenizer.py: none in behaviour; `Tokenizer.find` also rebuilds the ranks from a Hugging
 Face tokenizer.json (GPT-2 byte alphabet), which gives the same ids for Llama 3. `train_bpe` counts pre-tokenised
@@ -47,10 +48,6 @@ PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 # The same regex in Python's `re` (no \\p{...}): letters [^\\W\\d_], digits \\d, neither [\\W_]. For train_bpe only.
 TRAIN_PAT = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|"
                        r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-TINY_BPE = Path(__file__).resolve().parent / "data" / "tiny-bpe.json"   # the embedded default (train_bpe)
-TINY_BPE_NOTE = TINY_BPE.with_suffix(".trained-on.json")                  # its corpus: name, digest, ranks
-TINY_RANKS = 2048                       # 256 bytes + 1792 merges; with the 256 specials V = 2304 (model.py "tiny")
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # Llama-3.1 special tokens (llama-models 3.1 release); id = number of base tokens + index.
@@ -191,13 +188,17 @@ def corpus_digest(texts) -> str:
 
 class Tokenizer:
     def __init__(self, model_path: str | Path | None = None):
-        model_path = Path(TINY_BPE if model_path is None else model_path)
-        ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else load_tokenizer_model(model_path)
-        name = "tiny-bpe" if model_path == TINY_BPE else model_path.name
+        if model_path is None:
+            ranks, name = {bytes([b]): b for b in range(256)}, "llama3-bytes"
+        else:
+            model_path = Path(model_path)
+            ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else \
+                load_tokenizer_model(model_path)
+            name = model_path.name
         self.special_tokens = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
-        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 2304 embedded
+        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 512 embedded
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]

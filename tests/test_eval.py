@@ -25,7 +25,7 @@ from tokenizer import Tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread (small tensors, shared CPUs)
 
 
-def tiny_llama(seed=0, vocab=2304):           # the embedded tokenizer's V
+def tiny_llama(seed=0, vocab=512):
     from model import ModelArgs, Transformer
     torch.manual_seed(seed)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32,
@@ -38,7 +38,7 @@ def tiny_cola(seed=0):
     from cola import CoLA, CoLAArgs
     from model import ModelArgs
     torch.manual_seed(seed)
-    m = CoLA(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2304, multiple_of=32, max_seq_len=128),
+    m = CoLA(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128),
              CoLAArgs(n_actions=8, n_idm_layers=1, n_merge_layers=2, n_policy_layers=1, merge_hidden=96))
     m.init_weights()
     return m.eval()
@@ -124,16 +124,14 @@ def test_continuations_shapes_and_ranges():
     assert ev.show(tok, tok.encode("a\nb\\", bos=False, eos=False)) == "a\\nb\\\\"
 
 
-def test_sanity_set_ranks_documents_by_topic():
-    """On held-out text, with any frozen Llama as the embedder (here an untrained one, seeded): chunks of different
-    documents are more diverse by QD than chunks of one document, and distinct-n ranks random tokens the most
-    diverse. (Random tokens lowest by QD needs an embedder that has learned text: with BPE tokens, which are text
-    pieces, an untrained or briefly trained one does not rank them so; docs/results.md has the tiny base's.)"""
+def test_sanity_set_ranks_random_tokens_lowest():
+    """On held-out text, with any frozen Llama as the embedder (here an untrained one, seeded): random token strings
+    are the least diverse by QD, while distinct-n ranks them the most diverse."""
     s = ev.diversity_sanity(tiny_llama(seed=3), Tokenizer(), n_groups=4, m=4, length=24)
     qd = {k: v["qd"] for k, v in s["methods"].items()}
-    assert qd["different documents"] > 1.5 * qd["one document"], qd
-    d1 = {k: v["distinct_1"] for k, v in s["methods"].items()}
-    assert max(d1, key=d1.get) == "random tokens", d1
+    assert min(qd, key=qd.get) == "random tokens", qd
+    d2 = {k: v["distinct_1"] for k, v in s["methods"].items()}
+    assert max(d2, key=d2.get) == "random tokens", d2
 
 
 # ----------------------------------------------------------------------------------------------------------------

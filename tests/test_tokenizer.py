@@ -1,4 +1,4 @@
-"""Tests for tokenizer.py: Meta's Llama 3 tokenizer on tiktoken and the embedded BPE default.
+"""Tests for tokenizer.py: Meta's Llama 3 tokenizer on tiktoken and the embedded byte-level default.
 
 Every file the tokenizer reads is built here (no download): a tiny tokenizer.model with 256 single bytes plus a few
 merges, and the same ranks as a Hugging Face tokenizer.json, so merges, id offsets and both readers are checked
@@ -13,7 +13,7 @@ import random
 import pytest
 import tokenizers        # Hugging Face's tokenizer library, installed with transformers (requirements-dev.txt)
 
-from tokenizer import PAT_STR, TINY_BPE, TINY_BPE_NOTE, ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
+from tokenizer import PAT_STR, ChatFormat, Tokenizer, bpe_json, train_bpe
 
 # Meta's Llama-3.1 special-token offsets: id = number of base tokens + index.
 OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|finetune_right_pad_id|>": 4, "<|step_id|>": 5,
@@ -33,86 +33,44 @@ def random_unicode(n: int, seed: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Embedded default: the BPE trained on the embedded corpus (data/tiny-bpe.json)
-
-B = 2048        # its ranks; the specials follow
+# Embedded byte-level default
 
 
 def test_embedded_default_ids():
     tok = Tokenizer()
-    assert tok.n_words == B + 256 == 2304
+    assert tok.n_words == 512
     for name, offset in OFFSETS.items():
-        assert tok.special_tokens[name] == B + offset, name
-    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (B, B + 1, B + 9, B + 8, B + 4)
-    assert sorted(tok.stop_tokens) == [B + 1, B + 8, B + 9]
-    assert len(tok.special_tokens) == 256 and max(tok.special_tokens.values()) == B + 255
-    ids = tok.encode("Hi", bos=True, eos=True)
-    assert ids[0] == B and ids[-1] == B + 1 and all(i < B for i in ids[1:-1])
+        assert tok.special_tokens[name] == 256 + offset, name
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (256, 257, 265, 264, 260)
+    assert sorted(tok.stop_tokens) == [257, 264, 265]
+    assert len(tok.special_tokens) == 256 and max(tok.special_tokens.values()) == 511
+    # Bytes are their own ids: "Hi" -> [72, 105].
+    assert tok.encode("Hi", bos=True, eos=True) == [256, 72, 105, 257]
 
 
 @pytest.mark.parametrize("text", TEXTS + [random_unicode(3000, seed) for seed in range(3)])
 def test_embedded_round_trip(text):
     tok = Tokenizer()
     ids = tok.encode(text, bos=False, eos=False)
-    assert all(0 <= i < B for i in ids) and tok.decode(ids) == text
-
-
-def test_embedded_bpe_merges_task_text():
-    """Words and numbers of the tasks are single tokens: the point of a trained BPE (fewer tokens than bytes)."""
-    tok = Tokenizer()
-    prompt = "Using the numbers [5, 4, 5], create an equation that equals 45."
-    ids = tok.encode(prompt, bos=False, eos=False)
-    assert [tok.decode([i]) for i in ids[:3]] == ["Using", " the", " numbers"]
-    assert tok.decode([ids[-2]]) == "45" and len(ids) < len(prompt.encode()) / 2
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
 
 
 def test_special_text_is_plain_text_unless_allowed():
     tok = Tokenizer()
     text = "<|start_header_id|>user<|end_header_id|>"
-    plain = tok.encode(text, bos=False, eos=False)
-    assert all(i < B for i in plain) and tok.decode(plain) == text
-    user = tok.encode("user", bos=False, eos=False)
-    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [B + 6] + user + [B + 7]
+    assert tok.encode(text, bos=False, eos=False) == list(text.encode())
+    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [262] + list(b"user") + [263]
     assert tok.encode(text, bos=False, eos=False, allowed_special={"<|end_header_id|>"}) == \
-        tok.encode("<|start_header_id|>user", bos=False, eos=False) + [B + 7]
-    assert tok.decode([B + 6, B + 9]) == "<|start_header_id|><|eot_id|>"
+        list(b"<|start_header_id|>user") + [263]
+    assert tok.decode([262, 265]) == "<|start_header_id|><|eot_id|>"
 
 
 @pytest.mark.parametrize("text", ["a" * 30_000, " " * 30_000, "x" * 60_000 + " " * 26_000 + "é" * 30_000])
 def test_long_runs_encode_and_round_trip(text):
     tok = Tokenizer()
     ids = tok.encode(text, bos=False, eos=False)
-    assert tok.decode(ids) == text
-
-
-def test_train_bpe_by_hand():
-    # chunks "ab", " ab", " ab", " abc": (a, b) x4 first, then (" ", ab) x3, then (" ab", c)
-    assert train_bpe(["ab ab ab abc"], 259) == [(97, 98), (32, 256), (257, 99)]
-    spec = bpe_json(train_bpe(["the cat, the hat; the 12345 cats"], 300))["model"]
-    assert sorted(spec["vocab"].values()) == list(range(len(spec["vocab"])))      # ids 0.. without a gap
-    assert spec["vocab"]["Ġthe"] > 255 and any(m in spec["merges"] for m in (["Ġ", "the"], ["Ġt", "he"], ["Ġth", "e"]))
-
-
-def test_shipped_bpe_is_what_training_gives():
-    """data/tiny-bpe.json is train_bpe on the embedded corpus; rerun where this Python's corpus is the one it was
-    trained on (the stdlib docstrings differ between Python versions, which is why the file is shipped)."""
-    from data import tokenizer_spec, tokenizer_text
-    note = json.loads(TINY_BPE_NOTE.read_text())
-    if corpus_digest(tokenizer_text()) != note["digest"]:
-        pytest.skip(f"this Python's embedded corpus is not the one data/tiny-bpe.json was trained on "
-                    f"({note['corpus']})")
-    spec, new_note = tokenizer_spec(note["ranks"])
-    assert new_note == note
-    assert spec == json.loads(TINY_BPE.read_text())
-
-
-def test_shipped_bpe_agrees_with_hugging_face():
-    """The shipped file is a real tokenizer.json: Hugging Face's library encodes task and natural text alike."""
-    tok, hf = Tokenizer(), tokenizers.Tokenizer.from_file(str(TINY_BPE))
-    from data import stdlib_docs
-    texts = TEXTS + stdlib_docs()[:200] + ["Using the numbers [12, 7, 3], create an equation that equals 33."]
-    for text in texts:
-        assert hf.encode(text).ids == tok.encode(text, bos=False, eos=False), text[:80]
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
 
 
 def test_chat_format_structure():
@@ -120,14 +78,11 @@ def test_chat_format_structure():
     dialog = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "  Hi!\n"}]
     ids = ChatFormat(tok).encode_dialog_prompt(dialog)
 
-    def text(s):
-        return tok.encode(s, bos=False, eos=False)
-
     def header(role):
-        return [B + 6] + text(role) + [B + 7] + text("\n\n")     # start_header role end_header \n\n
+        return [262] + list(role.encode()) + [263] + list(b"\n\n")     # start_header role end_header \n\n
 
-    expected = [B] + header("system") + text("You are helpful.") + [B + 9] \
-        + header("user") + text("Hi!") + [B + 9] + header("assistant")   # content stripped, assistant open
+    expected = [256] + header("system") + list(b"You are helpful.") + [265] \
+        + header("user") + list(b"Hi!") + [265] + header("assistant")   # content stripped, assistant open
     assert ids == expected
 
 
@@ -235,7 +190,7 @@ def test_find_in_checkpoint_directory(tmp_path, tiny_model_file):
     tiny_model_file.rename(tmp_path / "hf" / "original" / "tokenizer.model")   # HF repos keep Meta's file here
     assert Tokenizer.find(tmp_path / "hf").n_words == N_BASE + 256
     (tmp_path / "empty").mkdir()
-    assert Tokenizer.find(tmp_path / "empty").n_words == 2304
+    assert Tokenizer.find(tmp_path / "empty").n_words == 512
 
 
 @pytest.mark.parametrize("bad_line", ["aGVsbG8=", "!!not-base64!! 300", "aGVsbG8= three", "aGk= 1 2"])
@@ -253,3 +208,41 @@ def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer file not found") as e:
         Tokenizer(tmp_path / "tokenizer.model")
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A BPE trained on the embedded corpus (opt-in: python data.py tokenizer)
+
+
+def test_train_bpe_by_hand():
+    # chunks "ab", " ab", " ab", " abc": (a, b) x4 first, then (" ", ab) x3, then (" ab", c) x1
+    assert train_bpe(["ab ab ab abc"], 259) == [(97, 98), (32, 256), (257, 99)]
+    # ties go to the lowest ids: chunks "ab", " cd", " ab", " cd" have (a, b), (" ", c), (c, d) x2 each
+    assert train_bpe(["ab cd ab cd"], 257) == [(32, 99)]
+    spec = bpe_json(train_bpe(["the cat, the hat; the 12345 cats"], 300))["model"]
+    assert sorted(spec["vocab"].values()) == list(range(len(spec["vocab"])))      # ids 0.. without a gap
+    assert any(m in spec["merges"] for m in (["Ġ", "the"], ["Ġt", "he"], ["Ġth", "e"]))
+
+
+def test_trained_bpe_loads_and_agrees_with_hugging_face(tmp_path, capsys):
+    """`python data.py tokenizer` writes a tokenizer.json that Tokenizer and the `tokenizers` library encode alike,
+    with fewer tokens than bytes, and a note of what it was trained on; a rerun writes the same file."""
+    from data import main as data_main, stdlib_docs
+    out = tmp_path / "bpe.json"
+    data_main(["tokenizer", "--ranks", "600", "--out", str(out)])
+    first = out.read_bytes()
+    note = json.loads((tmp_path / "bpe.trained-on.json").read_text())
+    assert note["ranks"] == 600 and len(note["digest"]) == 16 and "embedded corpus" in note["corpus"]
+    tok, hf = Tokenizer(out), tokenizers.Tokenizer.from_file(str(out))
+    assert tok.n_words == 600 + 256 and tok.bos_id == 600
+    texts = TEXTS + stdlib_docs()[:100] + ["Using the numbers [12, 7, 3], create an equation that equals 33."]
+    for text in texts:
+        ids = tok.encode(text, bos=False, eos=False)
+        assert hf.encode(text).ids == ids and tok.decode(ids) == text, text[:80]
+    doc = stdlib_docs()[0]
+    assert len(tok.encode(doc, bos=False, eos=False)) < 0.6 * len(doc.encode())
+    data_main(["tokenizer", "--ranks", "600", "--out", str(out)])
+    assert out.read_bytes() == first                                           # deterministic
+    with pytest.raises(SystemExit) as e:
+        data_main(["tokenizer", "--ranks", "256", "--out", str(out)])
+    assert "--ranks 256" in str(e.value)

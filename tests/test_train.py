@@ -149,9 +149,10 @@ def test_smoke_frozen_parts_stay_frozen(chain):
 
 
 def test_pipeline_smallest_scale(tmp_path):
-    """--scale 0.001 rounds every stage to 1 step (the smallest the pipeline runs); results.md has the table."""
+    """--scale 0.001 rounds every stage to 1 step (the smallest the pipeline runs); results.md has the table and
+    results.json its numbers under fixed names; RL runs once per --rl-seeds seed."""
     out = tmp_path / "runs"
-    run_ok([sys.executable, str(REPO / "pipeline.py"), "--scale", "0.001", "--out-dir", str(out)],
+    run_ok([sys.executable, str(REPO / "pipeline.py"), "--scale", "0.001", "--out-dir", str(out), "--rl-seeds", "0,3"],
            timeout=600)
     table = (out / "results.md").read_text()
     assert "| measurement" in table and "| value | paper / target |" in table
@@ -165,7 +166,16 @@ def test_pipeline_smallest_scale(tmp_path):
     for level, start in (("latent", "fta-i"), ("token", "sft")):        # the RL part: 2 GRPO steps from each
         history = json.loads((out / f"rl-{level}-grpo/final/config.json").read_text())["train_history"]
         assert [h["stage"] for h in history[-2:]] == [start, f"rl-{level}-grpo"]
-    assert "RL latent / token: held-out success, greedy" in table
+    assert "RL latent / token: held-out success, greedy" in table and "(2 seeds: mean [range after])" in table
+    res = json.loads((out / "results.json").read_text())
+    assert res["tokenizer"]["vocab_size"] == 512 and res["rl_seeds"] == [0, 3] and res["dtype"] in ("float32", "bfloat16")
+    assert res["heldout"]["distinct_problems"] >= 1 and res["seconds"] > 0 and res["cpu"]
+    for level, start in (("latent", "fta-i"), ("token", "sft")):
+        x = res["rl"][level]
+        assert x["init"] == str(out / start / "final") and x["run_dir"] == str(out / f"rl-{level}-grpo")
+        assert [s["run_dir"] for s in x["per_seed"]] == [str(out / f"rl-{level}-grpo"), str(out / f"rl-{level}-grpo-seed3")]
+        assert 0 <= x["success_before"] <= 1 and 0 <= x["success_after"] <= 1
+        assert x["success_after"] == sum(s["success_after"] for s in x["per_seed"]) / 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
