@@ -3,6 +3,7 @@
 their runs from."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,30 @@ LM_STEPS, TASK_STEPS = 3, 2
 # One thread per training process: on 2 shared cores, two OpenMP threads next to a busy neighbour spin-wait and run
 # ~10x slower; one thread is as fast on a quiet machine at these sizes. Every run of a comparison uses the same env.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class TimeLimitExceeded(Exception):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """With COLA_TEST_TIME_LIMIT=S (the course grader sets it), a test still running after S seconds fails with
+    TimeLimitExceeded: a student's endless loop is a failed test, not a hung grader. Off by default."""
+    limit = float(os.environ.get("COLA_TEST_TIME_LIMIT") or 0)
+    if limit <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeLimitExceeded(f"still running after {limit:g} s (the grader's per-test time limit): an endless loop?")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def cmd(stage, out_dir, *args):

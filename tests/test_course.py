@@ -590,6 +590,24 @@ def test_syntax_errors_are_one_line_naming_the_file(pristine, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1, out(p)
 
 
+def test_an_endless_loop_fails_its_function_within_the_time_limit(pristine, tmp_path):
+    """A student's endless loop is a FAIL naming the time limit, and the other verdicts still come."""
+    repo = clone(pristine, tmp_path / "repo")
+    assert course_cli(repo, "start", 8).returncode == 0
+    text = (repo / "mcts.py").read_text()
+    blank = 'raise NotImplementedError("assignment 8: mcts.py:puct'
+    assert blank in text
+    (repo / "mcts.py").write_text(text.replace(blank, 'while True:\n        pass\n    raise NotImplementedError("', 1))
+    p = course_cli(repo, "check", 8, "--time-limit", "2")
+    assert p.returncode == 1, out(p)
+    line = next(l for l in p.stdout.splitlines() if "mcts.py:puct" in l)
+    assert line.split()[0] == "FAIL" and "still running after 2 s" in line, out(p)
+    assert "NOT IMPLEMENTED" in next(l for l in p.stdout.splitlines() if "mcts.py:backup" in l), out(p)
+    for bad in ("0", "-1", "nan"):
+        q = course_cli(repo, "check", 8, "--time-limit", bad)
+        assert q.returncode != 0 and "--time-limit" in q.stderr and len(q.stderr.strip().splitlines()) == 1, out(q)
+
+
 def test_outside_git_the_store_is_dot_course(pristine, tmp_path):
     repo = clone(pristine, tmp_path / "repo")
     shutil.rmtree(repo / ".git")

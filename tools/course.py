@@ -27,6 +27,7 @@ import argparse
 import ast
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -433,12 +434,20 @@ def list_assignments():
 # The grader: run the tests, read pytest's JUnit XML, one verdict per function
 
 
-def run_tests(ids: list[str], xml: Path) -> subprocess.CompletedProcess:
+def run_tests(ids: list[str], xml: Path, time_limit: float) -> subprocess.CompletedProcess:
+    """pytest on the grading tests, each stopped after time_limit seconds (tests/conftest.py fails it), the whole run
+    after time_limit for every test plus a minute (an endless loop where the per-test alarm cannot reach, in C)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
+           "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"), "COLA_TEST_TIME_LIMIT": str(time_limit)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
            f"--junitxml={xml}", *ids]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    whole = time_limit * len(ids) + 60
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=whole)
+    except subprocess.TimeoutExpired:
+        fail(f"check: the grading run did not finish in {whole:g} s ({len(ids)} tests x --time-limit {time_limit:g} s "
+             f"+ 60 s): a function loops where the per-test limit cannot stop it; run its tests one by one with "
+             f"python -m pytest -q <test id>")
 
 
 def read_junit(xml: Path) -> dict:
@@ -523,7 +532,10 @@ def import_error(files: list[str]) -> str:
         (f" ({where[-1]})" if where else "")
 
 
-def check(ns: list[int], verbose: bool = False, json_out: str = "") -> int:
+TIME_LIMIT = 60.0      # seconds per grading test; every reference test takes under 10 s on a laptop CPU
+
+
+def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: float = TIME_LIMIT) -> int:
     chosen = [assignment(n, "check") for n in dict.fromkeys(ns)]
     for a in chosen:
         check_files(a, "check")
@@ -533,7 +545,7 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "") -> int:
         fail(f"check {' '.join(map(str, ns))}: {broken}")
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        p = run_tests(ids, xml)
+        p = run_tests(ids, xml, time_limit)
         if p.returncode == 4:                                 # a module the tests import is broken: say where
             broken = import_error(files_of_all(chosen))
             if broken:
@@ -577,6 +589,8 @@ def main(argv=None) -> int:
     p.add_argument("n", type=int, nargs="+")
     p.add_argument("--verbose", action="store_true", help="also print pytest's output")
     p.add_argument("--json", default="", help="write the verdicts to this file")
+    p.add_argument("--time-limit", type=float, default=TIME_LIMIT,
+                   help=f"seconds a grading test may run before it fails (default {TIME_LIMIT:g})")
     p = sub.add_parser("solution", help="restore assignment N's reference bodies")
     p.add_argument("n", type=int)
     p.add_argument("--force", action="store_true", help="even over your own code (kept in the store)")
@@ -588,7 +602,9 @@ def main(argv=None) -> int:
     elif a.cmd == "solution":
         solution(a.n, a.force)
     else:
-        return check(a.n, a.verbose, a.json)
+        if not (math.isfinite(a.time_limit) and a.time_limit > 0):
+            fail(f"--time-limit {a.time_limit}: expected a number of seconds > 0")
+        return check(a.n, a.verbose, a.json, a.time_limit)
     return 0
 
 
