@@ -46,7 +46,7 @@ from infra import checkpoint
 from model import PRESETS, ModelArgs, Transformer, check_sampling_flags, fit_new_tokens, new_tokens, prompt_buffer
 import policy
 from policy import Policy
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -399,12 +399,16 @@ def load(path, kind: str, flag: str = "--ckpt", device="cpu", dtype=torch.float3
 LEVELS = {"latent": "cola", "token": "llama"}    # what each level of RL and search acts with
 
 
-def load_level(path, level: str, flag: str, device="cpu", preset: str | None = None, hint: str = ""):
+def load_level(path, level: str, flag: str, device="cpu", preset: str | None = None, hint: str = "", tok=None):
     """The model a level acts with, checked by `load`: a CoLA export for latent actions, a plain Llama for tokens
-    (rl.py, qnet.py, mcts.py, search_eval.py). hint: what to pass instead (default: which export each level needs)."""
+    (rl.py, qnet.py, mcts.py, search_eval.py). hint: what to pass instead (default: which export each level needs).
+    With tok, the tokenizer must have exactly the model's V tokens (tokenizer.check_vocab)."""
     default = {"latent": "latent actions need a CoLA checkpoint (fta-i, fta-p or bc export)",
                "token": "the token level needs a plain Llama (e.g. the sft export, or an FTA run's final-llama/)"}
-    return load(path, LEVELS[level], flag, device, preset=preset, hint=hint or default[level])
+    model = load(path, LEVELS[level], flag, device, preset=preset, hint=hint or default[level])
+    if tok is not None:
+        check_vocab(tok, (model.base_args if level == "latent" else model.args).vocab_size, f"{flag} {path}")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,9 +446,7 @@ def main(argv=None):
     try:
         model = CoLA.from_pretrained(a.ckpt, dtype=getattr(torch, a.dtype), device=a.device,
                                      cola_args=COLA_PRESETS[a.cola_preset] if a.cola_preset else None)
-        if model.base_args.vocab_size < tok.n_words:
-            raise ValueError(f"tokenizer has {tok.n_words} tokens but the model's vocab_size is "
-                             f"{model.base_args.vocab_size}")
+        check_vocab(tok, model.base_args.vocab_size, f"--ckpt {a.ckpt}")
         if a.action is not None and not 0 <= a.action < model.args.n_actions:
             raise SystemExit(f"--action {a.action}: expected 0 <= action < {model.args.n_actions} (the checkpoint's "
                              f"number of actions K)")

@@ -438,7 +438,7 @@ def search_main(argv: list[str]):
     level = level_of(cfg.ckpt)
     tok = Tokenizer.find(cfg.ckpt, cfg.tokenizer or None)
     problem = load_problem(cfg)
-    model = cola.load_level(cfg.ckpt, level, "--ckpt", device).eval().requires_grad_(False)
+    model = cola.load_level(cfg.ckpt, level, "--ckpt", device, tok=tok).eval().requires_grad_(False)
     qnet = None
     if cfg.qnet:
         qnet = QNetwork.from_pretrained(cfg.qnet, device)

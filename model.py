@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infra import checkpoint, parallel
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -488,9 +488,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0]
         raise SystemExit(f"--ckpt {msg}" if msg.startswith(str(a.ckpt)) else f"--ckpt {a.ckpt}: {msg}") from None
-    if model.args.vocab_size < tok.n_words:
-        raise SystemExit(f"--tokenizer has {tok.n_words} tokens but the model's vocab_size is "
-                         f"{model.args.vocab_size}")
+    check_vocab(tok, model.args.vocab_size, f"--ckpt {a.ckpt}")
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     prompts = [tok.encode(s, bos=True, eos=False) for s in a.prompt]
     n_new = fit_new_tokens(prompts, a.max_new_tokens, model.args.max_seq_len)

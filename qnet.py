@@ -275,7 +275,7 @@ def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
             return saved
         print(f"{f}: sampled with other flags; sampling again")
     t0 = time.time()
-    model = cola.load_level(cfg.init, cfg.level, "--init", device).eval().requires_grad_(False)
+    model = cola.load_level(cfg.init, cfg.level, "--init", device, tok=tok).eval().requires_grad_(False)
     train = collect(model, cfg.level, tok, tasks.problems_at(cfg.task, cfg.seed, 0, cfg.prompts), cfg.samples, cfg,
                     stream=0)
     val = collect(model, cfg.level, tok, tasks.make_problems(cfg.task, cfg.val_prompts, cfg.seed, split="val",
@@ -322,10 +322,10 @@ def q_eval(pair: QPair, rows: list[dict], cfg: QArgs, device) -> dict:
 def train_q(argv: list[str]):
     cfg = parse_q_args(argv)
     world = parallel.World()
-    run = Run(f"q-{cfg.level}", cfg, world, init=cfg.init)
-    device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
-    policy_model = cola.load_level(cfg.init, cfg.level, "--init", "cpu").requires_grad_(False)
+    policy_model = cola.load_level(cfg.init, cfg.level, "--init", "cpu", tok=tok).requires_grad_(False)
+    run = Run(f"q-{cfg.level}", cfg, world, init=cfg.init)      # checked first: a refused run writes nothing
+    device = run.device
     base = policy_model.base if cfg.level == "latent" else policy_model
     n_actions = policy_model.args.n_actions if cfg.level == "latent" else base.args.vocab_size
     pair = QPair(QNetwork.from_base(base, n_actions, cfg.level)).to(device)

@@ -83,7 +83,7 @@ from infra.trainer import (Run, arg, autocast, bf16_frozen_groups, dtype_line, e
                            log_metrics, parse_config, trim_metrics, writing)
 from policy import action_log_probs, greedy, sample_uniforms, seeded_sampler
 import tasks
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_vocab
 
 LEVELS = ("latent", "token")
 ALGOS = ("grpo", "remax")
@@ -512,10 +512,8 @@ def train(argv=None):
     device = run.device
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     learner = build(cfg, world, device)
-    vocab = (learner.model.base if cfg.level == "latent" else learner.model).args.vocab_size
-    if tok.n_words > vocab:
-        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but --init {cfg.init} has vocab_size {vocab}: pass "
-                         f"the --tokenizer the model was trained with")
+    check_vocab(tok, (learner.model.base if cfg.level == "latent" else learner.model).args.vocab_size,
+                f"--init {cfg.init}")
     judge = parallel.on_main(world, lambda: load_judge(cfg, device))      # evaluation runs on rank 0
     opt = torch.optim.AdamW([p for p in learner.trained.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)

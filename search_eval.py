@@ -267,14 +267,14 @@ def eval_main(argv: list[str]):
     tok = Tokenizer.find(cfg.ckpt or cfg.llama, cfg.tokenizer or None)
     engines = {}
     if any(not m.startswith("token-") for m in methods):
-        latent = cola.load_level(cfg.ckpt, "latent", "--ckpt", device).eval().requires_grad_(False)
+        latent = cola.load_level(cfg.ckpt, "latent", "--ckpt", device, tok=tok).eval().requires_grad_(False)
         engines[("latent", False)] = Engine(latent, "latent")
         if "mcts-q" in methods:
             q = QNetwork.from_pretrained(cfg.qnet, device)
             check_qnet(q, cfg.qnet, "latent", latent, cfg.ckpt)
             engines[("latent", True)] = Engine(latent, "latent", q)
     if any(m.startswith("token-") for m in methods):
-        lm = cola.load_level(cfg.llama, "token", "--llama", device).eval().requires_grad_(False)
+        lm = cola.load_level(cfg.llama, "token", "--llama", device, tok=tok).eval().requires_grad_(False)
         engines[("token", False)] = Engine(lm, "token")
         if "token-mcts-q" in methods:
             q = QNetwork.from_pretrained(cfg.token_qnet, device, "--token-qnet")

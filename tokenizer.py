@@ -235,6 +235,18 @@ class Tokenizer:
         return self.model.decode(list(ids))
 
 
+def check_vocab(tok: Tokenizer, vocab_size: int, what: str):
+    """A model and its tokenizer must agree on V: a larger tokenizer has ids past the model's embedding, a smaller
+    one cannot decode ids the model may emit (tiktoken raises mid-run). One line naming `what` (a flag and path)."""
+    if tok.n_words > vocab_size:
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {what} has vocab_size {vocab_size}: pass the "
+                         f"--tokenizer the model was trained with")
+    if tok.n_words < vocab_size:
+        raise SystemExit(f"the tokenizer has only {tok.n_words} tokens but {what} has vocab_size {vocab_size}: the "
+                         f"model can emit ids {tok.n_words}..{vocab_size - 1}, which it cannot decode; pass the "
+                         f"--tokenizer the model was trained with")
+
+
 def split_long_runs(s: str, max_len: int):
     """Cut s wherever a run of only-whitespace or only-non-whitespace characters exceeds max_len (Meta's rule)."""
     start, run, kind = 0, 0, None

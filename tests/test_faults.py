@@ -495,6 +495,43 @@ def test_cola_cli_says_when_the_context_clips_max_new_tokens(chain, capsys):
     assert "generating at most 11" in err, err
 
 
+def tokenizer_model_file(path: Path, n_ranks: int) -> Path:
+    """A tokenizer.model of the first n_ranks single bytes (+ merges of "a" when n_ranks > 256)."""
+    import base64
+    tokens = [bytes([b]) for b in range(min(n_ranks, 256))] + [b"a" * (k + 2) for k in range(max(0, n_ranks - 256))]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))
+    return path
+
+
+@pytest.mark.parametrize("n_ranks", [200, 300])
+def test_a_tokenizer_of_another_size_than_the_model_is_one_line(chain, tmp_path, capsys, n_ranks):
+    """Every command that generates refuses a tokenizer whose V is not the model's (512 here): a larger one has ids
+    past the embedding, a smaller one cannot decode ids the model may emit (tiktoken's KeyError mid-run)."""
+    import mcts
+    import qnet
+    import rl
+    import search_eval
+    tok = tokenizer_model_file(tmp_path / "tokenizer.model", n_ranks)
+    n_words = n_ranks + 256
+    llama, colad = chain / "base/final", chain / "fta-i/final"
+    cases = [
+        (model_py.main, ["--ckpt", llama, "--prompt", "a"], f"--ckpt {llama}"),
+        (cola.main, ["--ckpt", colad, "--prompt", "a"], f"--ckpt {colad}"),
+        (mcts.main, ["--ckpt", colad, "--tokenizer", tok, "--n-rounds", "1"], f"--ckpt {colad}"),
+        (rl.main, ["--init", colad, "--out-dir", tmp_path / "rl", "--steps", "1"], f"--init {colad}"),
+        (qnet.main, ["--init", colad, "--out-dir", tmp_path / "q", "--steps", "1"], f"--init {colad}"),
+        (search_eval.main, ["--ckpt", colad, "--llama", llama, "--methods", "greedy", "--out-dir", tmp_path / "se"],
+         f"--ckpt {colad}"),
+    ]
+    for main, argv, what in cases:
+        if "--tokenizer" not in argv:
+            argv = [*argv, "--tokenizer", tok]
+        msg = main_exit(argv, capsys, main)
+        relation = "has" if n_words > 512 else "has only"
+        assert f"the tokenizer {relation} {n_words} tokens but {what} has vocab_size 512" in msg, (main.__module__, msg)
+    assert not any((tmp_path / d).exists() for d in ("rl", "q", "se"))                  # nothing written
+
+
 def test_append_row_ends_a_half_written_line_first(tmp_path):
     """A kill mid-row leaves a broken last line; the next row goes on a line of its own (readers skip the broken
     one) instead of being glued to it."""
