@@ -264,6 +264,33 @@ def test_a4_pretrain_loss_by_formula():
     assert stats["ce"] == pytest.approx(ce.item(), rel=1e-5) and stats["alive"] == len(k.unique())
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_a4_pretrain_loss_gradient_by_formula(beta):
+    """Stage A is about its gradient: the IDM learns through the straight-through action a~ inside the world model
+    (with beta = 0 that is its only gradient), the codebook and merge module through the CE, the base's blocks not
+    at all (h_t is frozen; W_lm and Norm_f, which the world model reuses, are frozen by the stage, not by the loss).
+    Every parameter's gradient must equal the formula's."""
+    import train
+    from idm import gumbel_softmax_st
+    model, b = tiny_cola(seed=4), batch(seed=4)
+    loss, _ = train.pretrain_loss(model, b, 2.0, beta, 7)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    model.zero_grad(set_to_none=True)
+    x, m = b.tokens, b.mask[:, 1:]
+    h = model.hidden(x).detach()                                                        # the base is frozen
+    z = model.idm_logits(h)[:, 1:]
+    a, y, k = gumbel_softmax_st(z, 2.0, u=train.row_uniforms(b.ids, z.shape[1:], 7, "cpu"))
+    ce = masked_mean_ce(model.world_logits(h[:, :-1], a), x[:, 1:], m)                # a~ carries the gradient
+    (ce + beta * (y * torch.log(y + 1e-8)).sum(-1).mean()).backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert sorted(ours) == sorted(ref), f"parameters with a gradient: {sorted(ours)} != {sorted(ref)}"
+    assert any(n.startswith("idm.") for n in ref)                                      # through a~ (and y)
+    assert not any(n.startswith(("base.layers", "base.tok_embeddings")) for n in ref)   # h_t is a constant
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda s: f"gradient of {n}: {s}")
+
+
 def test_a4_nearest_code_brute_force():
     from cola import nearest_code
     z_e = torch.randn(2, 5, 8, generator=torch_rng(0))                                  # [B, T, D]
@@ -367,6 +394,35 @@ def test_a7_aggregate_by_hand():
     # per response, then over responses (an empty response counts 0): ((1 + 2) / 2 + 4 / 1 + 0) / 3
     assert rl.aggregate(per_token, mask, "sequence").item() == pytest.approx((1.5 + 4.0 + 0.0) / 3)
     assert rl.aggregate(per_token, mask, "token").item() == pytest.approx(7.0 / 3)     # over the 3 counted tokens
+
+
+@pytest.mark.parametrize("placement,aggregate", [("reward", "sequence"), ("loss", "sequence"), ("loss", "token")])
+def test_a7_grpo_loss_gradient_by_formula(placement, aggregate):
+    """Policy gradients are about the gradient: d loss / d log pi of every token must be the clipped surrogate's
+    (zero where the clip binds), plus beta k3's with --kl-placement loss, aggregated as --aggregate says."""
+    import rl
+    cfg = rl.parse_args(["--init", "x", "--dtype", "float32", "--kl-placement", placement, "--kl-coef", "0.3",
+                         "--aggregate", aggregate])
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(3, 4, generator=g) * 2
+    ref_logp = -torch.rand(3, 4, generator=g) * 2
+    logp0 = old + (torch.rand(3, 4, generator=g) - 0.5)                              # ratios on both sides of the clip
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
+    A = torch.tensor([1.0, -0.5, 2.0])
+    logp = logp0.clone().requires_grad_(True)
+    loss, _ = rl.grpo_loss(logp, old, ref_logp, A, mask, cfg)
+    loss.backward()
+    lp = logp0.clone().requires_grad_(True)
+    rho = torch.exp(lp - old)
+    per = -torch.minimum(rho * A[:, None], rho.clamp(0.8, 1.2) * A[:, None])
+    if placement == "loss":
+        per = per + 0.3 * (torch.exp(ref_logp - lp) - (ref_logp - lp) - 1)           # k3
+    mf = mask.float()
+    total = ((per * mf).sum(1) / mf.sum(1)).mean() if aggregate == "sequence" else (per * mf).sum() / mf.sum()
+    total.backward()
+    assert loss.item() == pytest.approx(total.item(), rel=1e-6)
+    torch.testing.assert_close(logp.grad, lp.grad, rtol=1e-5, atol=1e-8)
+    assert logp.grad[~mask].eq(0).all() and logp.grad[mask].ne(0).any()
 
 
 def test_a8_puct_by_formula():

@@ -113,6 +113,7 @@ ASSIGNMENTS = [
     Assignment(4, "Stage A: learning the actions, alive actions, and the VQ codebook that collapses",
                "PAPER.md §3 (Stage A), §6 (codebook health); Algorithm 1", [
                    Function("train.py", "pretrain_loss", [CT + "test_a4_pretrain_loss_by_formula",
+                                                          CT + "test_a4_pretrain_loss_gradient_by_formula",
                                                           T + "test_pretrain_loss_trains_idm_codebook_merge_only"]),
                    Function("idm.py", "codebook_usage", [C + "test_codebook_usage_and_policy_helpers"]),
                    Function("cola.py", "nearest_code", [CT + "test_a4_nearest_code_brute_force"]),
@@ -149,7 +150,8 @@ ASSIGNMENTS = [
                    Function("rl.py", "k3", [CT + "test_a7_k3_by_formula", R + "test_kl_estimators_by_hand"]),
                    Function("rl.py", "aggregate", [CT + "test_a7_aggregate_by_hand",
                                                    R + "test_grpo_clipped_loss_by_hand"]),
-                   Function("rl.py", "grpo_loss", [R + "test_grpo_clipped_loss_by_hand"]),
+                   Function("rl.py", "grpo_loss", [R + "test_grpo_clipped_loss_by_hand",
+                                                   CT + "test_a7_grpo_loss_gradient_by_formula"]),
                    Function("rl.py", "remax_loss", [R + "test_remax_loss_is_reinforce"]),
                ]),
     Assignment(8, "Tree search over latent actions: the Double-DQN target, PUCT, the backup and MCTS-Q's TD test",
