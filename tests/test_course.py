@@ -394,15 +394,21 @@ def test_a7_aggregate_by_hand():
     # per response, then over responses (an empty response counts 0): ((1 + 2) / 2 + 4 / 1 + 0) / 3
     assert rl.aggregate(per_token, mask, "sequence").item() == pytest.approx((1.5 + 4.0 + 0.0) / 3)
     assert rl.aggregate(per_token, mask, "token").item() == pytest.approx(7.0 / 3)     # over the 3 counted tokens
+    assert rl.aggregate(per_token, mask, "token", n_tokens=10.0).item() == pytest.approx(0.7)    # a count passed in
+    assert rl.aggregate(per_token, mask, "token", n_tokens=0.5).item() == pytest.approx(7.0)     # at least 1
 
 
-@pytest.mark.parametrize("placement,aggregate", [("reward", "sequence"), ("loss", "sequence"), ("loss", "token")])
-def test_a7_grpo_loss_gradient_by_formula(placement, aggregate):
-    """Policy gradients are about the gradient: d loss / d log pi of every token must be the clipped surrogate's
-    (zero where the clip binds), plus beta k3's with --kl-placement loss, aggregated as --aggregate says."""
+@pytest.mark.parametrize("algo,placement,aggregate,n_tokens", [
+    ("grpo", "reward", "sequence", None), ("grpo", "loss", "sequence", None), ("grpo", "loss", "token", None),
+    ("grpo", "loss", "token", 12.0), ("remax", "reward", "sequence", None), ("remax", "loss", "token", 12.0)])
+def test_a7_policy_loss_gradient_by_formula(algo, placement, aggregate, n_tokens):
+    """Policy gradients are about the gradient: d loss / d log pi of every response token must be the formula's
+    (GRPO: the clipped surrogate, zero where the clip binds; ReMax: -A), plus beta k3's with --kl-placement loss,
+    aggregated as --aggregate says, over n_tokens tokens when the caller passes the count (a batch split over
+    ranks)."""
     import rl
-    cfg = rl.parse_args(["--init", "x", "--dtype", "float32", "--kl-placement", placement, "--kl-coef", "0.3",
-                         "--aggregate", aggregate])
+    cfg = rl.parse_args(["--init", "x", "--dtype", "float32", "--algo", algo, "--kl-placement", placement,
+                         "--kl-coef", "0.3", "--aggregate", aggregate])
     g = torch.Generator().manual_seed(5)
     old = -torch.rand(3, 4, generator=g) * 2
     ref_logp = -torch.rand(3, 4, generator=g) * 2
@@ -410,15 +416,21 @@ def test_a7_grpo_loss_gradient_by_formula(placement, aggregate):
     mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
     A = torch.tensor([1.0, -0.5, 2.0])
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = rl.grpo_loss(logp, old, ref_logp, A, mask, cfg)
+    if algo == "grpo":
+        loss, _ = rl.grpo_loss(logp, old, ref_logp, A, mask, cfg, n_tokens)
+    else:
+        loss, _ = rl.remax_loss(logp, ref_logp, A, mask, cfg, n_tokens)
     loss.backward()
     lp = logp0.clone().requires_grad_(True)
     rho = torch.exp(lp - old)
-    per = -torch.minimum(rho * A[:, None], rho.clamp(0.8, 1.2) * A[:, None])
+    per = -torch.minimum(rho * A[:, None], rho.clamp(0.8, 1.2) * A[:, None]) if algo == "grpo" else -A[:, None] * lp
     if placement == "loss":
         per = per + 0.3 * (torch.exp(ref_logp - lp) - (ref_logp - lp) - 1)           # k3
     mf = mask.float()
-    total = ((per * mf).sum(1) / mf.sum(1)).mean() if aggregate == "sequence" else (per * mf).sum() / mf.sum()
+    if aggregate == "sequence":
+        total = ((per * mf).sum(1) / mf.sum(1)).mean()
+    else:
+        total = (per * mf).sum() / (mf.sum() if n_tokens is None else n_tokens)
     total.backward()
     assert loss.item() == pytest.approx(total.item(), rel=1e-6)
     torch.testing.assert_close(logp.grad, lp.grad, rtol=1e-5, atol=1e-8)

@@ -69,6 +69,7 @@ M, C, T, R, CT, EV, Q = ("tests/test_model.py::", "tests/test_cola.py::", "tests
                          "tests/test_rl.py::", "tests/test_course.py::", "tests/test_eval.py::", "tests/test_mcts.py::")
 TREE = Q + "test_backup_puct_and_td_test_by_hand"            # a hand-built tree: PUCT, backup, the TD test
 PARITY = M + "test_hf_checkpoint_written_by_us"                 # logits and greedy tokens == transformers' Llama
+PG = CT + "test_a7_policy_loss_gradient_by_formula"             # GRPO's and ReMax's d loss / d logp, per case
 
 ASSIGNMENTS = [
     Assignment(1, "The Llama-3.1 base: RMSNorm, llama3-scaled RoPE, GQA attention with a KV cache",
@@ -150,9 +151,11 @@ ASSIGNMENTS = [
                    Function("rl.py", "k3", [CT + "test_a7_k3_by_formula", R + "test_kl_estimators_by_hand"]),
                    Function("rl.py", "aggregate", [CT + "test_a7_aggregate_by_hand",
                                                    R + "test_grpo_clipped_loss_by_hand"]),
-                   Function("rl.py", "grpo_loss", [R + "test_grpo_clipped_loss_by_hand",
-                                                   CT + "test_a7_grpo_loss_gradient_by_formula"]),
-                   Function("rl.py", "remax_loss", [R + "test_remax_loss_is_reinforce"]),
+                   Function("rl.py", "grpo_loss", [R + "test_grpo_clipped_loss_by_hand"] + [
+                       PG + f"[grpo-{case}]" for case in ("reward-sequence-None", "loss-sequence-None",
+                                                          "loss-token-None", "loss-token-12.0")]),
+                   Function("rl.py", "remax_loss", [R + "test_remax_loss_is_reinforce"] + [
+                       PG + f"[remax-{case}]" for case in ("reward-sequence-None", "loss-token-12.0")]),
                ]),
     Assignment(8, "Tree search over latent actions: the Double-DQN target, PUCT, the backup and MCTS-Q's TD test",
                "PAPER.md §5; Algorithm 3", [
