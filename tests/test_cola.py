@@ -126,6 +126,13 @@ def test_entropy_regulariser_is_minus_beta_entropy():
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[0, :2] = True
     assert torch.allclose(entropy_regulariser(y, 0.5, mask), -0.5 * entropy[0, :2].mean())
+    # A one-hot row (a relaxed sample at a low temperature) has exact zeros: 0 log(0 + 1e-8) = 0, and the gradient
+    # stays finite (y log y without the 1e-8 gives nan there).
+    hot = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], requires_grad=True)
+    r = entropy_regulariser(hot, 2.0)
+    assert r.item() == pytest.approx(2.0 * (1.0 * math.log(1 + 1e-8) + math.log(0.5 + 1e-8)) / 2)
+    r.backward()
+    assert torch.isfinite(hot.grad).all()
 
 
 def test_codebook_usage_and_policy_helpers():
