@@ -123,7 +123,8 @@ ASSIGNMENTS = [
     Assignment(5, "Stage B: cloning the inverse dynamics model into a policy",
                "PAPER.md §3 (Stage B); Algorithm 1", [
                    Function("cola.py", "CoLA.idm_labels", [C + "test_idm_reads_exactly_one_token_ahead"]),
-                   Function("cola.py", "CoLA.policy_logits", [C + "test_policy_is_causal"]),
+                   Function("cola.py", "CoLA.policy_logits", [C + "test_policy_is_causal",
+                                                              C + "test_generate_cache_matches_recompute[policy]"]),
                    Function("train.py", "bc_loss", [T + "test_bc_loss_trains_policy_only",
                                                     T + "test_losses_count_exactly_the_response_targets"]),
                    Function("eval.py", "cola_metrics", [CT + "test_a5_cola_metrics_by_hand"]),
