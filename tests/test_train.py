@@ -743,6 +743,24 @@ def test_losses_count_exactly_the_response_targets(tiny_cola):
         assert loss.item() == pytest.approx(by_hand(name), rel=1e-5), name
 
 
+def test_bc_accuracy_counts_the_response_targets_only(tiny_cola, monkeypatch):
+    """bc_loss's logged accuracy (argmax pi == k*) is over the masked targets: a policy right at every other position
+    and wrong elsewhere, against the share of those positions among the masked ones only."""
+    b = _response_batch()
+    b.mask[0, 12] = False
+    m = b.mask[:, 1:]
+    with torch.no_grad():
+        k = tiny_cola.idm_labels(tiny_cola.hidden(b.tokens))                   # [B, T]
+    right = torch.zeros_like(m)
+    right[:, ::3] = True
+    want = torch.where(right, k, (k + 1) % tiny_cola.args.n_actions)                 # [B, T]
+    K = tiny_cola.args.n_actions
+    monkeypatch.setattr(tiny_cola, "policy_logits", lambda h, start_pos=0: 10.0 * F.one_hot(want, K).float())
+    with torch.no_grad():
+        acc = float(train.bc_loss(tiny_cola, b)[1]["acc"])
+    assert acc == pytest.approx(right[m].float().mean().item()) and acc != pytest.approx(right.float().mean().item())
+
+
 def test_fta_i_gradient_does_not_pass_through_the_idm(tiny_cola):
     """The release computes FTA-I's actions under no gradient: the base's gradient is exactly that of the world
     model's CE with the IDM's argmax actions held fixed (no straight-through path back through the frozen IDM)."""
