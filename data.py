@@ -165,9 +165,11 @@ def tokenizer_spec(n_ranks: int) -> tuple[dict, dict]:
     """A BPE of n_ranks trained on the embedded corpus, as a tokenizer.json, and a note of the text it was trained
     on (name and digest: the stdlib docstrings differ between Python versions, and so would the merges)."""
     texts = tokenizer_text()
+    spec = bpe_json(train_bpe(texts, n_ranks))
     note = {"corpus": f"embedded corpus, train split, seed 0, data v{DATA_VERSION}, Python "
-                      f"{sys.version.split()[0]}", "digest": corpus_digest(texts), "ranks": n_ranks}
-    return bpe_json(train_bpe(texts, n_ranks)), note
+                      f"{sys.version.split()[0]}", "digest": corpus_digest(texts), "ranks": len(spec["model"]["vocab"]),
+            "asked": n_ranks}
+    return spec, note
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -686,12 +688,16 @@ def main(argv=None):
         elif args.cmd == "tokenizer":
             if args.ranks < 257:
                 raise ValueError(f"--ranks {args.ranks}: expected more than the 256 single bytes")
-            spec, note = tokenizer_spec(args.ranks)
             out = Path(args.out)
+            if out.is_dir():
+                raise ValueError(f"--out {out}: is a directory; name the tokenizer.json to write")
+            spec, note = tokenizer_spec(args.ranks)
             atomic_write_text(out, json.dumps(spec, ensure_ascii=False, indent=0) + "\n")
             atomic_write_text(out.with_suffix(".trained-on.json"), json.dumps(note, indent=1) + "\n")
-            print(f"wrote {out} and {out.with_suffix('.trained-on.json').name}: {len(spec['model']['vocab'])} "
-                  f"ranks + 256 specials, trained on {note['corpus']}")
+            print(f"wrote {out} and {out.with_suffix('.trained-on.json').name}: {note['ranks']} ranks + 256 "
+                  f"specials, trained on {note['corpus']}" + (f" (fewer than --ranks {args.ranks}: no pair of the "
+                                                              f"corpus is left to merge)" if note['ranks'] < args.ranks
+                                                              else ""))
         elif args.cmd == "sample":
             for pr in make_problems(args.kind, args.n, args.seed, args.split):
                 print(f"--- {pr.kind}  answer={pr.answer}  reward(reference)={reward(pr, pr.response)}")

@@ -232,7 +232,7 @@ def test_trained_bpe_loads_and_agrees_with_hugging_face(tmp_path, capsys):
     data_main(["tokenizer", "--ranks", "600", "--out", str(out)])
     first = out.read_bytes()
     note = json.loads((tmp_path / "bpe.trained-on.json").read_text())
-    assert note["ranks"] == 600 and len(note["digest"]) == 16 and "embedded corpus" in note["corpus"]
+    assert note["ranks"] == note["asked"] == 600 and len(note["digest"]) == 16 and "embedded corpus" in note["corpus"]
     tok, hf = Tokenizer(out), tokenizers.Tokenizer.from_file(str(out))
     assert tok.n_words == 600 + 256 and tok.bos_id == 600
     texts = TEXTS + stdlib_docs()[:100] + ["Using the numbers [12, 7, 3], create an equation that equals 33."]
@@ -246,3 +246,13 @@ def test_trained_bpe_loads_and_agrees_with_hugging_face(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data_main(["tokenizer", "--ranks", "256", "--out", str(out)])
     assert "--ranks 256" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        data_main(["tokenizer", "--ranks", "300", "--out", str(tmp_path)])
+    assert f"--out {tmp_path}: is a directory" in str(e.value)
+    assert out.read_bytes() == first
+
+
+def test_train_bpe_stops_when_no_pair_is_left():
+    merges = train_bpe(["abab abab"], 10_000)       # "abab", " abab": ab, then abab / " abab" ... then nothing
+    spec = bpe_json(merges)["model"]
+    assert len(spec["vocab"]) == 256 + len(merges) < 10_000 and len(merges) >= 3
