@@ -676,6 +676,24 @@ def test_an_endless_loop_fails_its_function_within_the_time_limit(pristine, tmp_
         assert q.returncode != 0 and "--time-limit" in q.stderr and len(q.stderr.strip().splitlines()) == 1, out(q)
 
 
+def test_start_all_blanks_every_assignment_and_solution_all_restores(pristine, tmp_path):
+    """Graded use: every assignment's functions blank at once (no later assignment's reference to read), then back
+    byte for byte; uncommitted work is refused first, as for one assignment."""
+    repo = clone(pristine, tmp_path / "repo")
+    (repo / "rl.py").write_text((repo / "rl.py").read_text() + "\n# my notes\n")
+    p = course_cli(repo, "start", "all")
+    assert p.returncode != 0 and "rl.py" in p.stderr and "uncommitted" in p.stderr, out(p)
+    git(repo, "checkout", "rl.py")
+    assert course_cli(repo, "start", "all").returncode == 0
+    listing = course_cli(repo, "list").stdout
+    states = [line.split()[0] for line in listing.splitlines() if line.startswith("     ")]
+    assert states and set(states) == {"blank"}, listing
+    p = course_cli(repo, "start", "seven")
+    assert p.returncode != 0 and "expected an assignment number or all" in p.stderr, out(p)
+    assert course_cli(repo, "solution", "all").returncode == 0
+    assert snapshot(repo) == snapshot(pristine)
+
+
 def test_outside_git_the_store_is_dot_course(pristine, tmp_path):
     repo = clone(pristine, tmp_path / "repo")
     shutil.rmtree(repo / ".git")

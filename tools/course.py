@@ -345,11 +345,13 @@ def check_files(a: Assignment, command: str):
             fail(f"{command} {a.n}: {file} not found in {ROOT}")
 
 
-def start(n: int, force: bool = False):
+def start(n: int, force: bool = False, blanked_here: frozenset = frozenset()) -> set[str]:
+    """Blank assignment n's functions; returns the files it changed. blanked_here: files this command has just
+    blanked for an earlier assignment (start all), which are not uncommitted work."""
     a = assignment(n, "start")
     check_files(a, "start")
     stored = read_store(n)
-    dirty = changed_files(files_of(a))
+    dirty = [f for f in changed_files(files_of(a)) if f not in blanked_here]
     if dirty and not stored and not force:     # a second start takes the reference from the store, not the files
         fail(f"start {n}: {', '.join(dirty)} {'has' if len(dirty) == 1 else 'have'} uncommitted changes; commit or "
              f"stash them first, or pass --force (the current bodies then become what `solution {n}` restores)")
@@ -376,6 +378,21 @@ def start(n: int, force: bool = False):
     else:
         print("every function was blank already")
     print(f"read COURSE.md, assignment {n}; grade with: python -m tools.course check {n}")
+    return {f.file for f in a.functions if f.target in blanked}
+
+
+def graded_numbers() -> list[int]:
+    return [a.n for a in ASSIGNMENTS if not a.pending]
+
+
+def start_all(force: bool = False):
+    """Every assignment's functions blank at once (graded use: no reference of a later assignment to read)."""
+    for a in ASSIGNMENTS:
+        if not a.pending:
+            check_files(a, "start")
+    done: set[str] = set()
+    for n in graded_numbers():
+        done |= start(n, force, frozenset(done))
 
 
 def yours_file(n: int) -> Path:
@@ -585,12 +602,22 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
 # Command line
 
 
+def number_or_all(s: str):
+    if s == "all":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected an assignment number or all") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tools/course.py", description="Starter and grader of the course (COURSE.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="assignments, their functions, which are blank")
-    p = sub.add_parser("start", help="blank assignment N's functions (bodies -> NotImplementedError)")
-    p.add_argument("n", type=int)
+    p = sub.add_parser("start", help="blank assignment N's functions (bodies -> NotImplementedError); N = all: "
+                                      "every assignment's at once")
+    p.add_argument("n", type=number_or_all)
     p.add_argument("--force", action="store_true", help="even if those files have uncommitted changes")
     p = sub.add_parser("check", help="grade assignments: one verdict per function")
     p.add_argument("n", type=int, nargs="+")
@@ -598,16 +625,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="write the verdicts to this file")
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT,
                    help=f"seconds a grading test may run before it fails (default {TIME_LIMIT:g})")
-    p = sub.add_parser("solution", help="restore assignment N's reference bodies")
-    p.add_argument("n", type=int)
+    p = sub.add_parser("solution", help="restore assignment N's reference bodies (N = all: every assignment's)")
+    p.add_argument("n", type=number_or_all)
     p.add_argument("--force", action="store_true", help="even over your own code (kept in the store)")
     a = ap.parse_args(argv)
     if a.cmd == "list":
         list_assignments()
     elif a.cmd == "start":
-        start(a.n, a.force)
+        start_all(a.force) if a.n == "all" else start(a.n, a.force)
     elif a.cmd == "solution":
-        solution(a.n, a.force)
+        for n in (graded_numbers() if a.n == "all" else [a.n]):
+            solution(n, a.force)
     else:
         if not (math.isfinite(a.time_limit) and a.time_limit > 0):
             fail(f"--time-limit {a.time_limit}: expected a number of seconds > 0")
