@@ -689,11 +689,20 @@ def main(argv=None):
             if args.ranks < 257:
                 raise ValueError(f"--ranks {args.ranks}: expected more than the 256 single bytes")
             out = Path(args.out)
-            if out.is_dir():
-                raise ValueError(f"--out {out}: is a directory; name the tokenizer.json to write")
+            note_path = out.with_suffix(".trained-on.json")
+            if out.suffix != ".json" or out.name.endswith(".trained-on.json"):
+                raise ValueError(f"--out {out}: expected a path ending in .json (not .trained-on.json, the name of "
+                                 f"the note written beside it)")
+            for p in (out, note_path):
+                if p.exists() and not p.is_file():
+                    raise ValueError(f"--out {out}: {p} exists and is not a regular file; name a new .json path")
             spec, note = tokenizer_spec(args.ranks)
-            atomic_write_text(out, json.dumps(spec, ensure_ascii=False, indent=0) + "\n")
-            atomic_write_text(out.with_suffix(".trained-on.json"), json.dumps(note, indent=1) + "\n")
+            for p, text in ((note_path, json.dumps(note, indent=1)), (out, json.dumps(spec, ensure_ascii=False,
+                                                                                          indent=0))):
+                try:                                   # the note first: a tokenizer never sits beside a stale note
+                    atomic_write_text(p, text + "\n")
+                except OSError as e:
+                    raise ValueError(f"--out {out}: cannot write {p}: {e.strerror or e}") from None
             print(f"wrote {out} and {out.with_suffix('.trained-on.json').name}: {note['ranks']} ranks + 256 "
                   f"specials, trained on {note['corpus']}" + (f" (fewer than --ranks {args.ranks}: no pair of the "
                                                               f"corpus is left to merge)" if note['ranks'] < args.ranks

@@ -210,7 +210,11 @@ class Tokenizer:
     def find(cls, ckpt_dir: str | Path | None, explicit: str | Path | None = None) -> "Tokenizer":
         """The tokenizer of a checkpoint directory (Meta or HF layout), or the embedded one if it has none."""
         if explicit is not None:
-            return cls(explicit)
+            try:
+                return cls(explicit)
+            except (OSError, ValueError) as e:        # missing, a directory, not JSON, not a tokenizer: one line
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{explicit}: ")
+                raise SystemExit(f"--tokenizer {explicit}: {reason}") from None
         if ckpt_dir is not None:
             d = Path(ckpt_dir)
             for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model", d / "tokenizer.json"):
@@ -240,11 +244,11 @@ def check_vocab(tok: Tokenizer, vocab_size: int, what: str):
     one cannot decode ids the model may emit (tiktoken raises mid-run). One line naming `what` (a flag and path)."""
     if tok.n_words > vocab_size:
         raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {what} has vocab_size {vocab_size}: pass the "
-                         f"--tokenizer the model was trained with")
+                         f"--tokenizer the model was trained with (this one: {tok.model.name})")
     if tok.n_words < vocab_size:
         raise SystemExit(f"the tokenizer has only {tok.n_words} tokens but {what} has vocab_size {vocab_size}: the "
                          f"model can emit ids {tok.n_words}..{vocab_size - 1}, which it cannot decode; pass the "
-                         f"--tokenizer the model was trained with")
+                         f"--tokenizer the model was trained with (this one: {tok.model.name})")
 
 
 def split_long_runs(s: str, max_len: int):

@@ -671,7 +671,7 @@ def test_an_endless_loop_fails_its_function_within_the_time_limit(pristine, tmp_
     line = next(l for l in p.stdout.splitlines() if "mcts.py:puct" in l)
     assert line.split()[0] == "FAIL" and "still running after 2 s" in line, out(p)
     assert "NOT IMPLEMENTED" in next(l for l in p.stdout.splitlines() if "mcts.py:backup" in l), out(p)
-    for bad in ("0", "-1", "nan"):
+    for bad in ("0", "-1", "nan", "1e9"):
         q = course_cli(repo, "check", 8, "--time-limit", bad)
         assert q.returncode != 0 and "--time-limit" in q.stderr and len(q.stderr.strip().splitlines()) == 1, out(q)
 

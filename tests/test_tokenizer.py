@@ -246,10 +246,20 @@ def test_trained_bpe_loads_and_agrees_with_hugging_face(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data_main(["tokenizer", "--ranks", "256", "--out", str(out)])
     assert "--ranks 256" in str(e.value)
+    import os
+    os.mkfifo(tmp_path / "pipe.json")
+    for bad, why in ((tmp_path, "expected a path ending in .json"), (tmp_path / "bpe.trained-on.json", "not "
+                     ".trained-on.json"), (tmp_path / "pipe.json", "is not a regular file")):
+        with pytest.raises(SystemExit) as e:
+            data_main(["tokenizer", "--ranks", "300", "--out", str(bad)])
+        assert f"--out {bad}: " in str(e.value) and why in str(e.value), str(e.value)
+    assert out.read_bytes() == first and (tmp_path / "pipe.json").is_fifo()
     with pytest.raises(SystemExit) as e:
-        data_main(["tokenizer", "--ranks", "300", "--out", str(tmp_path)])
-    assert f"--out {tmp_path}: is a directory" in str(e.value)
-    assert out.read_bytes() == first
+        Tokenizer.find(None, tmp_path / "bpe.trained-on.json")          # a JSON file that is no tokenizer
+    assert str(e.value) == f"--tokenizer {tmp_path / 'bpe.trained-on.json'}: not a byte-level BPE tokenizer.json"
+    for missing in (tmp_path / "none.json", tmp_path / "none.model", tmp_path):
+        with pytest.raises(SystemExit, match=f"--tokenizer {missing}: "):
+            Tokenizer.find(None, missing)
 
 
 def test_train_bpe_stops_when_no_pair_is_left():

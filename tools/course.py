@@ -574,7 +574,12 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
             broken = import_error(files_of_all(chosen))
             if broken:
                 fail(f"check {' '.join(map(str, ns))}: {broken}")
-        if not xml.exists() or p.returncode in (3, 4):       # pytest's internal and usage errors
+        if not xml.exists():                                  # the process ended before its report
+            tail = "; ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
+            fail(f"check {' '.join(map(str, ns))}: the grading run ended before its report (exit {p.returncode}): a "
+                 f"function may end the process (os._exit, a crash in C); run its tests one by one with python -m "
+                 f"pytest -q <test id> ({tail})")
+        if p.returncode in (3, 4):                            # pytest's internal and usage errors
             tail = "; ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
             fail(f"check {' '.join(map(str, ns))}: pytest could not run the grading tests (exit {p.returncode}): "
                  f"{tail}")
@@ -637,8 +642,8 @@ def main(argv=None) -> int:
         for n in (graded_numbers() if a.n == "all" else [a.n]):
             solution(n, a.force)
     else:
-        if not (math.isfinite(a.time_limit) and a.time_limit > 0):
-            fail(f"--time-limit {a.time_limit}: expected a number of seconds > 0")
+        if not (math.isfinite(a.time_limit) and 0 < a.time_limit <= 86_400):
+            fail(f"--time-limit {a.time_limit}: expected a number of seconds > 0, at most a day (86400)")
         return check(a.n, a.verbose, a.json, a.time_limit)
     return 0
 
