@@ -162,10 +162,10 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     ]
     lat, tok = r["rl-latent"], r["rl-token"]
 
-    def change(key, digits=2):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
+    def change(key):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
         def one(runs):
             (b, _, _), (m, lo, hi) = over_seeds(runs, "before", key), over_seeds(runs, "after", key)
-            return f"{b:.{digits}f} -> {m:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if len(runs) > 1 else "")
+            return f"{b:.2f} -> {m:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(runs) > 1 else "")
         return " / ".join(one(x) for x in (lat, tok))
     n_seeds, first = len(lat), lat[0]
     seeds = f" ({n_seeds} seeds: mean [range after])" if n_seeds > 1 else ""

@@ -383,14 +383,13 @@ def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = No
     problems = tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
     prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
     model.eval()
-    out = {}
+    out = {"problems": len({p.prompt for p in problems})}          # distinct prompts among the n drawn
     u = sample_uniforms(cfg.seed + 1, 0, 0, n, cfg.max_new_tokens).to(device)   # fixed noise: comparable over steps
     top_k = cfg.top_k if cfg.level == "latent" else None
     for name, choose in (("greedy", greedy()), ("sampled", seeded_sampler(u, cfg.temperature, top_k))):
         rows = data.rollout(model, tok, prompts, choose, cfg.max_new_tokens)
         task_r = [tasks.reward(p, r["text"]) for p, r in zip(problems, rows)]
         out[f"{name}_success"] = sum(r == 1.0 for r in task_r) / n
-        out["problems"] = len({p.prompt for p in problems})        # distinct prompts among the n drawn
         out[f"{name}_reward"] = sum(task_r) / n
         out[f"{name}_proxy"] = sum(tasks.proxy_reward(p, r["text"]) for p, r in zip(problems, rows)) / n
         out[f"{name}_format"] = sum(well_formed(p, r["text"]) for p, r in zip(problems, rows)) / n

@@ -491,9 +491,9 @@ def make_problems(kind: str, n: int, seed: int, split: str | None = None, stream
 
 
 def held_out(task: str, n: int, seed: int) -> list[Problem]:
-    """The first n distinct held-out problems (the val split of the "rl" stream of `seed`), each prompt once: what
-    RL evaluates and search is scored on. Draws at most 20n problems, so a task with fewer distinct held-out
-    prompts gives all it has (countdown-2: 13 of about 250; countdown-3: 530)."""
+    """The first n distinct held-out problems (the val split of the "rl" stream of `seed`, which rl.py's evaluation
+    draws from, repeats included), each prompt once: what search_eval.py scores. Draws at most 20n problems, so a
+    task with fewer distinct held-out prompts gives all it has (countdown-2: 13 of about 250; countdown-3: 530)."""
     out, seen = [], set()
     stream = problem_stream(task, seed, "rl", "val")
     for _ in range(20 * n):

@@ -61,7 +61,7 @@ from data import Batch
 from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_softmax_st
 from model import PRESETS, ModelArgs, Transformer
 from infra.parallel import World
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_vocab
 from infra.trainer import Phase, Run, arg, parse_config, release_locks
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
@@ -426,9 +426,9 @@ def new_tiny_llama(cfg, tok: Tokenizer, device) -> Transformer:
 
 
 def check_fits(args: ModelArgs, cfg, tok: Tokenizer, what: str):
-    """The tokenizer must fit the model's vocabulary, and the windows of --seq-len + 1 tokens its context."""
-    if args.vocab_size < tok.n_words:
-        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {what} has vocab_size {args.vocab_size}")
+    """The tokenizer must have the model's V tokens (tokenizer.check_vocab), and the windows of --seq-len + 1
+    tokens must fit its context."""
+    check_vocab(tok, args.vocab_size, what)
     if cfg.seq_len + 1 > args.max_seq_len:
         raise SystemExit(f"--seq-len {cfg.seq_len}: windows of {cfg.seq_len + 1} tokens exceed the model's "
                          f"max_seq_len {args.max_seq_len}")
