@@ -63,7 +63,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from infra.checkpoint import atomic_write, replace_dir
+from infra.files import atomic_write, replace_dir
 from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
 from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
@@ -220,7 +220,7 @@ def write_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenizer,
     (documents may straddle shards: the loader reads them as one stream), then meta.json.
 
     Everything is written into a temporary directory that replaces out_dir only once the last document is in
-    (checkpoint.replace_dir): a failure on the way (a bad input file, a full disk) leaves the old shards and their
+    (files.replace_dir): a failure on the way (a bad input file, a full disk) leaves the old shards and their
     meta.json as they were. out_dir must be absent, empty or a shard directory (shard_*.bin and meta.json only)."""
     out_dir = Path(out_dir)
     if tokenizer.n_words > 2**32:

@@ -57,7 +57,7 @@ import data
 from data import Batch
 from infra import parallel
 from infra.ce import lm_head_ce
-from infra.checkpoint import atomic_write
+from infra.files import atomic_write
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import autocast, dtype_line, resolve_dtype
 from model import PRESETS, Transformer

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from eval import after_pipeline
-from infra.checkpoint import atomic_write
+from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
 from infra.trainer import machine_line, release_locks, resolve_dtype
 import rl

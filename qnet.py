@@ -38,7 +38,7 @@ from tqdm import tqdm
 import cola
 import data
 from infra import checkpoint, parallel
-from infra.checkpoint import atomic_write
+from infra.files import atomic_write
 from infra.parallel import Root
 from infra.trainer import Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
 from model import ModelArgs, Transformer

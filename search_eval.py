@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from infra import parallel
-from infra.checkpoint import atomic_write
+from infra.files import atomic_write
 from infra.trainer import append_row, arg, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola

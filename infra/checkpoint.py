@@ -12,11 +12,10 @@ model.py and cola.py hold the architecture; this module reads and writes it and 
                         model.policy_layers.N.*, model.policy_norm, model.policy_head; config.json adds num_code,
                         num_action_layer, num_dyna_layer, num_policy_layer and v = 1 (class IntentionForCausalLM)
 
-Every file is written under a temporary name and renamed into place (`atomic_write`), so a crash never leaves a
-half-written file under its final name; a directory that must change as a whole (an export, a set of token shards)
-is written as a temporary sibling and swapped in (`replace_dir`). Tensors are read once and assigned into a model
-built on the meta device (no second copy); every read checks presence and shape, and errors name the file and the
-tensor as the file spells it.
+Every file is written under a temporary name and renamed into place (infra/files.py's `atomic_write`), so a crash
+never leaves a half-written file under its final name. Tensors are read once and assigned into a model built on the
+meta device (no second copy); every read checks presence and shape, and errors name the file and the tensor as the
+file spells it.
 
 Deviations from the official code:
   - config.json of a CoLA export also carries `cola_merge_hidden` (when the merge MLPs are not the base's SwiGLU
@@ -26,12 +25,12 @@ Deviations from the official code:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
 import torch
+
+from infra.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
 # Llama layouts. Our parameter names are Meta's; Hugging Face names are translated at the boundary.
@@ -331,40 +330,6 @@ def load_llama_checkpoint(path: Path, ModelArgs, dtype=None) -> tuple:
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     return args, state, {}
-
-
-def atomic_write(path: Path, write_fn):
-    """write_fn(tmp_path), then rename: a crash never leaves a half-written file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def replace_dir(path: Path, write_fn):
-    """write_fn(tmp_dir) into an empty sibling .NAME.tmp<pid>, then swap it in for `path`: readers find the old
-    directory or the new one, never a mix, and a failure in write_fn leaves the old one untouched. (A crash between
-    the two renames leaves the old directory as .NAME.old<pid> beside the absent `path`.)"""
-    path = Path(path)
-    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write_fn(tmp)
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists():
-                os.replace(old, path)          # put the old directory back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30):

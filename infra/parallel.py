@@ -514,7 +514,7 @@ class PendingSave:
     def wait(self) -> Path:
         """The files written on every rank, then train.json (rank 0, last) and the older checkpoints removed."""
         from torch.distributed.checkpoint.api import CheckpointException
-        from infra.checkpoint import atomic_write
+        from infra.files import atomic_write
         path, world = self.path, self.world
         if self.future is not None:
             try:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from infra import parallel
-from infra.checkpoint import atomic_write, replace_dir
+from infra.files import atomic_write, replace_dir
 from infra.parallel import Root, World, device_type
 
 # ----------------------------------------------------------------------------------------------------------------
