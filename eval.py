@@ -59,7 +59,7 @@ from infra import parallel
 from infra.ce import lm_head_ce
 from infra.files import atomic_write
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
-from infra.trainer import autocast, dtype_line, resolve_dtype
+from infra.trainer import SEED, autocast, check_value, dtype_line, resolve_dtype
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -559,6 +559,7 @@ def check_flags(a):
         positive("--m", a.m, 2)
         positive("--max-new-tokens", a.max_new_tokens)
         positive("--prefix-len", a.prefix_len, 2)
+        check_value("seed", a.seed, SEED)
 
 
 def main(argv=None):

@@ -65,7 +65,7 @@ import torch
 import cola
 from infra import checkpoint, parallel
 from infra.treecache import Engine, NodeCache, TreeCache
-from infra.trainer import arg, one_line_errors, parse_config
+from infra.trainer import SEED, arg, one_line_errors, parse_config
 from qnet import QNetwork, check_qnet
 import tasks
 from tokenizer import Tokenizer
@@ -207,7 +207,7 @@ class SearchArgs:
     show_tree: bool = arg(False, "print the tree: actions, tokens, visits, values, rewards")
     tokenizer: str = arg("", "tokenizer file (default: found in --ckpt, else the embedded byte tokenizer)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed of the held-out problems", ">= 0")
+    seed: int = arg(0, "seed of the held-out problems", SEED)
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infra import checkpoint, parallel
+from infra.trainer import SEED, check_value
 from tokenizer import Tokenizer, check_vocab
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,6 +507,7 @@ def check_sampling_flags(a) -> str:
         raise SystemExit(f"--temperature {a.temperature}: expected a finite number >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
         raise SystemExit(f"--top-p {a.top_p}: expected a number in (0, 1]")
+    check_value("seed", a.seed, SEED)
     parallel.device_of(a.device)
     kind = checkpoint.kind_of(a.ckpt, "--ckpt")
     if kind == "qnet":

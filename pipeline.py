@@ -19,7 +19,7 @@ import torch
 from eval import after_pipeline
 from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
-from infra.trainer import machine_line, release_locks, resolve_dtype
+from infra.trainer import SEED, check_value, machine_line, release_locks, resolve_dtype
 import rl
 from tokenizer import Tokenizer
 from train import FinetuneArgs, parse_args, run_stage
@@ -40,14 +40,15 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not (math.isfinite(a.scale) and a.scale > 0):
         raise SystemExit(f"--scale {a.scale}: expected a finite number > 0 (1 = the full pipeline, 0.1 = a smoke run)")
-    if a.seed < 0:
-        raise SystemExit(f"--seed {a.seed}: expected an integer >= 0")
+    check_value("seed", a.seed, SEED)
     try:
         seeds = [int(x) for x in a.rl_seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected comma-separated integers >= 0, e.g. 0,1,2") from None
     if min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    for seed in seeds:                                 # checked now, not by rl.py after every training stage
+        check_value("rl_seeds", seed, SEED)
     a.rl_seeds = seeds
     a.dtype = resolve_dtype(a.dtype, "")
     return a

@@ -40,7 +40,7 @@ import data
 from infra import checkpoint, parallel
 from infra.files import atomic_write
 from infra.parallel import Root
-from infra.trainer import Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
+from infra.trainer import SEED, Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
 from model import ModelArgs, Transformer
 from policy import sample_uniforms, seeded_sampler
 import tasks
@@ -222,7 +222,7 @@ class QArgs:
     dtype: str = arg("auto", "auto (bfloat16 where the device computes it natively, else float32), float32 or "
                              "bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed of the problems, the sampling noise and the batch order", ">= 0")
+    seed: int = arg(0, "seed of the problems, the sampling noise and the batch order", SEED)
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
     stop_at: int = arg(0, "save a checkpoint and exit after this update; rerun to continue", ">= 0")
 

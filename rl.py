@@ -79,7 +79,7 @@ import data
 from eval import cola_metrics, lm_metrics
 from infra import parallel
 from infra.parallel import Root
-from infra.trainer import (Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
+from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
                            log_metrics, parse_config, trim_metrics, writing)
 from policy import action_log_probs, greedy, sample_uniforms, seeded_sampler
 import tasks
@@ -136,7 +136,7 @@ class RLArgs:
     dtype: str = arg("auto", "auto (bfloat16 where the device computes it natively, else float32), float32 or "
                              "bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed of problem order and sampling noise", ">= 0")
+    seed: int = arg(0, "seed of problem order and sampling noise", SEED)
     resume: bool = arg(True, "continue from the newest checkpoint in --out-dir")
     activation_checkpointing: bool = arg(False, "recompute each trained block in backward (token level at 8B)")
     stop_at: int = arg(0, "save a checkpoint and exit after this step; rerun to continue", ">= 0")

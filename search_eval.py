@@ -34,7 +34,7 @@ import torch
 
 from infra import parallel
 from infra.files import atomic_write
-from infra.trainer import append_row, arg, one_line_errors, parse_config, writing
+from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola
 from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt
@@ -130,7 +130,7 @@ class EvalArgs:
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3")
     problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed: "
                             "tasks.held_out; fewer if the task has fewer)", ">= 1")
-    problem_seed: int = arg(0, "seed of the held-out problems", ">= 0")
+    problem_seed: int = arg(0, "seed of the held-out problems", SEED)
     seeds: str = arg("0,1,2", "sampling seeds of bon / token-bon (the other methods are deterministic)")
     budgets: str = arg("1000,4000", "forward-token budgets, comma-separated; each method runs to the largest and is "
                                     "read at every one (the methods are anytime)")
@@ -238,6 +238,8 @@ def eval_main(argv: list[str]):
         raise SystemExit(f"--budgets {cfg.budgets!r} / --seeds {cfg.seeds!r}: comma-separated integers") from None
     if not budgets or budgets[0] < 1:
         raise SystemExit(f"--budgets {cfg.budgets!r}: expected positive integers")
+    for s in seeds:
+        check_value("seeds", s, SEED)
     methods = [m for m in cfg.methods.split(",") if m]
     if not methods:
         raise SystemExit(f"--methods {cfg.methods!r}: expected one or more of {', '.join(METHODS)}")

@@ -62,7 +62,7 @@ from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_soft
 from model import PRESETS, ModelArgs, Transformer
 from infra.parallel import World
 from tokenizer import Tokenizer, check_vocab
-from infra.trainer import Phase, Run, arg, parse_config, release_locks
+from infra.trainer import SEED, Phase, Run, arg, parse_config, release_locks
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 
@@ -100,7 +100,7 @@ class Common:
     collective_timeout: int = arg(parallel.TIMEOUT, "under torchrun: seconds a training collective may wait before the run stops "
                                        "(a dead or hung rank)", ">= 1")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
-    seed: int = arg(0, "seed for init, data order and Gumbel noise", ">= 0")
+    seed: int = arg(0, "seed for init, data order and Gumbel noise", SEED)
     async_save: bool = arg(False, "write checkpoints in a background thread while training goes on (DCP async_save; "
                                   "each rank first copies its state to host memory)")
     ckpt_every: int = arg(1000, "steps between resumable checkpoints (checkpoints/step-N)", ">= 1")

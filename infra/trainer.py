@@ -61,6 +61,9 @@ def arg(default, help, valid: str = ""):
 
 
 BOUNDS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+# Every --seed: Run seeds numpy's global generator, whose legacy seeding takes [0, 2**32) (torch's overflows past
+# 2**64); a larger or negative seed was a traceback from inside the run.
+SEED = f">= 0, < {2**32}"
 
 
 def check_value(name: str, value, valid: str):

@@ -558,3 +558,45 @@ def test_pipeline_scale_is_a_finite_positive_number(scale):
                                          f"finite number > 0"):
         pipeline.parse_pipeline_args(["--scale", scale])
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RL, Q-learning, search and evaluation: bad input and faults
+
+
+def entry_points():
+    """name -> main of every command with a seed, --max-new-tokens or an output flag."""
+    import eval as eval_py
+    import mcts
+    import qnet
+    import rl
+    import search_eval
+    return {"train": train.main, "rl": rl.main, "qnet": qnet.main, "mcts": mcts.main, "search_eval": search_eval.main,
+            "eval": eval_py.main, "model": model_py.main, "cola": cola.main}
+
+
+SEEDS = [   # (command, argv before the seed flag, the seed flag)
+    ("train", ["--stage", "base"], "--seed"),
+    ("rl", ["--init", "{tmp}/init"], "--seed"),
+    ("qnet", ["--init", "{tmp}/init"], "--seed"),
+    ("mcts", ["--ckpt", "{tmp}/init"], "--seed"),
+    ("search_eval", ["--ckpt", "{tmp}/init"], "--problem-seed"),
+    ("search_eval", ["--ckpt", "{tmp}/init"], "--seeds"),
+    ("eval", ["diversity", "--ckpt", "{tmp}/init"], "--seed"),
+    ("model", ["--ckpt", "{tmp}/init", "--prompt", "a"], "--seed"),
+    ("cola", ["--ckpt", "{tmp}/init", "--prompt", "a"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**32, -1])
+@pytest.mark.parametrize("command,argv,flag", SEEDS, ids=[f"{c} {f}" for c, _, f in SEEDS])
+def test_a_seed_outside_0_to_2_32_is_one_line(command, argv, flag, seed, tmp_path, capsys):
+    """numpy seeds from [0, 2**32) and torch overflows past 2**64: every seed flag says so before anything runs
+    (it was a ValueError traceback from Run, or from the middle of a best-of-N run for --seeds)."""
+    out = {"eval": ["--out", tmp_path / "out"], "mcts": [], "model": [], "cola": []}.get(command,
+                                                                                         ["--out-dir", tmp_path / "out"])
+    argv = [a.format(tmp=tmp_path) for a in argv] + [f"{flag}={seed}", *out]
+    msg = main_exit(argv, capsys, entry_points()[command])
+    name = flag.removeprefix("--")
+    assert msg == f"--{name} {seed}: expected an integer >= 0 and < 4294967296", msg
+    assert not (tmp_path / "out").exists()
