@@ -66,6 +66,7 @@ import cola
 from infra import checkpoint, parallel
 from infra.treecache import Engine, NodeCache, TreeCache
 from infra.trainer import SEED, arg, one_line_errors, parse_config
+from model import clip_new_tokens
 from qnet import QNetwork, check_qnet
 import tasks
 from tokenizer import Tokenizer
@@ -395,6 +396,7 @@ def parse_search_args(argv: list[str]) -> SearchArgs:
         raise SystemExit("--ckpt: required (a CoLA export for latent search, a plain Llama for token search)")
     if not Path(cfg.ckpt).is_dir():
         raise SystemExit(f"--ckpt {cfg.ckpt}: directory not found")
+    cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, cfg.ckpt, "--ckpt")
     return cfg
 
 

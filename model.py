@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -527,6 +528,21 @@ def fit_new_tokens(prompts: list[list[int]], max_new_tokens: int, context: int) 
         print(f"note: --max-new-tokens {max_new_tokens} exceeds what the context of {context} tokens leaves after the "
               f"longest prompt; generating at most {room}", file=sys.stderr)
     return min(max_new_tokens, room)
+
+
+def clip_new_tokens(max_new_tokens: int, path, flag: str) -> int:
+    """--max-new-tokens of the commands whose prompts come later (rl.py, qnet.py, mcts.py, search_eval.py): at most
+    what the context of the model at `path` leaves after a one-token prompt, said once on stderr as fit_new_tokens
+    says it. generate() stops at the context anyway, but the flag also sizes the sampling noise [rows,
+    max_new_tokens]: 10^9 asked for GBs. Read from config.json before anything runs, so a run's config.json records
+    the clipped value and rerunning the same command resumes it."""
+    context = checkpoint.context_of(Path(path))
+    if context is None or max_new_tokens < context:
+        return max_new_tokens
+    if os.environ.get("RANK", "0") == "0":                    # once under torchrun too
+        print(f"note: --max-new-tokens {max_new_tokens} exceeds the context of {context} tokens of {flag} {path}; "
+              f"generating at most {context - 1} (fewer after longer prompts)", file=sys.stderr)
+    return context - 1
 
 
 if __name__ == "__main__":

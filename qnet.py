@@ -41,7 +41,7 @@ from infra import checkpoint, parallel
 from infra.files import atomic_write
 from infra.parallel import Root
 from infra.trainer import SEED, Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, clip_new_tokens
 from policy import sample_uniforms, seeded_sampler
 import tasks
 from tokenizer import Tokenizer
@@ -238,6 +238,7 @@ def parse_q_args(argv: list[str]) -> QArgs:
             raise SystemExit(f"--init: {cfg.init} does not exist; run `python train.py --stage "
                              f"{'fta-i' if cfg.level == 'latent' else 'sft'}` first, or pass --init DIR")
     cfg.out_dir = cfg.out_dir or f"runs/q-{cfg.level}"
+    cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, cfg.init, "--init")
     return cfg
 
 

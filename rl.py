@@ -81,6 +81,7 @@ from infra import parallel
 from infra.parallel import Root
 from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
                            log_metrics, parse_config, trim_metrics, writing)
+from model import clip_new_tokens
 from policy import action_log_probs, greedy, sample_uniforms, seeded_sampler
 import tasks
 from tokenizer import Tokenizer, check_vocab
@@ -175,6 +176,7 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
         if cfg.preset != "tiny" or not Path(cfg.init).is_dir():
             raise SystemExit(f"--init: {cfg.init} does not exist; run `python train.py --stage "
                              f"{'fta-i' if cfg.level == 'latent' else 'sft'}` first (tiny preset), or pass --init DIR")
+    cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, cfg.init, "--init")
     return cfg
 
 

@@ -38,6 +38,7 @@ from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, p
 from infra.treecache import Cost, Engine
 import cola
 from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt
+from model import clip_new_tokens
 from policy import sample_uniforms, seeded_sampler
 from qnet import QNetwork, check_qnet
 import tasks
@@ -256,6 +257,9 @@ def eval_main(argv: list[str]):
                                                                        else ""), ("--token-qnet", cfg.token_qnet)):
         if path and not Path(path).is_dir():
             raise SystemExit(f"{flag} {path}: directory not found")
+    for flag, path in (("--ckpt", cfg.ckpt), ("--llama", cfg.llama)):
+        if path:                                     # the smaller context of the two models
+            cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, path, flag)
     device = parallel.device_of(cfg.device)
     out = Path(cfg.out_dir)
     # A row is reused only when everything that determines it is the same: the flags (config.json, below) and the

@@ -131,6 +131,11 @@ def hf_config(args, **extra) -> dict:
     return cfg
 
 
+def hf_context(cfg: dict) -> int:
+    """max_seq_len of a Hugging Face config.json: its max_position_embeddings, at most 128K (the 3.1 release's)."""
+    return min(int(cfg.get("max_position_embeddings", 8192)), 131072)
+
+
 def args_from_hf_config(cfg: dict, source: str, ModelArgs):
     """model.ModelArgs from a Hugging Face config.json (accepts transformers v4 and v5 rope spellings)."""
     try:
@@ -148,7 +153,7 @@ def args_from_hf_config(cfg: dict, source: str, ModelArgs):
                          rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                          rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
                          rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
-                         max_seq_len=min(int(cfg.get("max_position_embeddings", 8192)), 131072),
+                         max_seq_len=hf_context(cfg),
                          tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                          ffn_hidden_dim=int(cfg["intermediate_size"]))
     except KeyError as e:
@@ -255,6 +260,17 @@ def shape_of(path: Path) -> tuple[int, int] | None:
         p = read_json(path / "params.json")
         return int(p["dim"]), int(p["n_layers"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def context_of(path: Path) -> int | None:
+    """max_seq_len of a checkpoint directory's model from its config.json / params.json (ModelArgs' default 8192
+    when params.json has none), without reading any tensor; None when the directory cannot say."""
+    try:
+        if detect_layout(path) == "hf":
+            return hf_context(read_json(path / "config.json"))
+        return int(read_json(path / "params.json").get("max_seq_len", 8192))
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

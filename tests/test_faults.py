@@ -600,3 +600,30 @@ def test_a_seed_outside_0_to_2_32_is_one_line(command, argv, flag, seed, tmp_pat
     name = flag.removeprefix("--")
     assert msg == f"--{name} {seed}: expected an integer >= 0 and < 4294967296", msg
     assert not (tmp_path / "out").exists()
+
+
+def test_max_new_tokens_past_the_context_is_clipped_with_a_note(chain, tmp_path, capsys, monkeypatch):
+    """--max-new-tokens 10**9 asked for [rows, 10**9] of sampling noise (4 GB a row) in rl.py, qnet.py and best-of-N:
+    every command clips it to what the context leaves (511 of 512 here) with one note, as model.py and cola.py do,
+    before anything runs (so config.json records 511 and the same command resumes)."""
+    import mcts
+    import qnet
+    import rl
+    import search_eval
+    colad, llama, big = chain / "fta-i/final", chain / "sft/final", "1000000000"
+    parsed = {"rl": rl.parse_args(["--init", str(colad), "--max-new-tokens", big]),
+              "qnet": qnet.parse_q_args(["--init", str(colad), "--max-new-tokens", big]),
+              "mcts": mcts.parse_search_args(["--ckpt", str(colad), "--max-new-tokens", big])}
+    err = capsys.readouterr().err
+    assert {k: c.max_new_tokens for k, c in parsed.items()} == {"rl": 511, "qnet": 511, "mcts": 511}
+    assert err.count(f"note: --max-new-tokens {big} exceeds the context of 512 tokens of") == 3, err
+    asked = []                                 # best-of-N's noise, at most the context
+    real = search_eval.sample_uniforms
+    monkeypatch.setattr(search_eval, "sample_uniforms", lambda *a: asked.append(a[-1]) or real(*a))
+    search_eval.main([str(a) for a in ["--ckpt", colad, "--llama", llama, "--methods", "bon,token-bon", "--seeds", 0,
+                                       "--problems", 1, "--budgets", 200, "--out-dir", tmp_path / "se",
+                                       "--max-new-tokens", big]])
+    err = capsys.readouterr().err
+    assert asked and max(asked) == 511, asked
+    assert "generating at most 511" in err and err.count("note: --max-new-tokens") == 1, err
+    assert json.loads((tmp_path / "se/config.json").read_text())["max_new_tokens"] == 511
