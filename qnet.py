@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,13 +266,28 @@ DATA_KEYS = ("level", "init", "task", "tokenizer", "prompts", "samples", "val_pr
              "temperature", "seed")
 
 
+def read_trajectories(f: Path) -> dict | None:
+    """A saved trajectories.pt, or None, said in one line, when it is damaged (truncated, overwritten): the caller
+    samples it again, and gets the same rows (each sample's noise is seeded), so a resumed run still trains on the
+    data its checkpoints saw."""
+    try:
+        saved = torch.load(f, weights_only=False)
+        if isinstance(saved, dict) and {"key", "train", "val"} <= saved.keys():
+            return saved
+        why = "not the trajectories qnet.py writes"
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"{f}: damaged ({why}); sampling the same trajectories again")
+    return None
+
+
 def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
     """{"train": rows, "val": rows}, sampled once and kept in <run>/trajectories.pt (written atomically), so a
     resumed run trains on the very same data."""
     f = run.dir / "trajectories.pt"
     key = {k: getattr(cfg, k) for k in DATA_KEYS}
-    if f.exists():
-        saved = torch.load(f, weights_only=False)
+    saved = read_trajectories(f) if f.exists() else None
+    if saved is not None:
         if saved.get("key") == key:
             return saved
         print(f"{f}: sampled with other flags; sampling again")

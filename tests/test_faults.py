@@ -627,3 +627,31 @@ def test_max_new_tokens_past_the_context_is_clipped_with_a_note(chain, tmp_path,
     assert asked and max(asked) == 511, asked
     assert "generating at most 511" in err and err.count("note: --max-new-tokens") == 1, err
     assert json.loads((tmp_path / "se/config.json").read_text())["max_new_tokens"] == 511
+
+
+def test_a_damaged_trajectories_file_is_sampled_again(chain, tmp_path, capsys):
+    """qnet.py keeps its sampled data in <run>/trajectories.pt; truncated (or overwritten), it stopped every rerun
+    with torch's RuntimeError until deleted by hand. It is now sampled again, the same seeded rows, and the run
+    resumes to exactly the uninterrupted run's curve and weights."""
+    import qnet
+    from safetensors.torch import load_file
+    flags = ["--init", chain / "fta-i/final", "--steps", 2, "--prompts", 2, "--samples", 2, "--val-prompts", 1,
+             "--max-new-tokens", 16, "--batch", 2, "--ckpt-every", 1, "--eval-every", 1]
+
+    def q(run, *extra):
+        qnet.main([str(a) for a in [*flags, "--out-dir", run, *extra]])
+        return capsys.readouterr().out
+    q(tmp_path / "ref")
+    run = tmp_path / "run"
+    q(run, "--stop-at", 1)
+    f = run / "trajectories.pt"
+    os.truncate(f, f.stat().st_size // 2)
+    out = q(run)
+    assert f"{f}: damaged (" in out and "sampling the same trajectories again" in out, out[-2000:]
+    assert comparable(step_rows(run)) == comparable(step_rows(tmp_path / "ref"))
+    a, b = (load_file(d / "final/model.safetensors") for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    f.write_bytes(b"not a torch file")                       # overwritten: the same, for a rerun of the finished run
+    assert "sampling the same trajectories again" in q(run)
+    assert torch.load(f, weights_only=False)["train"] == torch.load(tmp_path / "ref/trajectories.pt",
+                                                                     weights_only=False)["train"]
