@@ -57,7 +57,7 @@ import data
 from data import Batch
 from infra import parallel
 from infra.ce import lm_head_ce
-from infra.files import atomic_write
+from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import SEED, autocast, check_value, dtype_line, resolve_dtype
 from model import PRESETS, Transformer
@@ -613,6 +613,9 @@ def main(argv=None):
         print("\n".join(f"wrote {p}" for p in written))
         return written
     check_flags(a)
+    out = out_path(a, "diversity-sanity" if getattr(a, "sanity", False) else a.cmd)
+    if out is not None:                        # before the work, not after it
+        check_out_file(out, "--out")
     device = parallel.device_of(a.device)
     if a.cmd in ("controllability", "actions"):
         a.dtype = resolve_dtype(a.dtype, device.type)
@@ -658,7 +661,6 @@ def main(argv=None):
                 print(diversity_table(result))
         except ValueError as e:
             raise SystemExit(str(e).removeprefix("eval: ")) from None
-    out = out_path(a, "diversity-sanity" if getattr(a, "sanity", False) else a.cmd)
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from infra import parallel
-from infra.files import atomic_write
+from infra.files import atomic_write, check_out_dir
 from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola
@@ -262,6 +262,7 @@ def eval_main(argv: list[str]):
             cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, path, flag)
     device = parallel.device_of(cfg.device)
     out = Path(cfg.out_dir)
+    check_out_dir(out, "--out-dir")            # before the models load and the methods run
     # A row is reused only when everything that determines it is the same: the flags (config.json, below) and the
     # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it).
     # Digests are taken before the models are loaded; files' own hashes are cached in digests.json.

@@ -5,6 +5,7 @@ nor the model code, writes the student's files with it too.
     atomic_write     a file: written under a temporary name beside it, then renamed into place
     replace_dir      a directory that must change as a whole: written as a temporary sibling and swapped in
     check_out_file   an output flag (--out, --json), checked before any work: a path a file can be written to
+    check_out_dir    the same for a flag naming a directory of outputs (search_eval.py --out-dir)
 """
 from __future__ import annotations
 
@@ -56,8 +57,21 @@ def check_out_file(path, flag: str):
         raise SystemExit(f"{flag} {path}: a directory; expected the path of a file to write, e.g. {path / 'out.json'}")
     if path.exists() and not path.is_file():
         raise SystemExit(f"{flag} {path}: not a regular file; expected the path of a new or regular file")
+    check_parent(path, flag)
+
+
+def check_out_dir(path, flag: str):
+    """One-line SystemExit unless `path` is a directory or can be made one (nothing but directories above it)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{flag} {path}: a file, not a directory; expected a directory for the outputs")
+    check_parent(path, flag)
+
+
+def check_parent(path: Path, flag: str):
+    """The nearest existing ancestor of `path` must be a directory: mkdir(parents=True) and rename fail under a file."""
     parent = path.parent
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise SystemExit(f"{flag} {path}: {parent} is a file, not a directory")

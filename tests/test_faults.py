@@ -655,3 +655,26 @@ def test_a_damaged_trajectories_file_is_sampled_again(chain, tmp_path, capsys):
     assert "sampling the same trajectories again" in q(run)
     assert torch.load(f, weights_only=False)["train"] == torch.load(tmp_path / "ref/trajectories.pt",
                                                                      weights_only=False)["train"]
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """eval.py --out naming a directory failed in the rename after the whole evaluation (IsADirectoryError); it is
+    refused first, as is an --out under a file, a search_eval.py --out-dir that is a file. The --ckpt given holds no
+    model: the refusal comes before anything reads it."""
+    import eval as eval_py
+    import search_eval
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    nowhere = tmp_path / "no-model"
+    nowhere.mkdir()                                  # a directory (search_eval checks that first) holding no model
+    cases = [
+        (eval_py.main, ["controllability", "--ckpt", nowhere, "--out", tmp_path / "a-dir"],
+         f"--out {tmp_path / 'a-dir'}: a directory; expected the path of a file to write"),
+        (eval_py.main, ["diversity", "--ckpt", nowhere, "--out", tmp_path / "a-file/x.json"],
+         f"--out {tmp_path / 'a-file/x.json'}: {tmp_path / 'a-file'} is a file, not a directory"),
+        (search_eval.main, ["--ckpt", nowhere, "--methods", "greedy", "--out-dir", tmp_path / "a-file"],
+         f"--out-dir {tmp_path / 'a-file'}: a file, not a directory"),
+    ]
+    for main, argv, expected in cases:
+        assert main_exit(argv, capsys, main).startswith(expected)
+    assert (tmp_path / "a-file").read_text() == "mine" and not any((tmp_path / "a-dir").iterdir())
