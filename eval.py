@@ -59,7 +59,7 @@ from infra import parallel
 from infra.ce import lm_head_ce
 from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
-from infra.trainer import SEED, autocast, check_value, dtype_line, resolve_dtype
+from infra.trainer import SEED, autocast, check_value, dtype_line, resolve_dtype, writing
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -523,8 +523,10 @@ def sanity_table(s: dict) -> str:
 
 
 def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1) + "\n"))
+    """Atomically: a full disk leaves the previous file as it was, and stops in one line, not a traceback."""
+    with writing(f"{path}: could not write it"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

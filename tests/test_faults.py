@@ -678,3 +678,53 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     for main, argv, expected in cases:
         assert main_exit(argv, capsys, main).startswith(expected)
     assert (tmp_path / "a-file").read_text() == "mine" and not any((tmp_path / "a-dir").iterdir())
+
+
+def test_a_full_disk_while_eval_and_search_eval_write_keeps_what_was_there(chain, tmp_path, capsys, monkeypatch):
+    """The disk fills in the middle of an output: eval.py's JSON and search_eval.py's config.json are written aside
+    and renamed (the previous file stays whole), results.jsonl's rows before the failed one stay, and each is one
+    line naming the file (eval.py's was an OSError traceback). A rerun after freeing space finishes. (mcts.py writes
+    no file: it prints.)"""
+    import eval as eval_py
+    import search_eval
+    real_text, real_write = Path.write_text, os.write
+
+    def fills_in_the_middle(name):
+        def write_text(self, text, *a, **k):
+            if not self.name.startswith(f".{name}.tmp"):
+                return real_text(self, text, *a, **k)
+            real_text(self, text[:len(text) // 2], *a, **k)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text
+    out = tmp_path / "c.json"
+    out.write_text('{"previous": 1}\n')
+    monkeypatch.setattr(Path, "write_text", fills_in_the_middle("c.json"))
+    msg = main_exit(["controllability", "--ckpt", chain / "pretrain/final", "--batches", 1, "--seq-len", 32, "--out",
+                     out], capsys, eval_py.main)
+    assert msg.startswith(f"{out}: could not write it: No space left on device"), msg
+    assert out.read_text() == '{"previous": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+    se = tmp_path / "se"
+    flags = ["--ckpt", chain / "fta-i/final", "--methods", "greedy", "--max-new-tokens", 16, "--out-dir", se]
+    monkeypatch.setattr(Path, "write_text", real_text)
+    search_eval.main([str(a) for a in [*flags, "--problems", 1]])
+    before = files_of(se)
+    monkeypatch.setattr(Path, "write_text", fills_in_the_middle("config.json"))
+    msg = main_exit([*flags, "--problems", 2], capsys, search_eval.main)
+    assert msg.startswith(f"--out-dir {se}: cannot write the results there: No space left on device"), msg
+    assert files_of(se) == before
+    monkeypatch.setattr(Path, "write_text", real_text)
+    results = se / "results.jsonl"
+
+    def full_in_results(fd, b):                # half of the next row reaches results.jsonl
+        if os.fstat(fd).st_ino != results.stat().st_ino:
+            return real_write(fd, b)
+        real_write(fd, b[:len(b) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full_in_results)
+    msg = main_exit([*flags, "--problems", 2], capsys, search_eval.main)
+    monkeypatch.setattr(os, "write", real_write)
+    assert msg.startswith(f"{results}: could not append a row: No space left on device"), msg
+    assert results.read_bytes().startswith(before["results.jsonl"])
+    search_eval.main([str(a) for a in [*flags, "--problems", 2]])
+    assert len(search_eval.read_rows(results)) == 2
