@@ -59,7 +59,8 @@ from infra import parallel
 from infra.ce import lm_head_ce
 from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
-from infra.trainer import SEED, autocast, check_value, dtype_line, resolve_dtype, writing
+from infra.trainer import (SEED, autocast, check_value, dtype_line, interrupts_are_one_line, resolve_dtype,
+                           writing)
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -565,6 +566,11 @@ def check_flags(a):
 
 
 def main(argv=None):
+    with interrupts_are_one_line():            # Ctrl-C: one line, not a traceback
+        return run_command(argv)
+
+
+def run_command(argv):
     ap = argparse.ArgumentParser(description="Evaluate CoLA's latent actions (PAPER.md §6) and plot the runs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 

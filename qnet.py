@@ -41,7 +41,8 @@ import data
 from infra import checkpoint, parallel
 from infra.files import atomic_write
 from infra.parallel import Root
-from infra.trainer import SEED, Run, arg, log_metrics, one_line_errors, parse_config, trim_metrics, writing
+from infra.trainer import (SEED, Run, arg, log_metrics, one_line_errors, parse_config, release_locks, trim_metrics,
+                           writing)
 from model import ModelArgs, Transformer, clip_new_tokens
 from policy import sample_uniforms, seeded_sampler
 import tasks
@@ -420,7 +421,10 @@ def check_qnet(q: QNetwork, qpath: str, level: str, model, ckpt: str, flag: str 
 
 
 def main(argv=None):
-    return one_line_errors(train_q, argv)
+    try:
+        return one_line_errors(train_q, argv)
+    finally:
+        release_locks()                        # the run directory's lock, however the run ended (as train.py)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ from eval import cola_metrics, lm_metrics
 from infra import parallel
 from infra.parallel import Root
 from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
-                           log_metrics, parse_config, trim_metrics, writing)
+                           interrupts_are_one_line, log_metrics, parse_config, release_locks, trim_metrics,
+                           writing)
 from model import clip_new_tokens
 from policy import action_log_probs, greedy, sample_uniforms, seeded_sampler
 import tasks
@@ -486,10 +487,12 @@ def sync(learner):
 
 
 def main(argv=None):
-    """Train (or, --eval-only, evaluate); every process group is destroyed however it ends."""
+    """Train (or, --eval-only, evaluate); every process group is destroyed however it ends, Ctrl-C is one line."""
     try:
-        return train(argv)
+        with interrupts_are_one_line():
+            return train(argv)
     finally:
+        release_locks()                        # the run directory's lock, however the run ended (as train.py)
         parallel.shutdown()
 
 

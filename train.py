@@ -62,7 +62,7 @@ from idm import codebook_stats, codebook_usage, entropy_regulariser, gumbel_soft
 from model import PRESETS, ModelArgs, Transformer
 from infra.parallel import World
 from tokenizer import Tokenizer, check_vocab
-from infra.trainer import SEED, Phase, Run, arg, parse_config, release_locks
+from infra.trainer import SEED, Phase, Run, arg, interrupts_are_one_line, parse_config, release_locks
 
 STAGES = ["base", "pretrain", "bc", "fta-i", "fta-p", "sft"]
 
@@ -615,9 +615,10 @@ def run_stage(stage: str, cfg, world: World = World()) -> dict | None:
 def main(argv=None):
     world = parallel.world_from_env()
     try:
-        stage, cfg = parse_args(sys.argv[1:] if argv is None else argv, world)
-        run_stage(stage, cfg, world)
-        parallel.barrier(world)                 # every rank done before any tears the process group down
+        with interrupts_are_one_line():         # Ctrl-C: one line saying where the rerun resumes
+            stage, cfg = parse_args(sys.argv[1:] if argv is None else argv, world)
+            run_stage(stage, cfg, world)
+            parallel.barrier(world)             # every rank done before any tears the process group down
     except SystemExit as e:
         if world.rank != 0 and isinstance(e.code, str):
             raise SystemExit(1) from None       # rank 0 prints the message, once

@@ -113,11 +113,40 @@ def parse_config(cls, argv: list[str], prog: str, defaults: dict, extra=None):
 
 def one_line_errors(fn: Callable, argv: list[str] | None):
     """fn(argv) (argv: the command line's arguments by default); a ValueError or FileNotFoundError that escapes it
-    ends the program with its first line, not a traceback (the scripts' checks raise them with the file named)."""
+    ends the program with its first line, not a traceback (the scripts' checks raise them with the file named), and
+    so does Ctrl-C (interrupts_are_one_line)."""
     try:
-        return fn(sys.argv[1:] if argv is None else list(argv))
+        with interrupts_are_one_line():
+            return fn(sys.argv[1:] if argv is None else list(argv))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+@contextmanager
+def interrupts_are_one_line():
+    """Ctrl-C (KeyboardInterrupt) -> one line on stderr and exit status 130 (128 + SIGINT), not a traceback. Nothing
+    is left half-written (files are written aside and renamed, rows appended one per write, a checkpoint counts only
+    once its train.json is in), so the line only says where the same command goes on from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):     # ended now, not redrawn below the line later
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, which passes Ctrl-C to every rank
+            print(interrupted_line(), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def interrupted_line() -> str:
+    """Where a rerun resumes: the newest complete checkpoint of each run directory this process holds the lock of."""
+    where = []
+    for run in [f.parent for f in _held]:
+        ckpt = parallel.latest_checkpoint(run)
+        where.append(f"resume {run} from {ckpt} (step {int(ckpt.name.removeprefix('step-'))})" if ckpt else
+                     f"start {run} over (no checkpoint yet)")
+    return (f"interrupted (Ctrl-C); nothing is half-written: rerun the same command to "
+            f"{'; '.join(where) or 'go on (what was written is kept)'}")
 
 
 def joined_numbers(argv: list[str], flags: set[str]) -> list[str]:

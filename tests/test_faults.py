@@ -728,3 +728,75 @@ def test_a_full_disk_while_eval_and_search_eval_write_keeps_what_was_there(chain
     assert results.read_bytes().startswith(before["results.jsonl"])
     search_eval.main([str(a) for a in [*flags, "--problems", 2]])
     assert len(search_eval.read_rows(results)) == 2
+
+
+def interrupted(argv, capsys, main) -> str:
+    """Ctrl-C's exit: status 130 and one line on stderr, no traceback -> that line."""
+    try:
+        main([str(a) for a in argv])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt: a traceback")
+    except SystemExit as e:
+        assert e.code == 130, e.code
+    else:
+        pytest.fail("the command did not stop")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)"), err[-2000:]
+    return err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_every_command_is_one_line(chain, tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt was a traceback in every command. Each now ends with exit status 130 and one line saying
+    what the same command goes on from (trainer.interrupts_are_one_line), and leaves nothing behind."""
+    import mcts
+    import qnet
+    import rl
+    import search_eval
+    mains = entry_points()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cola, "load", ctrl_c)                # every command but train.py loads through it
+    colad = chain / "fta-i/final"
+    for main, argv in ((rl.main, ["--init", colad, "--out-dir", tmp_path / "rl"]),
+                       (qnet.main, ["--init", colad, "--out-dir", tmp_path / "q"]),
+                       (mcts.main, ["--ckpt", colad]),
+                       (search_eval.main, ["--ckpt", colad, "--methods", "greedy", "--out-dir", tmp_path / "se"]),
+                       (mains["eval"], ["controllability", "--ckpt", colad, "--out", tmp_path / "c.json"])):
+        line = interrupted(argv, capsys, main)
+        assert "rerun the same command" in line, line
+    monkeypatch.setattr(trainer.Run, "train", ctrl_c)
+    line = interrupted(["--stage", "base", "--out-dir", tmp_path / "base", *BASE], capsys, train.main)
+    assert line.endswith(f"rerun the same command to start {tmp_path / 'base'} over (no checkpoint yet)"), line
+    assert not (tmp_path / "base/.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]         # rl's, qnet's lock and directory gone
+
+
+def test_ctrl_c_while_rl_saves_a_checkpoint_resumes_to_the_same_run(chain, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of the save of step 2 (its train.json not yet in): one line naming the checkpoint of step
+    1 as where the rerun resumes; the rerun drops the incomplete step 2 and ends on the uninterrupted run's curve and
+    weights."""
+    import rl
+    from infra import files
+    from test_rl import FAST
+    argv = ["--init", chain / "fta-i/final", *FAST, "--steps", 3, "--ckpt-every", 1, "--eval-every", 3]
+    rl.main([str(a) for a in [*argv, "--out-dir", tmp_path / "ref"]])
+    run, real = tmp_path / "run", files.atomic_write
+
+    def ctrl_c_in_the_save_of_step_2(path, write_fn):
+        if path.name == "train.json" and path.parent.name == "step-0000002":
+            raise KeyboardInterrupt
+        return real(path, write_fn)
+    monkeypatch.setattr(files, "atomic_write", ctrl_c_in_the_save_of_step_2)
+    capsys.readouterr()
+    line = interrupted([*argv, "--out-dir", run], capsys, rl.main)
+    assert line.endswith(f"to resume {run} from {run / 'checkpoints/step-0000001'} (step 1)"), line
+    assert not (run / ".lock").exists() and not list(run.glob(".*tmp*"))
+    monkeypatch.setattr(files, "atomic_write", real)
+    rl.main([str(a) for a in [*argv, "--out-dir", run]])
+    assert "step-0000002: incomplete checkpoint" in capsys.readouterr().out
+    drop = ("rollout_s", "logprob_s", "update_s", "rollout_tok_per_s")
+    clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]    # noqa: E731
+    assert clean(step_rows(run)) == clean(step_rows(tmp_path / "ref"))
+    a, b = (cola.CoLA.from_pretrained(d / "final") for d in (tmp_path / "ref", run))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
