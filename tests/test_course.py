@@ -642,8 +642,58 @@ def test_solution_keeps_your_own_code_unless_forced(pristine, tmp_path):
         assert (repo / "idm.py").read_text() == attempt
     assert course_cli(repo, "solution", 2, "--force").returncode == 0
     assert snapshot(repo) == snapshot(pristine)
-    kept = json.loads((repo / ".git" / "course" / "assignment-2.yours.json").read_text())
+    kept = json.loads((repo / ".git" / "course" / "assignment-2.yours.1.json").read_text())
     assert mine in kept["idm.py:entropy_regulariser"]
+
+
+def attempt(repo: Path, mine: str):
+    """Assignment 2 started, and `mine` written as entropy_regulariser's body."""
+    assert course_cli(repo, "start", 2).returncode == 0
+    text = (repo / "idm.py").read_text()
+    (repo / "idm.py").write_text(re.sub(r'raise NotImplementedError\("assignment 2: idm.py:entropy_regulariser[^\n]*',
+                                        mine, text))
+
+
+@needs_git
+def test_every_forced_solution_keeps_its_own_copy_of_your_version(pristine, tmp_path):
+    """A second `solution --force` wrote over the version the first one kept (one assignment-N.yours.json): each
+    now goes to a new file, assignment-N.yours.K.json."""
+    repo = clone(pristine, tmp_path / "repo")
+    for mine in ("return -beta * 0.0  # attempt A", "return -beta * 1.0  # attempt B"):
+        attempt(repo, mine)
+        assert course_cli(repo, "solution", 2, "--force").returncode == 0
+    kept = [json.loads((repo / ".git/course" / f"assignment-2.yours.{k}.json").read_text())["idm.py:entropy_regulariser"]
+            for k in (1, 2)]
+    assert "attempt A" in kept[0] and "attempt B" in kept[1]
+    assert snapshot(repo) == snapshot(pristine)
+
+
+@needs_git
+def test_a_failed_write_leaves_your_file_whole(pristine, tmp_path):
+    """The disk fills while `solution` writes idm.py: written aside and renamed, the file keeps your attempt (a plain
+    write_text truncated it), and the error is one line."""
+    repo = clone(pristine, tmp_path / "repo")
+    attempt(repo, "return -beta * 0.0  # my attempt")
+    before = (repo / "idm.py").read_bytes()
+    full = ("import errno, os, pathlib, sys\n"
+            "from tools import course\n"
+            "real = pathlib.Path.write_text\n"
+            "def write_text(self, text, *a, **k):\n"
+            "    if self.name.startswith('.idm.py.tmp'):\n"
+            "        real(self, text[:len(text) // 2], *a, **k)\n"
+            "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "    return real(self, text, *a, **k)\n"
+            "pathlib.Path.write_text = write_text\n"
+            "sys.exit(course.main(['solution', '2', '--force']))\n")
+    p = subprocess.run([sys.executable, "-c", full], cwd=repo, capture_output=True, text=True)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, out(p)
+    assert "idm.py: No space left on device" in p.stderr, out(p)
+    assert (repo / "idm.py").read_bytes() == before
+    assert not list(repo.glob(".*.tmp*"))
+    assert course_cli(repo, "solution", 2, "--force").returncode == 0          # space again: it finishes
+    assert snapshot(repo) == snapshot(pristine)
+
+
 
 
 def test_syntax_errors_are_one_line_naming_the_file(pristine, tmp_path):

@@ -14,12 +14,15 @@
 `start` edits the files in place (the checkout is the student's) and refuses, in one line, when a file it would edit
 has uncommitted changes (--force to go ahead: the current bodies are then what `solution` restores). `solution`
 refuses to overwrite a body that is neither blank nor the reference (your own attempt) unless --force, and then
-keeps your version in the store. After `start N` and `solution N` the files are byte-identical to before.
+keeps your version in the store, a new file each time (no version is overwritten). Every file is written aside and
+renamed (infra/files.py), so a failure mid-write leaves it whole. After `start N` and `solution N` the files are
+byte-identical to before.
 
 The registry below is the single source of truth: each assignment's functions and the pytest node ids that grade
 each one. COURSE.md is the handout (goals, paper section, shape contracts, what to run, numbers, questions);
 tests/test_course.py proves, for every assignment, that `check` fails the blank starter and passes the reference.
-This file imports neither torch nor the project: it reads and writes source text (ast, tokenize) and runs pytest.
+This file imports neither torch nor the model code (only infra/files.py, the standard library's writer): it reads and
+writes source text (ast, tokenize) and runs pytest.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,8 @@ import tokenize
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from infra.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,13 +313,24 @@ def write_store(n: int, bodies: dict):
     f = store_file(n)
     if bodies:
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(bodies, indent=1))
-        os.replace(tmp, f)
+        write_file(f, json.dumps(bodies, indent=1))
     elif f.exists():
         f.unlink()
         if f.parent.name == ".course" and not any(f.parent.iterdir()):
             f.parent.rmdir()                   # outside git: leave the checkout as it was
+
+
+def write_file(path: Path, text: str):
+    """Written aside and renamed (infra/files.py): a failure mid-write (a full disk) leaves the file as it was. The
+    file keeps its permissions; an OSError is one line."""
+    def write(tmp: Path):
+        tmp.write_text(text)
+        if path.exists():
+            shutil.copymode(path, tmp)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}; it is as it was. Free space or fix its permissions, then rerun")
 
 
 def changed_files(files: list[str]) -> list[str]:
@@ -370,7 +387,7 @@ def start(n: int, force: bool = False, blanked_here: frozenset = frozenset()) ->
         elif f.target not in stored:
             stored[f.target] = body
             write_store(n, stored)             # stored before the file changes: nothing is ever lost
-        path.write_text(replace_body(text, f.name, blank_body(text, a, f), f.file))
+        write_file(path, replace_body(text, f.name, blank_body(text, a, f), f.file))
         blanked.append(f.target)
     print(f"assignment {n}: {a.title}")
     if blanked:
@@ -396,16 +413,19 @@ def start_all(force: bool = False):
 
 
 def yours_file(n: int) -> Path:
-    return store_dir() / f"assignment-{n}.yours.json"
+    """Where the next of your versions of assignment n goes: assignment-N.yours.K.json, K one more than the last."""
+    kept = [int(m.group(1)) for p in store_dir().glob(f"assignment-{n}.yours.*.json")
+            if (m := re.fullmatch(rf"assignment-{n}\.yours\.(\d+)\.json", p.name))]
+    return store_dir() / f"assignment-{n}.yours.{max(kept, default=0) + 1}.json"
 
 
 def keep_yours(n: int, bodies: dict):
-    """Your own versions of functions that start --force or solution --force replace, kept beside the reference."""
+    """Your own versions of functions that start --force or solution --force replace, kept beside the reference: a
+    new file each time, so a second --force never overwrites the version the first one kept."""
     if bodies:
         f = yours_file(n)
         f.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(f.read_text()) if f.exists() else {}
-        f.write_text(json.dumps({**old, **bodies}, indent=1))
+        write_file(f, json.dumps(bodies, indent=1))
         print(f"your version of {', '.join(bodies)} is kept in {f}")
 
 
@@ -435,7 +455,7 @@ def solution(n: int, force: bool = False):
     keep_yours(n, {f.target: body for f, body, _ in plan if not is_blank(body)})
     for f, _, ref in plan:
         path = ROOT / f.file
-        path.write_text(replace_body(path.read_text(), f.name, ref, f.file))
+        write_file(path, replace_body(path.read_text(), f.name, ref, f.file))
     write_store(n, {})
     print(f"assignment {n}: restored {len(plan)} reference function(s)" +
           (f": {', '.join(f.target for f, _, _ in plan)}" if plan else " (nothing to restore)"))
