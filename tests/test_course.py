@@ -694,6 +694,24 @@ def test_a_failed_write_leaves_your_file_whole(pristine, tmp_path):
     assert snapshot(repo) == snapshot(pristine)
 
 
+@needs_git
+def test_solution_refuses_committed_stubs_as_the_reference(pristine, tmp_path):
+    """A fresh clone of a student's repository whose stubs were committed has no .git/course: git HEAD holds the
+    stubs, which `solution` took as the reference ("restored 0", the functions still blank; with --force it blanked
+    your own code). It refuses in one line saying where the reference is."""
+    repo = clone(pristine, tmp_path / "repo")
+    attempt(repo, "return -beta * 0.0  # my attempt")
+    git(repo, "commit", "-qam", "my work, stubs and all")
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(repo), str(fresh))
+    before = snapshot(fresh)
+    for force in ([], ["--force"]):
+        p = course_cli(fresh, "solution", 2, *force)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, out(p)
+        assert "the reference is missing" in p.stderr and "git show COMMIT:idm.py" in p.stderr, out(p)
+        assert snapshot(fresh) == before
+
+
 
 
 def test_syntax_errors_are_one_line_naming_the_file(pristine, tmp_path):

@@ -15,8 +15,9 @@
 has uncommitted changes (--force to go ahead: the current bodies are then what `solution` restores). `solution`
 refuses to overwrite a body that is neither blank nor the reference (your own attempt) unless --force, and then
 keeps your version in the store, a new file each time (no version is overwritten). Every file is written aside and
-renamed (infra/files.py), so a failure mid-write leaves it whole. After `start N` and `solution N` the files are
-byte-identical to before.
+renamed (infra/files.py), so a failure mid-write leaves it whole. Without a stored copy `solution` reads git HEAD,
+and refuses when HEAD holds the stubs (committed after `start`): no reference is left there to restore. After
+`start N` and `solution N` the files are byte-identical to before.
 
 The registry below is the single source of truth: each assignment's functions and the pytest node ids that grade
 each one. COURSE.md is the handout (goals, paper section, shape contracts, what to run, numbers, questions);
@@ -429,6 +430,17 @@ def keep_yours(n: int, bodies: dict):
         print(f"your version of {', '.join(bodies)} is kept in {f}")
 
 
+def check_head_is_reference(n: int, a: Assignment):
+    """Without a stored copy the reference is read from git HEAD, which must not be a commit made after `start` (a
+    fresh clone of a student's repository whose stubs were committed): its bodies would be the stubs, or your own."""
+    for f in a.functions:
+        head = head_text(f.file)
+        if head is not None and is_blank(read_body(head, f.name, f"{f.file} at git HEAD")):
+            fail(f"solution {n}: the reference is missing: {store_dir()} holds no copy (start keeps it there) and git "
+                 f"HEAD holds the blank {f.target} (the stubs were committed); take it from the course's repository, "
+                 f"e.g. the last commit before start: git log -- {f.file}, then git show COMMIT:{f.file}")
+
+
 def reference_body(n: int, f: Function, stored: dict) -> str:
     if f.target in stored:
         return stored[f.target]
@@ -442,6 +454,8 @@ def solution(n: int, force: bool = False):
     a = assignment(n, "solution")
     check_files(a, "solution")
     stored = read_store(n)
+    if any(f.target not in stored for f in a.functions):
+        check_head_is_reference(n, a)
     plan = []
     for f in a.functions:
         text = (ROOT / f.file).read_text()
