@@ -712,6 +712,13 @@ def test_solution_refuses_committed_stubs_as_the_reference(pristine, tmp_path):
         assert snapshot(fresh) == before
 
 
+@needs_git
+def test_check_json_that_cannot_be_written_is_refused_before_grading(pristine, tmp_path):
+    """--json naming a directory failed after the whole grading run (IsADirectoryError); it is refused first."""
+    (tmp_path / "verdicts").mkdir()
+    p = course_cli(pristine, "check", 2, "--json", tmp_path / "verdicts")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, out(p)
+    assert f"--json {tmp_path / 'verdicts'}: a directory" in p.stderr, out(p)
 
 
 def test_syntax_errors_are_one_line_naming_the_file(pristine, tmp_path):

@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.files import atomic_write
+from infra.files import atomic_write, check_out_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -597,6 +597,8 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
     chosen = [assignment(n, "check") for n in dict.fromkeys(ns)]
     for a in chosen:
         check_files(a, "check")
+    if json_out:
+        check_out_file(json_out, "--json")                   # before the grading run, not after it
     ids = list(dict.fromkeys(t for a in chosen for f in a.functions for t in f.tests))
     broken = syntax_error(files_of_all(chosen))              # before pytest: its "no collectors" says less
     if broken:
@@ -633,7 +635,7 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
     if verbose:
         print(p.stdout[-6000:])
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1))
+        write_file(Path(json_out), json.dumps(report, indent=1))
     return 0 if n_pass == n_all else 1
 
 
