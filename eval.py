@@ -134,6 +134,32 @@ def amp(dtype: str, device):
     return autocast(dtype, device)
 
 
+@torch.no_grad()
+def copying(logits_fn, pool: torch.Tensor, bos: int, n: int = 16, length: int = 32, seed: int = 0) -> dict:
+    """Can the model copy from its context? n strings of `length` tokens, each token drawn from random positions of
+    `pool` (held-out text: every token familiar, their order random), each fed as [BOS] s s; the mean loss (nats/token) on the first pass and on the second pass (its first token
+    left out: it cannot be predicted). A model that copies (an induction head, Olsson et al. 2022) predicts the
+    second pass almost for free; one that does not pays about the same on both. Every Countdown answer copies the
+    prompt's numbers, so a base that cannot copy solves no problem, whatever RL does. logits_fn: tokens [B, T] ->
+    logits [B, T, V] (a Transformer). Byte-level, uniform random ids would be mostly bytes the model never saw,
+    and their loss would measure that instead."""
+    g = torch.Generator().manual_seed(seed)
+    s = pool[torch.randint(len(pool), (n, length), generator=g).to(pool.device)]
+    x = torch.cat([torch.full((n, 1), bos), s, s], 1)                                     # [n, 1 + 2 * length]
+    logp = logits_fn(x[:, :-1]).float().log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0].cpu()   # [n, 2L]
+    return {"first": -logp[:, :length].mean().item(), "second": -logp[:, length + 1:].mean().item(),
+            "strings": n, "length": length}
+
+
+def copying_of(ckpt, device) -> dict:
+    """`copying` of the plain Llama at ckpt, its strings drawn from the held-out general text (what the pipeline's
+    table reports for its base)."""
+    tok = Tokenizer.find(str(ckpt), None)
+    stream = general_text(tok)
+    pool = torch.from_numpy(stream[(stream != tok.bos_id) & (stream != tok.eos_id)].astype(np.int64))
+    return copying(load_llama(str(ckpt), device, "--ckpt"), pool.to(device), tok.bos_id)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Controllability and what each action means (PAPER.md §6: world model given IDM actions vs the base LM)
 

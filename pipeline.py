@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from eval import after_pipeline
+from eval import after_pipeline, copying_of
+from infra import parallel
 from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
 from infra.trainer import SEED, check_value, machine_line, release_locks, resolve_dtype
@@ -69,6 +70,7 @@ def run_pipeline(a) -> dict:
         return c
     t0, r = time.time(), {}
     r["base"] = run_stage("base", cfg("base"))
+    r["copying"] = copying_of(root / "base/final", parallel.device_of(""))
     r["pretrain"] = run_stage("pretrain", cfg("pretrain", init=root / "base/final"))
     r["vq"] = run_stage("pretrain", cfg("pretrain", name="pretrain-vq", init=root / "base/final", quantizer="vq"))
     r["bc"] = run_stage("bc", cfg("bc", init=root / "pretrain/final"))
@@ -130,6 +132,7 @@ def results_json(r: dict, seconds: float, a) -> dict:
             "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
             "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
             "heldout": {"distinct_problems": r["rl-latent"][0]["before"]["problems"]},
+            "copying": {"first": r["copying"]["first"], "second": r["copying"]["second"]},
             "stage_a": {"alive": pre["codebook"]["alive"], "alive_vq": r["vq"]["codebook"]["alive"],
                         "n_actions": pre["codebook"]["n_actions"], "lm": pre["after"]["lm_val"]["lm"],
                         "wm_idm": pre["after"]["lm_val"]["wm_idm"]},
@@ -148,6 +151,8 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
         ("Stage A: most-used action share (direct / VQ)",
          f"{pre['codebook']['top_share']:.3f} / {vq['codebook']['top_share']:.3f}", ""),
         ("held-out loss: base LM (nats/token)", f"{lm['lm']:.3f}", "paper 1.77"),
+        ("base: loss on a random string, first pass / its repeat (copying)",
+         f"{r['copying']['first']:.2f} / {r['copying']['second']:.2f}", "repeat << first: the base copies"),
         ("held-out loss: world model, IDM actions", f"{lm['wm_idm']:.3f}", "<= half the base; paper 0.45"),
         ("Stage B: policy accuracy vs IDM labels", f"{bc['after']['lm_val']['policy_acc']:.3f}", f">> 1/{K} = {1 / K:.3f}"),
         ("held-out loss: world model, greedy policy actions", f"{bc['after']['lm_val']['wm_policy']:.3f}", ""),

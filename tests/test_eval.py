@@ -76,6 +76,24 @@ def test_quality_diversity_is_one_over_similarity():
     assert ev.quality_diversity(-0.1) == math.inf
 
 
+def test_copying_probe_tells_a_copier_from_a_model_that_cannot_copy():
+    """A perfect copier (logits on the token `length` positions back) pays ~0 on the second pass and a uniform model
+    log V on both: the probe reads the two passes where they are."""
+    V, L = 40, 12
+    pool = torch.arange(3, 30)
+
+    def copier(x):                                   # [B, T] -> [B, T, V]: position t predicts x[t + 1] = x[t + 1 - L]
+        logits = torch.zeros(*x.shape, V)
+        back = torch.cat([torch.zeros_like(x[:, :L - 1]), x[:, :1 - L]], 1)
+        logits.scatter_(-1, back[..., None], 50.0)
+        logits[:, :L + 1] = 0.0                                           # the first pass: nothing to copy yet
+        return logits
+    uniform = ev.copying(lambda x: torch.zeros(*x.shape, V), pool, bos=1, n=4, length=L)
+    assert uniform["first"] == pytest.approx(math.log(V)) and uniform["second"] == pytest.approx(math.log(V))
+    c = ev.copying(copier, pool, bos=1, n=4, length=L)
+    assert c["first"] == pytest.approx(math.log(V)) and c["second"] < 1e-6
+
+
 def test_embed_mean_pools_each_sequence_alone():
     base = tiny_llama()
     seqs = [[5, 9, 11], [7], [3, 3, 3, 3, 3, 4], [100, 2]]

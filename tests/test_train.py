@@ -170,6 +170,7 @@ def test_pipeline_smallest_scale(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["tokenizer"]["vocab_size"] == 512 and res["rl_seeds"] == [0, 3] and res["dtype"] in ("float32", "bfloat16")
     assert res["heldout"]["distinct_problems"] >= 1 and res["seconds"] > 0 and res["cpu"]
+    assert res["copying"]["first"] > 0 and res["copying"]["second"] > 0 and "(copying)" in table
     for level, start in (("latent", "fta-i"), ("token", "sft")):
         x = res["rl"][level]
         assert x["init"] == str(out / start / "final") and x["run_dir"] == str(out / f"rl-{level}-grpo")
