@@ -57,7 +57,7 @@ import data
 from data import Batch
 from infra import parallel
 from infra.ce import lm_head_ce
-from infra.files import atomic_write, check_out_file
+from infra.files import atomic_write, check_out_file, check_outside_models
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import (SEED, autocast, check_value, dtype_line, interrupts_are_one_line, resolve_dtype,
                            writing)
@@ -650,6 +650,7 @@ def run_command(argv):
     out = out_path(a, "diversity-sanity" if getattr(a, "sanity", False) else a.cmd)
     if out is not None:                        # before the work, not after it
         check_out_file(out, "--out")
+        check_outside_models(out, "--out")
     device = parallel.device_of(a.device)
     if a.cmd in ("controllability", "actions"):
         a.dtype = resolve_dtype(a.dtype, device.type)

@@ -387,7 +387,12 @@ class Search:
 
 
 def parse_search_args(argv: list[str]) -> SearchArgs:
-    cfg, _ = parse_config(SearchArgs, argv, "mcts.py", {})
+    cfg, given = parse_config(SearchArgs, argv, "mcts.py", {})
+    for name, needs in (("td_threshold", "qnet"), ("extend_tokens", "qnet"), ("index", "")):   # else ignored
+        if name in given and (not cfg.qnet if needs else cfg.problem):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag} is for MCTS-Q; it needs --qnet DIR" if needs else
+                             f"{flag} picks a held-out problem; --problem gives one already: pass only one of them")
     for name, value, allowed in (("task", cfg.task, tasks.TASKS), ("select", cfg.select, SELECTS),
                                  ("answer", cfg.answer, ANSWERS)):
         if value not in allowed:

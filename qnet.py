@@ -287,6 +287,9 @@ def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
     resumed run trains on the very same data."""
     f = run.dir / "trajectories.pt"
     key = {k: getattr(cfg, k) for k in DATA_KEYS}
+    if f.exists() and not f.is_file():         # not ours to delete; it would fail the write after the sampling
+        raise SystemExit(f"{f}: not a file (a directory?), where qnet.py keeps its sampled trajectories; move it "
+                         f"away, then rerun the same command")
     saved = read_trajectories(f) if f.exists() else None
     if saved is not None:
         if saved.get("key") == key:
@@ -361,7 +364,7 @@ def train_q(argv: list[str]):
         saved = parallel.read_train_state(run.latest)
         parallel.load_checkpoint(run.latest, root, opt, world)
         step = saved["step"]
-        trim_metrics(run.dir, step)
+        trim_metrics(run.dir, step, last=cfg.steps)
         print(f"resuming {run.stage} from {run.latest} at update {step}")
     pair.target.eval()
     if step == 0:

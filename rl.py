@@ -529,7 +529,7 @@ def train(argv=None):
         sync(learner)
         step = saved["step"]
         if world.main:
-            trim_metrics(run.dir, step)
+            trim_metrics(run.dir, step, last=cfg.steps)
             print(f"resuming {run.stage} from {run.latest} at step {step}")
 
     def held_out(at: int) -> dict | None:      # rank 0 evaluates the replica (no collective); the others wait

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from infra import parallel
-from infra.files import atomic_write, check_out_dir
+from infra.files import atomic_write, check_out_dir, check_outside_models
 from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola
@@ -130,7 +130,8 @@ class EvalArgs:
     out_dir: str = arg("runs/mcts-eval", "results.jsonl (appended; rows already there are skipped) and config.json")
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3")
     problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed: "
-                            "tasks.held_out; fewer if the task has fewer)", ">= 1")
+                            "tasks.held_out; fewer if the task has fewer; at most 10000: held_out draws 20x "
+                            "as many, and countdown-2 has 13)", ">= 1, <= 10000")
     problem_seed: int = arg(0, "seed of the held-out problems", SEED)
     seeds: str = arg("0,1,2", "sampling seeds of bon / token-bon (the other methods are deterministic)")
     budgets: str = arg("1000,4000", "forward-token budgets, comma-separated; each method runs to the largest and is "
@@ -242,6 +243,10 @@ def eval_main(argv: list[str]):
     for s in seeds:
         check_value("seeds", s, SEED)
     methods = [m for m in cfg.methods.split(",") if m]
+    for flag, given in (("--seeds", seeds), ("--methods", methods)):     # a repeat ran nothing new, but the table
+        twice = next((x for i, x in enumerate(given) if x in given[:i]), None)        # listed its method twice
+        if twice is not None:
+            raise SystemExit(f"{flag} {getattr(cfg, flag[2:])!r}: {twice} is listed twice; expected distinct values")
     if not methods:
         raise SystemExit(f"--methods {cfg.methods!r}: expected one or more of {', '.join(METHODS)}")
     bad = [m for m in methods if m not in METHODS]
@@ -263,6 +268,11 @@ def eval_main(argv: list[str]):
     device = parallel.device_of(cfg.device)
     out = Path(cfg.out_dir)
     check_out_dir(out, "--out-dir")            # before the models load and the methods run
+    check_outside_models(out, "--out-dir")
+    old = read_json_or_empty(out / "config.json")
+    if old and "budgets" not in old:           # a run's or a model's: config.json would be replaced (a run then
+        raise SystemExit(f"--out-dir {out} holds a config.json that is not search_eval.py's (a run or a model "  # no
+                         f"directory?); use another --out-dir")                                    # longer resumed)
     # A row is reused only when everything that determines it is the same: the flags (config.json, below) and the
     # contents of the checkpoints its method runs (a new --qnet, or a model replaced at the same path, reruns it).
     # Digests are taken before the models are loaded; files' own hashes are cached in digests.json.
@@ -291,7 +301,6 @@ def eval_main(argv: list[str]):
     # but the models (each row records its models' digests), the methods, seeds and problems (rows name theirs).
     key = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "seeds", "problems", "ckpt", "llama", "qnet",
                                                              "token_qnet", "out_dir", "device", "tokenizer")}
-    old = read_json_or_empty(out / "config.json")
     default = {f.name: f.default for f in fields(EvalArgs)}         # a flag added since: its default then
     diff = [k for k in key if old and old.get(k, default.get(k)) != key[k]]
     if diff:

@@ -6,6 +6,7 @@ nor the model code, writes the student's files with it too.
     replace_dir      a directory that must change as a whole: written as a temporary sibling and swapped in
     check_out_file   an output flag (--out, --json), checked before any work: a path a file can be written to
     check_out_dir    the same for a flag naming a directory of outputs (search_eval.py --out-dir)
+    check_outside_models   an output path must not lie in a model checkpoint's directory (its config.json)
 """
 from __future__ import annotations
 
@@ -75,3 +76,18 @@ def check_parent(path: Path, flag: str):
         parent = parent.parent
     if not parent.is_dir():
         raise SystemExit(f"{flag} {path}: {parent} is a file, not a directory")
+
+
+MODEL_FILES = ("*.safetensors", "params.json", "consolidated.*.pth")
+
+
+def check_outside_models(path, flag: str):
+    """One-line SystemExit when the output `path` is, or lies inside, a model checkpoint's directory (its weights
+    beside it): eval.py --out ckpt/config.json replaced the model's config.json and destroyed the checkpoint."""
+    d = Path(path)
+    while not d.is_dir() and d != d.parent:
+        d = d.parent
+    for where in [d, *d.resolve().parents]:
+        if any(any(where.glob(pattern)) for pattern in MODEL_FILES):
+            raise SystemExit(f"{flag} {path}: inside the model checkpoint {where}, whose files it could replace; "
+                             f"write it elsewhere")

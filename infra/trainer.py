@@ -48,6 +48,7 @@ import torch
 
 from infra import parallel
 from infra.files import atomic_write, replace_dir
+from infra.files import check_out_dir as check_dir_path
 from infra.parallel import Root, World, device_type
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,6 +451,7 @@ class Run:
     def check_out_dir(self):
         """What a run refuses to write into: its --init checkpoint (or a directory around or inside it), a model
         directory, a run directory of another stage. Reads only; nothing is written before these checks."""
+        check_dir_path(self.dir, "--out-dir")  # a file, or under one: said as such, not as a lock that failed
         for ckpt in parallel.complete_checkpoints(self.dir):
             try:
                 stage = parallel.read_train_state(ckpt).get("stage")
@@ -750,10 +752,12 @@ class Run:
         return saved["step"], saved
 
 
-def trim_metrics(run_dir: Path, step: int):
+def trim_metrics(run_dir: Path, step: int, last: int | None = None):
     """On resume, keep the rows up to the checkpoint's step (step rows, and eval rows that say their step); later
-    rows and a final eval row will be redone. A half-written last line (a kill while appending it) is dropped with
-    a note; a damaged line before it stops the run with its line number."""
+    rows and a final eval row will be redone. `last`: the run's final step, for runs whose final eval row says its
+    step (rl.py, qnet.py): that row is the export's, logged again when a finished run is rerun, so it goes too (it
+    was kept, and a rerun left two final rows). A half-written last line (a kill while appending it) is dropped
+    with a note; a damaged line before it stops the run with its line number."""
     f = Path(run_dir) / "metrics.jsonl"
     if not f.exists():
         return
@@ -770,7 +774,8 @@ def trim_metrics(run_dir: Path, step: int):
                                  f"rerun") from None
             print(f"{f}: dropped a half-written last line (the run was killed while logging it)")
     at = lambda row: row.get("step", row.get("eval", {}).get("step", step + 1))                # noqa: E731
-    keep = "".join(line + "\n" for line, row in rows if at(row) <= step)
+    final = lambda row: last is not None and "step" not in row and at(row) >= last              # noqa: E731
+    keep = "".join(line + "\n" for line, row in rows if at(row) <= step and not final(row))
     with writing(f"{f}: could not rewrite it"):
         atomic_write(f, lambda tmp: tmp.write_text(keep))
 

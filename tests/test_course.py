@@ -811,3 +811,16 @@ def test_every_grading_test_is_fast_and_exists():
                           None)
                 assert fn is not None, t
                 assert "chain" not in [arg.arg for arg in fn.args.args], t
+
+
+@needs_git
+def test_check_json_naming_a_source_file_is_refused(pristine):
+    """`check 1 --json model.py` replaced the student's model.py by the verdicts; a file git tracks or a .py name is
+    refused in one line before the grading run."""
+    before = (pristine / "model.py").read_bytes()
+    for name, what in (("model.py", "a file git tracks"), (".gitignore", "a file git tracks"),
+                       ("new.py", "a Python source name")):
+        p = course_cli(pristine, "check", 1, "--json", name)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, out(p)
+        assert f"--json {name}: {what}, which the verdicts would replace" in p.stderr, out(p)
+    assert (pristine / "model.py").read_bytes() == before and not (pristine / "new.py").exists()

@@ -800,3 +800,111 @@ def test_ctrl_c_while_rl_saves_a_checkpoint_resumes_to_the_same_run(chain, tmp_p
     assert clean(step_rows(run)) == clean(step_rows(tmp_path / "ref"))
     a, b = (cola.CoLA.from_pretrained(d / "final") for d in (tmp_path / "ref", run))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Red-team round 2 (docs/reliability.md): rl.py, qnet.py, mcts.py, search_eval.py, eval.py
+
+
+RL_FAST = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "6", "--eval-problems", "2", "--steps", "2",
+           "--ckpt-every", "1", "--eval-every", "1", "--dtype", "float32"]
+Q_FAST = ["--prompts", "2", "--samples", "2", "--val-prompts", "1", "--max-new-tokens", "6", "--batch", "2",
+          "--steps", "2", "--ckpt-every", "1", "--eval-every", "1", "--target-every", "1", "--dtype", "float32"]
+
+
+def test_an_out_dir_that_is_a_file_is_said_so(chain, tmp_path, capsys):
+    """A run's --out-dir that is a file, or lies under one, was "cannot create the run's lock file: File exists ...
+    free space or fix the directory's permissions"; now it says what the path is (every Run: train, rl, qnet)."""
+    import rl
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    for argv, expected in (([*cmd("base", f)[2:], "--steps", 1], f"--out-dir {f}: a file, not a directory"),
+                           ([*cmd("base", f / "run")[2:], "--steps", 1], f"--out-dir {f / 'run'}: {f} is a file")):
+        assert main_exit(argv, capsys).startswith(expected)
+    assert main_exit(["--init", chain / "fta-i/final", "--out-dir", f, *RL_FAST], capsys, rl.main).startswith(
+        f"--out-dir {f}: a file, not a directory")
+    assert f.read_text() == "mine"
+
+
+def test_trim_metrics_drops_the_final_row_of_a_run_that_says_its_step(tmp_path):
+    rows = [{"eval": {"step": 0}}, {"step": 1}, {"step": 2}, {"eval": {"step": 2, "x": 1}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer.trim_metrics(tmp_path, 2, last=2)
+    assert read_rows(tmp_path) == rows[:3]
+    trainer.trim_metrics(tmp_path, 1, last=2)
+    assert read_rows(tmp_path) == rows[:2]
+
+
+def test_a_rerun_of_a_finished_rl_or_q_run_logs_its_final_row_once(chain, tmp_path, capsys):
+    """Rerunning a finished rl.py / qnet.py run re-exports it; its final eval row (which says its step) used to be
+    kept by trim_metrics and logged again: two final rows, metrics.jsonl no longer the uninterrupted run's."""
+    import qnet
+    import rl
+    for main, argv in ((rl.main, RL_FAST), (qnet.main, Q_FAST)):
+        run = tmp_path / main.__module__
+        full = ["--init", str(chain / "fta-i/final"), "--out-dir", str(run), *argv]
+        main(full)
+        once = [r for r in read_rows(run) if "eval" in r]
+        main(full)
+        capsys.readouterr()
+        assert [r for r in read_rows(run) if "eval" in r] == once, main.__module__
+
+
+def test_a_trajectories_path_that_is_a_directory_is_one_line(chain, tmp_path, capsys):
+    """qnet.py's trajectories.pt a directory: IsADirectoryError traceback; now one line, the directory kept."""
+    import qnet
+    run = tmp_path / "q"
+    (run / "trajectories.pt").mkdir(parents=True)
+    (run / "trajectories.pt/mine").write_text("x")
+    msg = main_exit(["--init", chain / "fta-i/final", "--out-dir", run, *Q_FAST], capsys, qnet.main)
+    assert msg.startswith(f"{run / 'trajectories.pt'}: not a file"), msg
+    assert (run / "trajectories.pt/mine").read_text() == "x"
+
+
+def test_search_eval_refuses_repeats_and_a_problem_count_that_cannot_end(tmp_path, capsys):
+    """--problems 10^8 drew 2 * 10^9 problems looking for countdown-2's 13 distinct prompts (days, no output);
+    --methods greedy,greedy printed greedy's rows twice; --seeds 0,0 ran one seed. All refused before any model."""
+    import search_eval
+    out = tmp_path / "ev"
+    for flags, expected in ((["--problems", "100000000"], "--problems 100000000: expected an integer >= 1 and <= 10000"),
+                            (["--methods", "greedy,greedy"], "--methods 'greedy,greedy': greedy is listed twice"),
+                            (["--methods", "bon", "--seeds", "0,0"], "--seeds '0,0': 0 is listed twice")):
+        argv = ["--ckpt", tmp_path, "--out-dir", out, *(["--methods", "greedy"] if "--methods" not in flags else []),
+                *flags]
+        assert main_exit(argv, capsys, search_eval.main).startswith(expected)
+    assert not out.exists()
+
+
+def test_outputs_inside_a_checkpoint_or_over_a_run_are_refused(chain, tmp_path, capsys):
+    """eval.py --out CKPT/config.json replaced the model's config.json (the checkpoint was lost); search_eval.py
+    --out-dir on an RL run directory replaced its config.json with its own (the run could no longer resume). Both
+    are refused before any model loads, every file as it was."""
+    import eval as eval_py
+    import search_eval
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    shutil.copytree(chain / "pretrain/final", ckpt)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"stage": "rl-latent-grpo", "task": "countdown-2"}))
+    before = (files_of(ckpt), files_of(run))
+    for main, argv, expected in (
+            (eval_py.main, ["controllability", "--ckpt", ckpt, "--out", ckpt / "config.json"],
+             f"--out {ckpt / 'config.json'}: inside the model checkpoint {ckpt}"),
+            (eval_py.main, ["actions", "--ckpt", chain / "pretrain/final", "--out", ckpt / "eval/a.json"],
+             f"--out {ckpt / 'eval/a.json'}: inside the model checkpoint {ckpt}"),
+            (search_eval.main, ["--ckpt", ckpt, "--methods", "greedy", "--out-dir", ckpt],
+             f"--out-dir {ckpt}: inside the model checkpoint {ckpt}"),
+            (search_eval.main, ["--ckpt", ckpt, "--methods", "greedy", "--out-dir", run],
+             f"--out-dir {run} holds a config.json that is not search_eval.py's")):
+        assert main_exit(argv, capsys, main).startswith(expected)
+    assert (files_of(ckpt), files_of(run)) == before
+
+
+def test_mcts_flags_that_would_be_ignored_are_refused(chain, capsys):
+    """--td-threshold / --extend-tokens without --qnet, --index with --problem: silently ignored before."""
+    import mcts
+    ckpt = ["--ckpt", str(chain / "fta-i/final")]
+    for flags, expected in ((["--td-threshold", "0.5"], "--td-threshold is for MCTS-Q; it needs --qnet DIR"),
+                            (["--extend-tokens=8"], "--extend-tokens is for MCTS-Q; it needs --qnet DIR"),
+                            (["--index", "3", "--problem", '{"kind": "countdown", "prompt": "x", "answer": "5"}'],
+                             "--index picks a held-out problem; --problem gives one already")):
+        assert main_exit(ckpt + flags, capsys, mcts.main).startswith(expected)

@@ -599,6 +599,7 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
         check_files(a, "check")
     if json_out:
         check_out_file(json_out, "--json")                   # before the grading run, not after it
+        check_not_source(json_out)
     ids = list(dict.fromkeys(t for a in chosen for f in a.functions for t in f.tests))
     broken = syntax_error(files_of_all(chosen))              # before pytest: its "no collectors" says less
     if broken:
@@ -641,6 +642,17 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+def check_not_source(json_out: str):
+    """--json must not name a file of the checkout: `check 1 --json model.py` replaced the student's model.py (their
+    uncommitted work with it) by the verdicts. A .py file, or any file git tracks, is refused in one line."""
+    f = Path(json_out)
+    tracked = f.exists() and in_git() and not git("ls-files", "--error-unmatch", str(f.resolve())).returncode
+    if f.suffix == ".py" or tracked:
+        what = "a file git tracks" if tracked else "a Python source name"
+        fail(f"--json {json_out}: {what}, which the verdicts would replace; expected a new file or earlier "
+             f"verdicts, e.g. verdicts.json")
 
 
 def number_or_all(s: str):
