@@ -82,12 +82,13 @@ MODEL_FILES = ("*.safetensors", "params.json", "consolidated.*.pth")
 
 
 def check_outside_models(path, flag: str):
-    """One-line SystemExit when the output `path` is, or lies inside, a model checkpoint's directory (its weights
-    beside it): eval.py --out ckpt/config.json replaced the model's config.json and destroyed the checkpoint."""
+    """One-line SystemExit when the output `path` is, or would be created in, a model checkpoint's directory (its
+    weights beside it): eval.py --out ckpt/config.json replaced the model's config.json and destroyed the checkpoint.
+    Only the nearest existing directory is looked at: a stray weights file higher up (a home directory) must not
+    refuse every output below it, and a subdirectory of a checkpoint replaces none of its files."""
     d = Path(path)
     while not d.is_dir() and d != d.parent:
         d = d.parent
-    for where in [d, *d.resolve().parents]:
-        if any(any(where.glob(pattern)) for pattern in MODEL_FILES):
-            raise SystemExit(f"{flag} {path}: inside the model checkpoint {where}, whose files it could replace; "
-                             f"write it elsewhere")
+    if any(any(d.glob(pattern)) for pattern in MODEL_FILES):
+        raise SystemExit(f"{flag} {path}: inside the model checkpoint {d}, whose files it could replace; write it "
+                         f"elsewhere")

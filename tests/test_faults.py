@@ -899,6 +899,17 @@ def test_outputs_inside_a_checkpoint_or_over_a_run_are_refused(chain, tmp_path, 
     assert (files_of(ckpt), files_of(run)) == before
 
 
+def test_a_weights_file_higher_up_does_not_refuse_outputs_below_it(tmp_path):
+    """Only the directory an output lands in is a checkpoint or not: a stray model.safetensors in a parent (a home
+    directory) must not refuse every --out below it."""
+    from infra.files import check_outside_models
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "results").mkdir()
+    check_outside_models(tmp_path / "results" / "x.json", "--out")
+    with pytest.raises(SystemExit, match="inside the model checkpoint"):
+        check_outside_models(tmp_path / "x.json", "--out")
+
+
 def test_mcts_flags_that_would_be_ignored_are_refused(chain, capsys):
     """--td-threshold / --extend-tokens without --qnet, --index with --problem: silently ignored before."""
     import mcts
