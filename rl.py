@@ -65,6 +65,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -78,6 +79,7 @@ import cola
 import data
 from eval import cola_metrics, lm_metrics
 from infra import parallel
+from infra.files import read_json_or_empty
 from infra.parallel import Root
 from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
                            interrupts_are_one_line, log_metrics, parse_config, release_locks, trim_metrics,
@@ -187,7 +189,12 @@ def load_model(cfg: RLArgs, device):
                       "policy to train); use --level token for a plain Llama",
             "token": f"--level token trains a plain Llama (e.g. the sft export, or {Path(cfg.init).parent}/"
                      f"final-llama)"}[cfg.level]
-    return cola.load_level(cfg.init, cfg.level, "--init", device, preset=cfg.preset, hint=hint)
+    model = cola.load_level(cfg.init, cfg.level, "--init", device, preset=cfg.preset, hint=hint)
+    stage = read_json_or_empty(Path(cfg.init) / "config.json").get("train_stage")
+    if cfg.level == "latent" and stage == "pretrain" and os.environ.get("RANK", "0") == "0":
+        print(f"note: --init {cfg.init} is a Stage A export: its policy was never trained (bc, fta-i and fta-p "
+              f"train it), so RL starts from a random policy", file=sys.stderr)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

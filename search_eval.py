@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from infra import parallel
-from infra.files import atomic_write, check_out_dir, check_outside_models
+from infra.files import atomic_write, check_out_dir, check_outside_models, read_json_or_empty
 from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola
@@ -368,13 +368,6 @@ def digest(path: str, cache: dict) -> str:
             cache[key] = fh.hexdigest()
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + cache[key].encode())
     return h.hexdigest()[:16]
-
-
-def read_json_or_empty(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError):
-        return {}                                # absent or half-written: recomputed
 
 
 def read_rows(f: Path) -> list[dict]:

@@ -7,9 +7,11 @@ nor the model code, writes the student's files with it too.
     check_out_file   an output flag (--out, --json), checked before any work: a path a file can be written to
     check_out_dir    the same for a flag naming a directory of outputs (search_eval.py --out-dir)
     check_outside_models   an output path must not lie in a model checkpoint's directory (its config.json)
+    read_json_or_empty     a JSON file that may be absent or half-written (a cache, a config to compare with)
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -92,3 +94,11 @@ def check_outside_models(path, flag: str):
     if any(any(d.glob(pattern)) for pattern in MODEL_FILES):
         raise SystemExit(f"{flag} {path}: inside the model checkpoint {d}, whose files it could replace; write it "
                          f"elsewhere")
+
+
+def read_json_or_empty(f: Path) -> dict:
+    """The JSON object in f, or {} when f is absent or not whole JSON (a killed write): the caller recomputes."""
+    try:
+        return json.loads(Path(f).read_text())
+    except (OSError, ValueError):
+        return {}

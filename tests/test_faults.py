@@ -919,3 +919,14 @@ def test_mcts_flags_that_would_be_ignored_are_refused(chain, capsys):
                             (["--index", "3", "--problem", '{"kind": "countdown", "prompt": "x", "answer": "5"}'],
                              "--index picks a held-out problem; --problem gives one already")):
         assert main_exit(ckpt + flags, capsys, mcts.main).startswith(expected)
+
+
+def test_latent_rl_from_a_stage_a_export_says_its_policy_is_untrained(chain, capsys):
+    """A pretrain export has a policy no stage trained; RL from it is allowed (it may be meant) but said."""
+    import rl
+    rl.main(["--level", "latent", "--init", str(chain / "pretrain/final"), "--eval-only", "--eval-problems", "1",
+             "--max-new-tokens", "2", "--dtype", "float32"])
+    assert "is a Stage A export: its policy was never trained" in capsys.readouterr().err
+    rl.main(["--level", "latent", "--init", str(chain / "bc/final"), "--eval-only", "--eval-problems", "1",
+             "--max-new-tokens", "2", "--dtype", "float32"])
+    assert "never trained" not in capsys.readouterr().err
