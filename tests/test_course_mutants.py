@@ -17,6 +17,19 @@ from tools import course
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def functions(target: str) -> list:
+    """The loaded function object of a target and every module attribute bound to it (by `from x import f`)."""
+    import importlib
+    import sys
+    file, name = target.split(":")
+    owner = importlib.import_module(file[:-3].replace("/", "."))
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part)
+    f = owner.__dict__[name.split(".")[-1]]
+    return [f] + sorted(f"{m.__name__}.{k}" for m in list(sys.modules.values()) if m is not None
+                        for k, v in list(getattr(m, "__dict__", {}).items()) if v is f)
+
+
 @pytest.mark.parametrize("n", NUMBERS)
 def test_grader_fails_every_mutant_and_passes_two_correct_versions(n):
     m, a = load(n), course.BY_N[n]
@@ -25,7 +38,9 @@ def test_grader_fails_every_mutant_and_passes_two_correct_versions(n):
     assert len(m.MUTANTS) >= (14 if n in (5, 7, 8) else 10)
     assert {t for t, _ in m.MUTANTS.values()} == targets, "every function needs its mutants"
     versions = {"reference": {}, "correct": m.CORRECT, **{name: {t: body} for name, (t, body) in m.MUTANTS.items()}}
+    loaded = {t: functions(t) for t in targets}
     got = course.grade_versions(n, versions, stop_early=set(m.MUTANTS))
+    assert {t: functions(t) for t in targets} == loaded, "grade_versions left a swapped function in place"
     for label in ("reference", "correct"):
         assert {t: v["verdict"] for t, v in got[label].items()} == dict.fromkeys(targets, "PASS"), \
             (label, {t: v["why"] for t, v in got[label].items() if v["verdict"] != "PASS"})
