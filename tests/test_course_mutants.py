@@ -40,7 +40,8 @@ def test_grader_fails_every_mutant_and_passes_two_correct_versions(n):
     versions = {"reference": {}, "correct": m.CORRECT, **{name: {t: body} for name, (t, body) in m.MUTANTS.items()}}
     loaded = {t: functions(t) for t in targets}
     got = course.grade_versions(n, versions, stop_early=set(m.MUTANTS))
-    assert {t: functions(t) for t in targets} == loaded, "grade_versions left a swapped function in place"
+    for t, (f, *names) in loaded.items():                        # modules imported meanwhile may add names
+        assert functions(t)[0] is f and set(names) <= set(functions(t)[1:]), f"{t} was not put back"
     for label in ("reference", "correct"):
         assert {t: v["verdict"] for t, v in got[label].items()} == dict.fromkeys(targets, "PASS"), \
             (label, {t: v["why"] for t, v in got[label].items() if v["verdict"] != "PASS"})
