@@ -215,7 +215,8 @@ def test_a3_merge_module_is_a_residual_stack():
     from cola import MergeModule
     torch.manual_seed(1)
     merge = MergeModule(16, 24, 3)
-    merge.init_weights(0.3)
+    merge.init_weights(0.15)       # the stack changes h by ~55%; at 0.3 s grew to ~4000 and float32 rounding of a
+                                   # correct silu (x * sigmoid(x)) exceeded the tolerance
     h, e = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     torch.testing.assert_close(merge(h, e), merge_reference(merge.layers, h, e), atol=1e-5, rtol=1e-5)
 

@@ -68,6 +68,7 @@ def test_distinct_n_by_hand():
     assert ev.distinct_n(texts, 1) == pytest.approx(4 / 7)
     assert ev.distinct_n(texts, 2) == pytest.approx(4 / 5)
     assert ev.distinct_n(["a  b\nc"], 3) == 1.0                                         # any whitespace splits
+    assert ev.distinct_n(["a  a\tb"], 1) == pytest.approx(2 / 3)                           # words, not " "-pieces
     assert ev.distinct_n(["a", ""], 2) == 0.0                                           # no bigram at all
 
 

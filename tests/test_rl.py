@@ -60,6 +60,8 @@ def test_grpo_advantages_by_hand():
     std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)                    # Bessel-corrected, mean 0.25
     want = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4   # equal rewards: no signal
     assert torch.allclose(A, torch.tensor(want), atol=1e-6)
+    small = rl.grpo_advantages(torch.tensor([0.1, 0.0, 0.0, 0.0]), 4)     # std 0.05: where the 1e-4 goes shows
+    assert small[0].item() == pytest.approx(0.075 / (0.05 + 1e-4), rel=1e-5)   # not 0.075 / sqrt(0.05^2 + 1e-4)
 
 
 def test_kl_penalty_comes_after_the_group_normalisation():

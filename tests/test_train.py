@@ -866,19 +866,19 @@ def _head_problem(dtype=torch.float32, n=(3, 37), d=16, v=101, seed=0):
     return head, s, y, m
 
 
-def _loss_and_grads(fn):
+def _loss_and_grads(fn, g: float = 1.0):
     head, s, y, m = _head_problem()
     loss = fn(head, s, y, m)
-    loss.backward()
+    (g * loss).backward()                       # g != 1: the backward must scale by the incoming gradient
     return loss.detach(), s.grad, head.weight.grad
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 110])
 def test_chunked_ce_equals_unchunked_values_and_grads(chunk):
     """Every chunk size (one row, uneven, one chunk for all 111 positions) gives masked_ce(head(s))'s loss and the
-    gradients of both s and W, float32."""
-    want = _loss_and_grads(lambda h, s, y, m: infra_ce.masked_ce(h(s), y, m))
-    got = _loss_and_grads(lambda h, s, y, m: infra_ce.lm_head_ce(h, s, y, m, chunk=chunk))
+    gradients of both s and W, float32, under an incoming gradient of 2.5 (a weighted sum of losses)."""
+    want = _loss_and_grads(lambda h, s, y, m: infra_ce.masked_ce(h(s), y, m), 2.5)
+    got = _loss_and_grads(lambda h, s, y, m: infra_ce.lm_head_ce(h, s, y, m, chunk=chunk), 2.5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import io
 import json
 import math
@@ -38,8 +39,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import tokenize
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -638,6 +641,105 @@ def check(ns: list[int], verbose: bool = False, json_out: str = "", time_limit: 
     if json_out:
         write_file(Path(json_out), json.dumps(report, indent=1))
     return 0 if n_pass == n_all else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same grader in-process, for many versions of the functions at once (tests/test_course_mutants.py): each
+# version's bodies swapped into the loaded modules, the registry's tests run in one pytest session, and the verdicts
+# read by verdict() above, as `check` reads them. `check` itself stays a subprocess (a student's os._exit or crash
+# in C must not take the grader with it).
+
+
+@contextmanager
+def swapped(bodies: dict, label: str = "swapped"):
+    """Every function {target: body} rebuilt from its file's text with that body (as `start` writes one: the body
+    below the docstring, dedented or not) and put in place of the loaded one, in its class or module and wherever a
+    loaded module imported it by name; all put back after."""
+    undo = []
+    try:
+        for target, body in bodies.items():
+            file, name = target.split(":")
+            module = importlib.import_module(file[:-3].replace("/", "."))
+            text = (ROOT / file).read_text()
+            indent = body_span(text, name, file).indent
+            body = textwrap.indent(textwrap.dedent(body).strip("\n") + "\n", indent)
+            new_text = replace_body(text, name, body, file)
+            node = find_def(ast.parse(new_text), name, file)
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            src = textwrap.dedent("".join(new_text.splitlines(keepends=True)[first - 1:node.end_lineno]))
+            ns: dict = {}
+            exec(compile("\n" * (first - 1) + src, f"{file} ({label})", "exec"), module.__dict__, ns)
+            *path, attr = name.split(".")
+            owner = module
+            for part in path:
+                owner = getattr(owner, part)
+            old = owner.__dict__[attr]
+            places = [(owner, attr)] + [(m, k) for m in list(sys.modules.values()) if path == [] and m is not None
+                                        for k, v in list(getattr(m, "__dict__", {}).items()) if v is old
+                                        and (m, k) != (owner, attr)]
+            for obj, key in places:
+                undo.append((obj, key, old))
+                setattr(obj, key, ns[attr])
+        yield
+    finally:
+        for obj, key, old in reversed(undo):
+            setattr(obj, key, old)
+
+
+class _Versions:
+    """A pytest plugin that runs the collected tests once per version and keeps {label: {test id: (outcome, msg)}}."""
+
+    def __init__(self, a: Assignment, versions: dict, stop_early):
+        self.a, self.versions, self.stop_early, self.results = a, versions, set(stop_early), {}
+
+    def pytest_runtestloop(self, session):
+        from _pytest.runner import runtestprotocol
+        for label, bodies in self.versions.items():
+            results = self.results[label] = {}
+            order = sorted(self.a.functions, key=lambda f: f.target not in bodies)     # the swapped ones first
+            with swapped(bodies, label):
+                for item in [i for f in order for t in f.tests for i in session.items
+                             if i.nodeid == t or i.nodeid.startswith(t + "[")]:
+                    if item.nodeid in results:
+                        continue
+                    reports = runtestprotocol(item, log=False, nextitem=None)
+                    bad = next((r for r in reports if r.failed), None)
+                    crash = getattr(getattr(bad, "longrepr", None), "reprcrash", None)
+                    results[item.nodeid] = ("passed", "") if bad is None else \
+                        ("failed", crash.message if crash else str(bad.longrepr))
+                    if bad is not None and label in self.stop_early:
+                        break
+        return True
+
+
+def grade_versions(n: int, versions: dict, stop_early=(), time_limit: float = TIME_LIMIT) -> dict:
+    """{label: {target: body}} -> {label: {target: verdict}} for assignment n, in this process: a target a version
+    does not name keeps the loaded (reference) code. The versions labelled in stop_early are graded only until their
+    first failed test (their swapped functions' tests first); a function whose tests did not all run then has a
+    verdict only if one of those that ran failed."""
+    import pytest
+    a = assignment(n, "check")
+    ids = list(dict.fromkeys(t for f in a.functions for t in f.tests))
+    plugin, env = _Versions(a, versions, stop_early), os.environ.get("COLA_TEST_TIME_LIMIT")
+    os.environ["COLA_TEST_TIME_LIMIT"] = str(time_limit)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = pytest.main(["-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}", f"--basetemp={tmp}/pt",
+                                *[str(ROOT / t) for t in ids]], plugins=[plugin])
+    finally:
+        os.environ.pop("COLA_TEST_TIME_LIMIT") if env is None else os.environ.update(COLA_TEST_TIME_LIMIT=env)
+    if code not in (0, 1, 5) or len(plugin.results) != len(versions):
+        fail(f"grade_versions {n}: pytest could not run the grading tests (exit {code})")
+    return {label: {f.target: v for f in a.functions if (v := partial_verdict(f, res))}
+            for label, res in plugin.results.items()}
+
+
+def partial_verdict(f: Function, results: dict) -> dict | None:
+    """verdict() of f on those of its tests that ran: None when none did, or when some did not and all that did
+    passed (a run stopped early knows nothing more)."""
+    ran = [t for t in f.tests if matching(results, t)]
+    v = verdict(Function(f.file, f.name, ran), results) if ran else None
+    return v if v and (len(ran) == len(f.tests) or v["verdict"] != "PASS") else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
