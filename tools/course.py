@@ -752,18 +752,14 @@ def check_not_source(json_out: str):
     f = Path(json_out)
     tracked = f.exists() and in_git() and not git("ls-files", "--error-unmatch", str(f.resolve())).returncode
     if f.suffix == ".py" or tracked:
-        what = "a file git tracks" if tracked else "a Python source name"
-        fail(f"--json {json_out}: {what}, which the verdicts would replace; expected a new file or earlier "
-             f"verdicts, e.g. verdicts.json")
+        fail(f"--json {json_out}: {'a file git tracks' if tracked else 'a Python source name'}, which the verdicts "
+             f"would replace; expected a new file or earlier verdicts, e.g. verdicts.json")
 
 
 def number_or_all(s: str):
-    if s == "all":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected an assignment number or all") from None
+    if s != "all" and not s.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r}: expected an assignment number or all")
+    return s if s == "all" else int(s)
 
 
 def main(argv=None) -> int:
