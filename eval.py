@@ -57,7 +57,7 @@ import data
 from data import Batch
 from infra import parallel
 from infra.ce import lm_head_ce
-from infra.files import atomic_write, check_out_file, check_outside_models
+from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import (SEED, autocast, check_value, dtype_line, interrupts_are_one_line, resolve_dtype,
                            writing)
@@ -136,16 +136,17 @@ def amp(dtype: str, device):
 
 @torch.no_grad()
 def copying(logits_fn, pool: torch.Tensor, bos: int, n: int = 16, length: int = 32, seed: int = 0) -> dict:
-    """Can the model copy from its context? n strings of `length` tokens, each token drawn from random positions of
-    `pool` (held-out text: every token familiar, their order random), each fed as [BOS] s s; the mean loss (nats/token) on the first pass and on the second pass (its first token
-    left out: it cannot be predicted). A model that copies (an induction head, Olsson et al. 2022) predicts the
-    second pass almost for free; one that does not pays about the same on both. Every Countdown answer copies the
-    prompt's numbers, so a base that cannot copy solves no problem, whatever RL does. logits_fn: tokens [B, T] ->
-    logits [B, T, V] (a Transformer). Byte-level, uniform random ids would be mostly bytes the model never saw,
-    and their loss would measure that instead."""
+    """Can the model copy from its context? n strings s of `length` tokens, each token drawn from a random position
+    of `pool` (held-out text: every token familiar, their order random), each fed as [BOS] s s; the mean loss
+    (nats/token) on the first pass and on the second (its first token left out: nothing announces it). A model that
+    copies (an induction head, Olsson et al. 2022) predicts the second pass almost for free; one that does not pays
+    about the same on both. A Countdown answer copies the prompt's numbers, so a base that cannot copy in general
+    has to learn that one copy from the task texts alone. logits_fn: tokens [B, T] -> logits [B, T, V] (a
+    Transformer). Uniform random ids would, at bytes, be mostly bytes the model never saw, and their loss would
+    measure that instead."""
     g = torch.Generator().manual_seed(seed)
-    s = pool[torch.randint(len(pool), (n, length), generator=g).to(pool.device)]
-    x = torch.cat([torch.full((n, 1), bos), s, s], 1)                                     # [n, 1 + 2 * length]
+    s = pool[torch.randint(len(pool), (n, length), generator=g).to(pool.device)]           # [n, L]
+    x = torch.cat([torch.full((n, 1), bos, device=pool.device), s, s], 1)                 # [n, 1 + 2L]
     logp = logits_fn(x[:, :-1]).float().log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0].cpu()   # [n, 2L]
     return {"first": -logp[:, :length].mean().item(), "second": -logp[:, length + 1:].mean().item(),
             "strings": n, "length": length}
@@ -650,7 +651,6 @@ def run_command(argv):
     out = out_path(a, "diversity-sanity" if getattr(a, "sanity", False) else a.cmd)
     if out is not None:                        # before the work, not after it
         check_out_file(out, "--out")
-        check_outside_models(out, "--out")
     device = parallel.device_of(a.device)
     if a.cmd in ("controllability", "actions"):
         a.dtype = resolve_dtype(a.dtype, device.type)

@@ -46,8 +46,8 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
         seeds = [int(x) for x in a.rl_seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected comma-separated integers >= 0, e.g. 0,1,2") from None
-    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected distinct integers, e.g. 0,1,2")
     for seed in seeds:                                 # checked now, not by rl.py after every training stage
         check_value("rl_seeds", seed, SEED)
     a.rl_seeds = seeds

@@ -5,7 +5,8 @@ nor the model code, writes the student's files with it too.
     atomic_write     a file: written under a temporary name beside it, then renamed into place
     replace_dir      a directory that must change as a whole: written as a temporary sibling and swapped in
     check_out_file   an output flag (--out, --json), checked before any work: a path a file can be written to
-    check_out_dir    the same for a flag naming a directory of outputs (search_eval.py --out-dir)
+    check_out_dir    the same for a flag naming a directory of outputs (search_eval.py --out-dir; train.py's run
+                     directory, whose own checks say more about a checkpoint there)
     check_outside_models   an output path must not lie in a model checkpoint's directory (its config.json)
     read_json_or_empty     a JSON file that may be absent or half-written (a cache, a config to compare with)
 """
@@ -54,13 +55,15 @@ def replace_dir(path: Path, write_fn):
 def check_out_file(path, flag: str):
     """One-line SystemExit unless atomic_write can put a file at `path`: it must not be a directory or any other
     non-regular file (the rename would fail, or replace /dev/null as root), and its nearest existing parent must be
-    a directory. Called before any work, so a mistyped --out does not cost the whole computation."""
+    a directory, and not inside a model checkpoint (check_outside_models). Called before any work, so a mistyped
+    --out does not cost the whole computation."""
     path = Path(path)
     if path.is_dir():
         raise SystemExit(f"{flag} {path}: a directory; expected the path of a file to write, e.g. {path / 'out.json'}")
     if path.exists() and not path.is_file():
         raise SystemExit(f"{flag} {path}: not a regular file; expected the path of a new or regular file")
     check_parent(path, flag)
+    check_outside_models(path, flag)
 
 
 def check_out_dir(path, flag: str):
