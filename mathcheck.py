@@ -84,6 +84,7 @@ def reward_math(gold: str, completion: str) -> float:
 TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{")
 THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")   # "1,000" -> "1000"; "(1,2)" keeps its comma
 ASSIGNMENT = re.compile(r"[A-Za-z]=(?!=)")                    # "x=3" (spaces already gone) -> "3"
+WHITESPACE = re.compile(r"\s+")
 UNIT_POWER = re.compile(r"\s*\^\s*(?:[0-9]|\{[0-9]\})")            # the "^2" of "\text{ cm}^2"
 REPLACE = [("\n", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
            ("\\displaystyle", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\$", ""), ("$", ""),
@@ -115,7 +116,7 @@ def normalize(s: str) -> str:
     s = s.strip()
     for old, new in REPLACE:
         s = s.replace(old, new)
-    s = "".join(strip_text(s).split())
+    s = WHITESPACE.sub("", strip_text(s))               # one new string, not a list of words: memory ~ input
     s = THOUSANDS.sub("", s)
     if s.endswith(".") and not s.endswith("\\."):
         s = s[:-1]
@@ -375,8 +376,8 @@ def math_equal(pred: str, gold: str) -> bool:
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     p, g = normalize(pred), normalize(gold)
-    if p == g:
-        return True
-    if not p or not g or len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
+    if not p or not g:                        # an empty answer matches nothing, not even an empty reference
         return False
+    if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
+        return p == g
     return same_answer(p, g)
