@@ -33,6 +33,7 @@ MAX_BOXED_CHARS = 10_000      # longest \boxed{} content read: a MATH answer is 
 MAX_ANSWER_CHARS = 300        # longer answers are compared as normalised strings only
 MAX_DEPTH = 40                # nested groups / operators the parser follows; deeper input is "not a number"
 MAX_BITS = 4096               # largest exact numerator / denominator (~1233 digits); beyond it floats
+MAX_TEXT_GROUPS = 20          # \text{} groups strip_text drops; more is not an answer (and costs a Python loop)
 REL_TOL = 1e-9                # floats (sqrt, pi) are ~1e-15 off; a 6-digit rounding of sqrt(2) is not sqrt(2)
 
 BRACE = re.compile(r"[{}]")
@@ -93,15 +94,19 @@ REPLACE = [("\n", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac")
 
 def strip_text(s: str) -> str:
     """The whole answer in one \\text{...} (or \\mbox, \\textbf, \\mathrm) -> its content ("\\text{(A)}" -> "(A)");
-    otherwise every such group is dropped with an exponent right after it, as units are ("5\\text{ cm}^2" -> "5")."""
+    otherwise every such group is dropped with an exponent right after it, as units are ("5\\text{ cm}^2" -> "5"),
+    up to MAX_TEXT_GROUPS groups of up to MAX_BOXED_CHARS characters (the rest stay as they are: bounded work on a
+    megabyte of \\text{a}\\text{a}... or of \\text{{{{...)."""
     m = TEXT.match(s)
-    if m and brace_end(s, m.end(), len(s)) == len(s) - 1:
+    if m and brace_end(s, m.end(), MAX_BOXED_CHARS) == len(s) - 1:
         return s[m.end():-1]
     out, pos = [], 0
-    for m in TEXT.finditer(s):
+    for k, m in enumerate(TEXT.finditer(s)):
+        if k == MAX_TEXT_GROUPS:
+            break
         if m.start() < pos:                   # inside a group already dropped
             continue
-        end = brace_end(s, m.end(), len(s))
+        end = brace_end(s, m.end(), MAX_BOXED_CHARS)       # a longer group is not a unit: left as it is
         if end is None:
             break
         out.append(s[pos:m.start()])

@@ -1,5 +1,6 @@
-"""Fuzz tests of the rewards in tasks.py (issue #10): every checker must return a float in [0, 1] for any completion,
-fast and in bounded memory, because an RL policy (a KL = 0 one above all) writes whatever the reward pays for.
+"""Fuzz tests of the rewards in tasks.py (issue #10; the math checker, issue #27): every checker must return a float in
+[0, 1] for any completion, fast and in bounded memory, because an RL policy (a KL = 0 one above all) writes whatever
+the reward pays for. math_equal and extract_boxed run on every case too (as 0.0 / 1.0).
 
 The cases run in a child process (this file is also its script: `python tests/test_tasks_fuzz.py GROUP`) under a
 hard timeout and an address-space limit, so a hang or a runaway allocation fails the test instead of stalling the
@@ -119,7 +120,36 @@ def random_cases(n: int = 300, seed: int = 1):
         yield f"random_{i}", "".join(rng.choices(TOKENS, k=rng.choice([1, 10, 100, 1000, 30_000])))
 
 
-GROUPS = {"issue": issue_cases, "adversarial": adversarial_cases, "mutated": mutated_cases, "random": random_cases}
+MATH_GOLD = "\\frac{\\sqrt{2}}{2}"
+DEEP = 100_000
+MATH_ANSWERS = ["2^{2^{2^{99}}}", "10^{999999999}", "2^{99999999}", "9^{9^{9^{9}}}", "(2^{4096})^{4096}",
+                "\\sqrt{2}^{999999999}", "10^{-999999999}", "0^{-1}", "(-8)^{1/3}", "\\sqrt{-1}", "\\frac{1}{0}",
+                "\\frac{0}{0}", "\\infty - \\infty", "\\infty \\cdot 0", "nan", "NaN", "inf", "-inf", "1e309",
+                "\\sqrt[999999999]{2}", "\\sqrt[0]{2}", "9" * 10 ** 6, "0." + "0" * 299 + "1", "9" * 300 + "/" + "9" * 300,
+                "{" * DEEP + "1" + "}" * DEEP, "{" * DEEP, "}" * DEEP, "\\frac{" * DEEP + "1", "\\frac" * DEEP,
+                "\\sqrt{" * DEEP + "2" + "}" * DEEP, "\\sqrt" * DEEP + "2", "(" * DEEP + "1" + ")" * DEEP,
+                "-" * DEEP + "1", "2^" * DEEP + "2", "\\left(" * DEEP + "1", "\\left(" * DEEP + "1" + "\\right)" * DEEP,
+                "\\text{" * DEEP, "\\text{a}" * DEEP, "1," * DEEP + "1", "(" + "1," * DEEP + "1]", "\\{" * DEEP,
+                "x=" * DEEP + "3", "=" * DEEP, "1{,}" * DEEP, "\\!" * DEEP, "(1, \\sqrt{2}]", MATH_GOLD]
+
+
+def math_cases():
+    """Answers built to be expensive (issue #27): huge exponents, 100k-deep nesting, megabyte strings, unbalanced
+    braces, division by zero, NaN-like text; each bare (as an answer) and boxed (as a completion)."""
+    for k, s in enumerate(MATH_ANSWERS):
+        yield label("math", k, s), s
+        yield label("mathboxed", k, s), f"so \\boxed{{{s}}}"
+    rng = random.Random(2)
+    pieces = ["\\frac", "\\sqrt", "{", "}", "(", ")", "[", "]", "^", "-", "+", "\\cdot", "\\pi", "\\infty", ",", "9",
+              "1", "0", ".", "\\left", "\\right", "\\text{", "$", "\\%", "=", "x", "\\boxed{", "\\fbox{", " "]
+    yield "math_soup_1MB", "".join(rng.choices(pieces, k=300_000))[:1 << 20]
+    yield "math_soup_2MB_boxed", "\\boxed{" + "".join(rng.choices(pieces, k=600_000))[:2 << 20]
+    for i in range(300):
+        yield f"math_random_{i}", "".join(rng.choices(pieces, k=rng.choice([3, 10, 30, 100, 400])))
+
+
+GROUPS = {"issue": issue_cases, "adversarial": adversarial_cases, "mutated": mutated_cases, "random": random_cases,
+          "math": math_cases}
 
 
 # ---- the child: run every checker on every case of a group ----------------------------------------------------
@@ -128,11 +158,17 @@ def checkers():
     """(name, function of a completion) for every reward, on one problem of each kind."""
     import tasks
     cd, ar = tasks.make_problems("countdown", 1, 0)[0], tasks.make_problems("arith", 1, 0)[0]
+    mp = tasks.Problem("math", "", MATH_GOLD)
     return [("countdown_reward", lambda c: tasks.countdown_reward(cd, c)),
             ("math_reward", lambda c: tasks.math_reward(ar, c)),
             ("reward/countdown", lambda c: tasks.reward(cd, c)), ("reward/arith", lambda c: tasks.reward(ar, c)),
             ("proxy_reward/countdown", lambda c: tasks.proxy_reward(cd, c)),
-            ("proxy_reward/arith", lambda c: tasks.proxy_reward(ar, c))]
+            ("proxy_reward/arith", lambda c: tasks.proxy_reward(ar, c)),
+            ("reward_math", lambda c: tasks.reward_math(MATH_GOLD, c)), ("reward/math", lambda c: tasks.reward(mp, c)),
+            ("proxy_reward/math", lambda c: tasks.proxy_reward(mp, c)),
+            ("math_equal", lambda c: float(tasks.math_equal(c, MATH_GOLD))),             # c as the answer
+            ("math_equal/interval", lambda c: float(tasks.math_equal("(1, \\sqrt{2}]", c))),
+            ("extract_boxed", lambda c: float(tasks.extract_boxed(c) is not None))]
 
 
 def child(group: str, only: str | None = None):
@@ -223,15 +259,35 @@ def test_adversarial_inputs():
 
 
 def test_mutated_reference_solutions():
-    """1500 reference solutions with random edits, through all six checker calls."""
+    """1500 reference solutions with random edits, through every checker call."""
     records = run_group("mutated")
     assert_safe(records)
-    assert len(records) == 1500 * 6
+    assert len(records) == 1500 * N_CHECKERS
 
 
 def test_random_token_soups():
     """300 random mixes of characters, tags, odd Unicode and long digit runs, up to ~100 KB."""
     assert_safe(run_group("random"))
+
+
+N_CHECKERS = 12
+
+
+def test_math_adversarial_answers():
+    """Huge exponents, 100k-deep \\frac / \\sqrt / braces, 1-2 MB strings, division by zero, NaN-like answers: every
+    call is safe, none of them equals the gold, and the gold itself (bare and boxed) still scores: the test sees a
+    checker that answers 0.0 to everything."""
+    records = run_group("math")
+    assert_safe(records)
+    assert len({r["checker"] for r in records}) == N_CHECKERS
+    got = {(r["case"], r["checker"]): r["reward"] for r in records}
+    g, i = MATH_ANSWERS.index(MATH_GOLD), MATH_ANSWERS.index("(1, \\sqrt{2}]")
+    hits = {(label("mathboxed", g, MATH_GOLD), "reward_math"), (label("mathboxed", g, MATH_GOLD), "reward/math"),
+            (label("math", g, MATH_GOLD), "math_equal"), (label("math", i, MATH_ANSWERS[i]), "math_equal/interval")}
+    answers = {label(prefix, k, s) for k, s in enumerate(MATH_ANSWERS) for prefix in ("math", "mathboxed")}
+    for (case, checker), r in got.items():
+        if case in answers and checker in ("reward_math", "reward/math", "math_equal", "math_equal/interval"):
+            assert r == float((case, checker) in hits), (case, checker, r)
 
 
 if __name__ == "__main__":
