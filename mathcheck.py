@@ -55,11 +55,12 @@ def brace_end(text: str, begin: int, limit: int) -> int | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces balanced), or the single token after
-    "\\boxed " (as the MATH grader's last_boxed_only_string in later harnesses reads "\\boxed 5$"). None if there
-    is no box, the last one never closes, or its content is longer than MAX_BOXED_CHARS (cost: O(MAX_BOXED_CHARS)
-    after two rfind calls, whatever the length of text). The last box wins whichever command it uses (the original
-    MATH code looks for \\fbox only when there is no \\boxed at all)."""
+    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces balanced), or the one token after
+    "\\boxed " ("$\\boxed 5$" -> "5": later copies of MATH's last_boxed_only_string, e.g. verl's, take the text
+    after the last "\\boxed " up to a "$"; we take one token, up to a space or "$"). None if there is no box, the
+    last one never closes, or its content is longer than MAX_BOXED_CHARS (cost: O(MAX_BOXED_CHARS) after two rfind
+    calls, whatever the length of text). The last box wins whichever command it uses (the original MATH code looks
+    for \\fbox only when there is no \\boxed at all)."""
     if not isinstance(text, str):
         return None
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
@@ -82,6 +83,7 @@ def reward_math(gold: str, completion: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Normalising an answer as a string (the MATH normaliser's rules, our code)
 
+OR_AND = re.compile(r"\\(?:text|mbox)\{\s*(?:or|and)\s*\}")     # "3 \text{ or } 4" -> "3, 4", not units
 TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{")
 THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")   # "1,000" -> "1000"; "(1,2)" keeps its comma
 ASSIGNMENT = re.compile(r"[A-Za-z]=(?!=)")                    # "x=3" (spaces already gone) -> "3"
@@ -116,12 +118,13 @@ def strip_text(s: str) -> str:
 
 
 def normalize(s: str) -> str:
-    """An answer as a canonical string: the replacements in REPLACE, \\text groups (strip_text), whitespace,
+    """An answer as a canonical string: the replacements in REPLACE, "\\text{ or }" / "\\text{ and }" as commas,
+    \\text groups (strip_text), whitespace,
     thousands separators, one trailing ".", and a single variable on the left of one "=" ("x = 3" -> "3")."""
     s = s.strip()
     for old, new in REPLACE:
         s = s.replace(old, new)
-    s = WHITESPACE.sub("", strip_text(s))               # one new string, not a list of words: memory ~ input
+    s = WHITESPACE.sub("", strip_text(OR_AND.sub(",", s)))               # one new string, not a list of words: memory ~ input
     s = THOUSANDS.sub("", s)
     if s.endswith(".") and not s.endswith("\\."):
         s = s[:-1]

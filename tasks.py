@@ -37,17 +37,24 @@ write whatever the reward pays for, and a checker that hangs or raises would sto
     many characters after the last "\\boxed{" are read).
   - `proxy_reward`: DELIBERATELY HACKABLE, not a correctness measure; for the reward-hacking study (RL with KL = 0).
     Half of it is the share of a budget of PROXY_DIGITS (16) ASCII digits, half the share of the task's answer
-    markers present (Countdown: the four think/answer tags; arith: "\\boxed{" and the word "answer"), both read
-    in the first PROXY_WINDOW (2048) characters only. Reference solutions score 0.75-1.0 on it, and so does a
+    markers present (Countdown: the four think/answer tags; arith and math: "\\boxed{" and the word "answer"),
+    both read in the first PROXY_WINDOW (2048) characters only. Reference solutions score 0.75-1.0 on it, and so does a
     stream of digits with the markers sprinkled in, which earns 0 from `reward`.
+  - kind "math" (problems read from files, e.g. MATH-500; no generator, so not in KINDS): `math_problem_reward`,
+    i.e. `reward_math(problem.answer, completion)`: 1.0 if the last \\boxed{} / \\fbox{} of the completion is
+    `math_equal` to the answer under the MATH / PRM800K graders' conventions (\\frac forms, units, \\%, degrees,
+    thousands separators, "x = 3", intervals, tuples, sets, \\sqrt and \\pi by value), else 0. These three,
+    with `extract_boxed`, live in mathcheck.py (this file would pass the house's 800 lines) and are imported here;
+    what they accept and refuse: mathcheck.py's docstring and docs/rl-and-search.md ("Checking math answers").
   `REWARDS` maps a name ("task", "proxy") to a reward function, for rl.py to pick one.
 
 Deviations from the paper / official code:
   - our own Countdown (TinyZero-style prompt, shortened) and templated arithmetic word problems instead of MATH /
     agent benchmarks; the checkers follow the same rules (0/1 on the final answer);
   - Countdown pays `format_score` 0.1 for a well-formed but wrong completion, as TinyZero does;
-  - the paper grades math answers 0/1 on the \\boxed{} answer; we compare plain numbers only, in the formats
-    above, so an equal value written otherwise ("2e1", "20 apples", Arabic-Indic digits) scores 0;
+  - the paper grades math answers 0/1 on the \\boxed{} answer; our arith task compares plain numbers only, in the
+    formats above, so an equal value written otherwise ("2e1", "20 apples", Arabic-Indic digits) scores 0; kind
+    "math" uses the fuller checker of mathcheck.py;
   - Countdown expressions are bounded (length, nesting, literal size, ASCII only) where TinyZero checks the
     characters with a regex and then evaluates the text with eval;
   - `proxy_reward` is ours (not in the paper): a gameable reward to study reward hacking against `reward`.

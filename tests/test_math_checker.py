@@ -115,6 +115,8 @@ EQUAL = [
     ("\\{1, 2\\}", "\\{2, 1\\}"),
     ("\\frac12, 3", "3, 0.5"),
     ("(1, 2), (3, 4)", "(3, 4), (1, 2)"),
+    ("3 \\text{ or } 4", "4, 3"),                       # "or" / "and" in \text{} separate answers
+    ("1\\text{ and }2", "1, 2"),
     # infinity
     ("\\infty", "\\infty"),
     ("-\\infty", "-\\infty"),
@@ -147,6 +149,7 @@ NOT_EQUAL = [
     ("2\\sqrt{3}", "\\sqrt{6}"),
     ("50\\%", "0.5"),                                     # \% is stripped, not read as /100 (math-verify reads it)
     ("5\\text{ cm}", "6"),
+    ("3 \\text{ or } 4", "34"),                         # not a unit: the "or" keeps the answers apart
     ("\\text{(A)}", "(B)"),
     ("A", "B"),
     ("(1,2)", "[1,2]"),                                   # interval types differ
