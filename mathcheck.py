@@ -124,7 +124,7 @@ def normalize(s: str) -> str:
     s = s.strip()
     for old, new in REPLACE:
         s = s.replace(old, new)
-    s = WHITESPACE.sub("", strip_text(OR_AND.sub(",", s)))               # one new string, not a list of words: memory ~ input
+    s = WHITESPACE.sub("", strip_text(OR_AND.sub(",", s)))    # one new string (not split/join's list of words)
     s = THOUSANDS.sub("", s)
     if s.endswith(".") and not s.endswith("\\."):
         s = s[:-1]
@@ -182,6 +182,7 @@ def int_root(k: int, n: int) -> int:
 
 
 NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+MIXED = re.compile(r"\\frac(?:[0-9]|\{[0-9]+\})(?:[0-9]|\{[0-9]+\})")   # 1\frac{1}{2}; not 2\frac{\pi}{3}
 
 
 class Parser:
@@ -277,7 +278,7 @@ class Parser:
             text = s[i] if single == "digit" and s[i].isdigit() else m.group()   # \frac12: one digit each
             self.i = i + len(text)
             v = Fraction(text if text[0] != "." else "0" + text)
-            if not single and self.peek("\\frac"):                # a mixed number: 1\frac{1}{2} is 3/2
+            if not single and text.isdigit() and MIXED.match(s, self.i):   # a mixed number: 1\frac{1}{2} is 3/2
                 v = checked(v + self.atom())
         else:
             raise NotANumber(f"unexpected text at {i}")

@@ -29,6 +29,7 @@ EQUAL = [
     ("\\frac{3}{2}", "1.5"),
     ("1\\frac{1}{2}", "\\frac{3}{2}"),                   # a mixed number is a sum
     ("33\\frac{1}{3}", "\\frac{100}{3}"),
+    ("2\\frac{\\pi}{3}", "\\frac{2\\pi}{3}"),                # not a mixed number: a product
     ("\\frac{1}{2}", "0.50"),
     # numbers
     ("3.0", "3"),
@@ -132,6 +133,8 @@ NOT_EQUAL = [
     ("\\frac{1}{2}", "-\\frac{1}{2}"),
     ("3", "-3"),
     ("-2^2", "4"),
+    ("2\\frac{\\pi}{3}", "2 + \\frac{\\pi}{3}"),
+    ("1.5\\frac{1}{2}", "2"),                             # only an integer starts a mixed number: 0.75 here
     ("2^{-1}", "-2"),
     ("2^{10}", "1000"),
     ("2^{100}", "2^{100}+1"),                             # exact: 1 in 10^30 still counts
