@@ -514,6 +514,40 @@ def problems_at(task: str, seed: int, step: int, n: int, split: str = "train") -
     return [next(stream) for _ in range(n)]
 
 
+# --- Math problems read from files (MATH, MATH-500, GSM8K, PRM800K's prompts): data.load_problems reads them ---
+
+# The paper's system prompt for math (PAPER.md §4, MATH-500): every math prompt carries it.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def math_problem(question: str, answer: str, source: str = "") -> Problem:
+    """A math problem whose plain-text prompt is the question, then MATH_INSTRUCTION, then the newline the model's
+    completion follows. With --chat, data.encode_problem renders meta["question"] and the instruction as the
+    Llama-3.1 dialog instead. source: "file:line", for messages."""
+    question = question.strip()
+    return Problem("math", f"{question}\n{MATH_INSTRUCTION}\n", answer.strip(), {"question": question,
+                                                                                  "source": source})
+
+
+def question_of(p: Problem) -> str:
+    """The text that identifies a problem: a math problem's question (its prompt adds only the instruction)."""
+    return p.meta.get("question", p.prompt)
+
+
+def pool_at(pool: list[Problem], seed: int, step: int, n: int) -> list[Problem]:
+    """The n problems of RL step `step` from a fixed list (a --data file): epoch e reads the list in a permutation
+    seeded by (seed, e). A function of the step alone, so a resumed run sees the same problems (as problems_at)."""
+    orders = {}
+    out = []
+    for i in range(step * n, step * n + n):
+        epoch, j = divmod(i, len(pool))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(pool)))
+            random.Random(f"pool:{seed}:{epoch}").shuffle(orders[epoch])
+        out.append(pool[orders[epoch][j]])
+    return out
+
+
 def score(problem: Problem, text: str, reward_fn=None) -> float:
     """The reward of a completion (reward_fn, default `reward`); a reward that is not a finite number in [0, 1]
     stops the run with one line."""
