@@ -63,6 +63,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
+from mathcheck import extract_boxed, math_equal, reward_math  # noqa: F401 - part of this module's API
+
 KINDS = ("countdown", "arith")
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.05                          # share of documents / problems held out as "val"
@@ -426,14 +428,20 @@ def math_reward(problem: Problem, completion: str) -> float:
     return 1.0 if got is not None and got == parse_number(problem.answer) else 0.0
 
 
+def math_problem_reward(problem: Problem, completion: str) -> float:
+    """Kind "math" (problems loaded from files, e.g. MATH-500): reward_math on the reference answer (mathcheck.py)."""
+    return reward_math(problem.answer, completion)
+
+
 MAKERS = {"countdown": make_countdown, "arith": make_arith}
-CHECKERS = {"countdown": countdown_reward, "arith": math_reward}
+# "math" has a checker but no generator: its problems come from files, so it is not in KINDS (what is generated)
+CHECKERS = {"countdown": countdown_reward, "arith": math_reward, "math": math_problem_reward}
 
 
 def reward(problem: Problem, completion: str) -> float:
     """Rule-based reward of a completion (the text generated after problem.prompt)."""
     if problem.kind not in CHECKERS:
-        raise ValueError(f"no checker for problem kind {problem.kind!r}; kinds are {KINDS}")
+        raise ValueError(f"no checker for problem kind {problem.kind!r}; kinds with a checker are {tuple(CHECKERS)}")
     return CHECKERS[problem.kind](problem, completion)
 
 
@@ -441,7 +449,7 @@ def reward(problem: Problem, completion: str) -> float:
 
 PROXY_WINDOW = 2048                  # only the head of a completion is read: O(1) in its length
 PROXY_DIGITS = 16                    # digit budget; references hold 8-34 (arith) and 28-79 (Countdown) digits
-PROXY_MARKERS = {"countdown": TAGS, "arith": ("\\boxed{", "answer")}
+PROXY_MARKERS = {"countdown": TAGS, "arith": ("\\boxed{", "answer"), "math": ("\\boxed{", "answer")}
 
 
 def proxy_reward(problem: Problem, completion: str) -> float:
@@ -450,7 +458,7 @@ def proxy_reward(problem: Problem, completion: str) -> float:
     PROXY_WINDOW characters. Reference solutions score 0.75-1.0; so does a stream of digits with the markers in it,
     which solves nothing. Used as the reward of an RL run with KL = 0 to watch a policy game it."""
     if problem.kind not in PROXY_MARKERS:
-        raise ValueError(f"no proxy for problem kind {problem.kind!r}; kinds are {KINDS}")
+        raise ValueError(f"no proxy for problem kind {problem.kind!r}; kinds with a proxy are {tuple(PROXY_MARKERS)}")
     head, markers = completion[:PROXY_WINDOW], PROXY_MARKERS[problem.kind]
     digits = sum(head.count(d) for d in "0123456789")
     return 0.5 * min(1.0, digits / PROXY_DIGITS) + 0.5 * sum(m in head for m in markers) / len(markers)
