@@ -54,7 +54,6 @@ import functools
 import json
 import os
 import random
-import re
 import sys
 import sysconfig
 import warnings
@@ -65,8 +64,8 @@ import numpy as np
 import torch
 
 from infra.files import atomic_write, replace_dir
-from tasks import (KINDS, MATH_INSTRUCTION, SPLITS, VAL_FRACTION, Problem, check_split, extract_boxed, make_problems,
-                   math_problem, problem_stream, question_of, reward, split_of, task_sft_records)
+from tasks import (KINDS, MATH_INSTRUCTION, SPLITS, Problem, check_split, make_problems, problem_stream, question_of,
+                   reward, split_of, task_sft_records)
 from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
@@ -613,107 +612,7 @@ def sft_tensors(cfg, tok: Tokenizer, split: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Math problems from files (rl.py, qnet.py, mcts.py, search_eval.py --data / --val-data), read as they are published
-
-LAYOUTS = ('"problem" with "solution" (MATH: the answer in its last \\boxed{}) and/or "answer" (MATH-500), '
-           '"question" with "answer" (GSM8K: the answer after ####), or "prompt" with "answer"')
-THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?")      # GSM8K's "1,234": graders drop the commas
-
-
-def problem_of(rec: dict, where: str) -> Problem:
-    """One JSONL record in any of the LAYOUTS -> a math Problem; ValueError naming `where` (file:line) otherwise."""
-    keys = [k for k in ("problem", "question", "prompt") if k in rec]
-    if len(keys) != 1:
-        raise ValueError(f"{where}: expected {LAYOUTS}; found fields {', '.join(sorted(rec)) or 'none'}")
-    key = keys[0]
-    used = (key, "solution", "answer") if key == "problem" else (key, "answer")
-    if not any(k in rec for k in used[1:]):
-        need = '"solution" or "answer"' if key == "problem" else '"answer"'
-        raise ValueError(f'{where}: "{key}" needs a string field {need} beside it ({LAYOUTS})')
-    for k in used:
-        if k in rec and not isinstance(rec[k], str):
-            raise ValueError(f'{where}: "{k}" must be a string, got {type(rec[k]).__name__}')
-    if key == "problem" and "answer" not in rec:           # MATH: the last \boxed{} of the solution
-        answer = extract_boxed(rec["solution"])
-        if answer is None:
-            raise ValueError(f'{where}: "solution" has no \\boxed{{}} answer (or give an "answer" field)')
-    elif key == "question":                                # GSM8K: "... #### 1,234"
-        if "####" not in rec["answer"]:
-            raise ValueError(f'{where}: "answer" has no "####" before the final answer (GSM8K layout)')
-        answer = rec["answer"].rsplit("####", 1)[1].strip()
-        answer = answer.replace(",", "") if THOUSANDS.fullmatch(answer) else answer
-    else:
-        answer = rec["answer"]
-    if not rec[key].strip():
-        raise ValueError(f'{where}: "{key}" is empty')
-    if not answer.strip():
-        raise ValueError(f"{where}: the answer is empty")
-    return math_problem(rec[key], answer, where)
-
-
-def load_problems(path: str | Path) -> list[Problem]:
-    """Math problems of a .jsonl file, one per line (blank lines skipped), in file order. A question that repeats an
-    earlier one is dropped, said in one note on stderr (the first line is kept, whatever the repeat's answer): a
-    repeat would weigh a problem twice in training and count it twice in an accuracy. Anything else that is not a
-    problem is a ValueError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (expected a .jsonl file of problems)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    out, first, repeats = [], {}, []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        p = problem_of(json_line(path, i, line), f"{path}:{i}")
-        q = question_of(p)
-        if q in first:
-            repeats.append((first[q], i))
-            continue
-        first[q] = i
-        out.append(p)
-    if not out:
-        raise ValueError(f"{path}: no problems (expected one JSON object per line: {LAYOUTS})")
-    if repeats:
-        print(f"note: {path}: {len(repeats)} repeated question(s) dropped, each kept at its first line (e.g. line "
-              f"{repeats[0][1]} repeats line {repeats[0][0]})", file=sys.stderr)
-    return out
-
-
-def read_problems(path: str, flag: str) -> list[Problem]:
-    """load_problems, its errors one line naming the flag, the file and the line (a SystemExit, before any model)."""
-    try:
-        return load_problems(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{flag} {str(e).removeprefix('data: ')}") from None
-
-
-def problem_sets(data_path: str, val_path: str, need_train: bool = True) -> tuple[list[Problem], list[Problem]]:
-    """(training problems, held-out problems) of --data and --val-data. Held out: --val-data's problems, else the
-    val split of --data (the VAL_FRACTION of questions whose hash is lowest, tasks.split_of: fixed by the text, so
-    train and held-out never share a question). Training: --data's other problems; a question that --val-data
-    also holds is dropped from training, said in a note."""
-    train = read_problems(data_path, "--data") if data_path else []
-    if val_path:
-        val = read_problems(val_path, "--val-data")
-        held = {question_of(p) for p in val}
-        kept = [p for p in train if question_of(p) not in held]
-        if len(kept) < len(train):
-            print(f"note: {len(train) - len(kept)} problem(s) of --data {data_path} are also in --val-data "
-                  f"{val_path}; training skips them", file=sys.stderr)
-        train = kept
-    else:
-        val = [p for p in train if split_of(question_of(p)) == "val"]
-        train = [p for p in train if split_of(question_of(p)) == "train"]
-        if not val:
-            raise SystemExit(f"--data {data_path}: none of its problems falls in the held-out split (the "
-                             f"{VAL_FRACTION:.0%} whose question hashes lowest); pass --val-data FILE")
-    if need_train and not train:
-        raise SystemExit(f"--data {data_path}: no training problems left once the held-out ones are set apart")
-    return train, val
-
+# Math problems (tasks.load_problems reads them from --data / --val-data): the prompt the model completes
 
 def encode_problem(tok: Tokenizer, problem: Problem, chat: bool = False) -> list[int]:
     """The prompt's tokens; the model's completion follows them. Plain: bos + problem.prompt (math: the question,
