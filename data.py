@@ -64,7 +64,8 @@ import numpy as np
 import torch
 
 from infra.files import atomic_write, replace_dir
-from tasks import KINDS, SPLITS, check_split, make_problems, problem_stream, reward, split_of, task_sft_records
+from tasks import (KINDS, MATH_INSTRUCTION, SPLITS, Problem, check_split, make_problems, problem_stream, question_of,
+                   reward, split_of, task_sft_records)
 from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
@@ -608,6 +609,19 @@ def sft_tensors(cfg, tok: Tokenizer, split: str):
         return encode_sft(records, tok, cfg.seq_len, chat=cfg.chat)
     except (ValueError, FileNotFoundError) as e:          # the records' file, line and field: one line
         raise SystemExit(f"{flag} {path or '(embedded tasks)'}: {str(e).removeprefix('data: ')}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Math problems (tasks.load_problems reads them from --data / --val-data): the prompt the model completes
+
+def encode_problem(tok: Tokenizer, problem: Problem, chat: bool = False) -> list[int]:
+    """The prompt's tokens; the model's completion follows them. Plain: bos + problem.prompt (math: the question,
+    then the instruction). chat: the Llama-3.1 dialog (a model fine-tuned with train.py --chat, or an Instruct
+    model): system = the math instruction (math problems), user = the question, then the assistant's header."""
+    if not chat:
+        return tok.encode(problem.prompt, bos=True, eos=False)
+    system = [{"role": "system", "content": MATH_INSTRUCTION}] if problem.kind == "math" else []
+    return ChatFormat(tok).encode_dialog_prompt(system + [{"role": "user", "content": question_of(problem)}])
 
 
 # ----------------------------------------------------------------------------------------------------------------

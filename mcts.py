@@ -31,12 +31,13 @@ Run it (CPU, tiny preset; checkpoints from `python train.py --stage fta-i` / `--
     python mcts.py --ckpt runs/fta-i/final --task countdown-2 --n-rounds 64 --show-tree
     python mcts.py --ckpt runs/fta-i/final --qnet runs/q-latent/final --task countdown-2        # MCTS-Q
     python mcts.py --ckpt runs/sft/final --task countdown-2                                     # token-level MCTS
+    python mcts.py --ckpt DIR --data test.jsonl --index 3 [--chat]     # problem 3 of a math file (tasks.py)
     python mcts.py --help                                                                       # every flag
     python -m pytest -q tests/test_mcts.py
 
 Deviations from the paper / official code:
   - Tasks: Countdown (the tiny preset's countdown-2) instead of MATH-500; its checker needs no hidden answer, so the
-    search may score rollouts with it, and every method stops once a completion scores 1.0 (--no-stop-at-success
+    search may score rollouts with it (a math problem from --data is scored against its gold answer: an oracle), and every method stops once a completion scores 1.0 (--no-stop-at-success
     turns that off; it changes cost, not success);
   - children are deduplicated by token: two of the top-b actions whose greedy tokens coincide make one child (the
     same text prefix), whose prior is the sum of their probabilities and whose action is the more probable one;
@@ -63,6 +64,7 @@ from pathlib import Path
 import torch
 
 import cola
+import data
 from infra import checkpoint, parallel
 from infra.treecache import Engine, NodeCache, TreeCache
 from infra.trainer import SEED, arg, one_line_errors, parse_config
@@ -182,7 +184,11 @@ class SearchArgs:
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
     problem: str = arg("", "a problem as JSON with tasks.Problem's fields (kind, prompt, answer, meta); default: "
                            "held-out problem --index")
-    index: int = arg(0, "which held-out problem (val split of the rl stream of --seed)", ">= 0, < 10000")
+    index: int = arg(0, "which held-out problem (val split of the rl stream of --seed), or with --data which "
+                        "problem of the file (0: its first)", ">= 0, < 10000")
+    data: str = arg("", "math problems (.jsonl: MATH, GSM8K or prompt/answer layout): search problem --index of it "
+                        "instead of a --task problem")
+    chat: bool = arg(False, "render the prompt with the Llama-3.1 chat template (as rl.py --chat)")
     n_rounds: int = arg(64, "N, rounds (one new child each, or b with --fill; paper: 64)", ">= 1")
     budget: int = arg(0, "also stop once this many forward tokens are spent (0: no limit)", ">= 0")
     b_root: int = arg(5, "b at the root: children per node (release: larger at the root)", ">= 1")
@@ -393,6 +399,9 @@ def parse_search_args(argv: list[str]) -> SearchArgs:
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"{flag} is for MCTS-Q; it needs --qnet DIR" if needs else
                              f"{flag} picks a held-out problem; --problem gives one already: pass only one of them")
+    for flag in ("task", "problem"):
+        if flag in given and cfg.data:
+            raise SystemExit(f"--{flag} and --data: pass one (--data --index N searches the file's problem N)")
     for name, value, allowed in (("task", cfg.task, tasks.TASKS), ("select", cfg.select, SELECTS),
                                  ("answer", cfg.answer, ANSWERS)):
         if value not in allowed:
@@ -406,6 +415,12 @@ def parse_search_args(argv: list[str]) -> SearchArgs:
 
 
 def load_problem(cfg) -> tasks.Problem:
+    if cfg.data:
+        problems = tasks.read_problems(cfg.data, "--data")
+        if cfg.index >= len(problems):
+            raise SystemExit(f"--index {cfg.index}: --data {cfg.data} has {len(problems)} problems (0 to "
+                             f"{len(problems) - 1})")
+        return problems[cfg.index]
     if not cfg.problem:
         return tasks.make_problems(cfg.task, cfg.index + 1, cfg.seed, split="val", stream="rl")[cfg.index]
     try:
@@ -423,8 +438,8 @@ def load_problem(cfg) -> tasks.Problem:
     return p
 
 
-def encode_prompt(tok: Tokenizer, problem: tasks.Problem, context: int, ckpt: str) -> list[int]:
-    prompt = tok.encode(problem.prompt, bos=True, eos=False)
+def encode_prompt(tok: Tokenizer, problem: tasks.Problem, context: int, ckpt: str, chat: bool = False) -> list[int]:
+    prompt = data.encode_problem(tok, problem, chat)
     if len(prompt) >= context:
         raise SystemExit(f"prompt of {len(prompt)} tokens leaves no room in the context of {context} tokens of "
                          f"--ckpt {ckpt}; shorten it")
@@ -441,17 +456,17 @@ def level_of(path: str, flag: str = "--ckpt") -> str:
 
 def search_main(argv: list[str]):
     cfg = parse_search_args(argv)
+    problem = load_problem(cfg)                      # a bad --problem / --data fails before anything loads
     device = parallel.device_of(cfg.device)
     level = level_of(cfg.ckpt)
     tok = Tokenizer.find(cfg.ckpt, cfg.tokenizer or None)
-    problem = load_problem(cfg)
     model = cola.load_level(cfg.ckpt, level, "--ckpt", device, tok=tok).eval().requires_grad_(False)
     qnet = None
     if cfg.qnet:
         qnet = QNetwork.from_pretrained(cfg.qnet, device)
         check_qnet(qnet, cfg.qnet, level, model, cfg.ckpt)
     engine = Engine(model, level, qnet)
-    prompt = encode_prompt(tok, problem, engine.max_len, cfg.ckpt)
+    prompt = encode_prompt(tok, problem, engine.max_len, cfg.ckpt, cfg.chat)
     t0 = time.time()
     search = Search(engine, tok, problem, prompt, cfg)
     ans = search.run()

@@ -11,6 +11,7 @@ with it.
 Run it (CPU, tiny preset; checkpoints from `python train.py --stage fta-i` / `--stage sft`):
     python qnet.py --init runs/fta-i/final --task countdown-2             # Q over latent actions -> runs/q-latent/final
     python qnet.py --level token --init runs/sft/final                    # the token twin -> runs/q-token/final
+    python qnet.py --init DIR --data train.jsonl [--val-data test.jsonl]  # math problems from files, as rl.py
     python qnet.py --help                                                 # every flag
 It writes a run directory like train.py's and rl.py's (config.json, metrics.jsonl, checkpoints/step-N/ with online
 and target networks and AdamW, resumable by rerunning the same command; final/, the online Q-network), plus
@@ -21,7 +22,8 @@ Deviations from the paper / official code:
     tiny defaults (lr 1e-4, 8 trajectories per update, 64 prompts x 8 samples) are ours; paper at 8B: lr 5e-6,
     100 epochs, 8 responses per prompt; the target copy every 50 updates follows the release (paper: 100);
   - a rollout cut by --max-new-tokens is an episode end: its last action gets the checker's reward, no bootstrap;
-  - tasks: Countdown (the tiny preset's countdown-2) instead of MATH-500.
+  - tasks: Countdown (the tiny preset's countdown-2), or math problems from --data (MATH-style files, as rl.py reads
+    them: the first --prompts of its step-0 order, held out --val-data or the val split of --data).
 """
 from __future__ import annotations
 
@@ -203,6 +205,10 @@ class QArgs:
                         "(tiny default: runs/fta-i/final, token: runs/sft/final)")
     out_dir: str = arg("", "run directory (default runs/q-<level>)")
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3 (tasks.py)")
+    data: str = arg("", "math problems (.jsonl: MATH, GSM8K or prompt/answer layout) instead of --task: training "
+                        "prompts in rl.py's seeded order")
+    val_data: str = arg("", "held-out math problems (.jsonl) (default: the val split of --data)")
+    chat: bool = arg(False, "render prompts with the Llama-3.1 chat template (as rl.py --chat)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
     prompts: int = arg(64, "training prompts (train split of the rl stream)", ">= 1")
     samples: int = arg(8, "sampled responses per prompt (paper: 8)", ">= 1")
@@ -230,10 +236,17 @@ class QArgs:
 
 
 def parse_q_args(argv: list[str]) -> QArgs:
-    cfg, _ = parse_config(QArgs, argv, "qnet.py", {})
+    cfg, given = parse_config(QArgs, argv, "qnet.py", {})
     for name, value, allowed in (("level", cfg.level, LEVELS), ("task", cfg.task, tasks.TASKS)):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+    if cfg.data or cfg.val_data:
+        if "task" in given:
+            raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
+                             f"generated task)")
+        if not cfg.data:
+            raise SystemExit("--val-data: the Q-network trains on --data's problems; pass --data too")
+        cfg.task = "math"
     if not cfg.init:
         cfg.init = "runs/fta-i/final" if cfg.level == "latent" else "runs/sft/final"
         if not Path(cfg.init).is_dir():
@@ -249,7 +262,7 @@ def collect(model, level: str, tok: Tokenizer, problems: list[tasks.Problem], sa
             chunk: int = 32) -> list[dict]:
     """`samples` sampled responses per problem, each with its actions and the checker's reward. Sample i's noise is
     policy.sample_uniforms(seed, stream, i): the data do not depend on how rows are batched."""
-    todo = [(p, tok.encode(p.prompt, bos=True, eos=False)) for p in problems for _ in range(samples)]
+    todo = [(p, data.encode_problem(tok, p, cfg.chat)) for p in problems for _ in range(samples)]
     rows = []
     device = next(model.parameters()).device
     for i in range(0, len(todo), chunk):
@@ -263,8 +276,8 @@ def collect(model, level: str, tok: Tokenizer, problems: list[tasks.Problem], sa
     return rows
 
 
-DATA_KEYS = ("level", "init", "task", "tokenizer", "prompts", "samples", "val_prompts", "max_new_tokens", "top_k",
-             "temperature", "seed")
+DATA_KEYS = ("level", "init", "task", "data", "val_data", "chat", "tokenizer", "prompts", "samples", "val_prompts",
+             "max_new_tokens", "top_k", "temperature", "seed")
 
 
 def read_trajectories(f: Path) -> dict | None:
@@ -282,9 +295,9 @@ def read_trajectories(f: Path) -> dict | None:
     return None
 
 
-def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
+def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device, sets=None) -> dict:
     """{"train": rows, "val": rows}, sampled once and kept in <run>/trajectories.pt (written atomically), so a
-    resumed run trains on the very same data."""
+    resumed run trains on the very same data. sets: (training, held-out) problems of --data (None: --task)."""
     f = run.dir / "trajectories.pt"
     key = {k: getattr(cfg, k) for k in DATA_KEYS}
     if f.exists() and not f.is_file():         # not ours to delete; it would fail the write after the sampling
@@ -297,10 +310,13 @@ def trajectories(run: Run, cfg: QArgs, tok: Tokenizer, device) -> dict:
         print(f"{f}: sampled with other flags; sampling again")
     t0 = time.time()
     model = cola.load_level(cfg.init, cfg.level, "--init", device, tok=tok).eval().requires_grad_(False)
-    train = collect(model, cfg.level, tok, tasks.problems_at(cfg.task, cfg.seed, 0, cfg.prompts), cfg.samples, cfg,
-                    stream=0)
-    val = collect(model, cfg.level, tok, tasks.make_problems(cfg.task, cfg.val_prompts, cfg.seed, split="val",
-                                                             stream="rl"), 1, cfg, stream=1)
+    if sets is None:
+        train_p = tasks.problems_at(cfg.task, cfg.seed, 0, cfg.prompts)
+        val_p = tasks.make_problems(cfg.task, cfg.val_prompts, cfg.seed, split="val", stream="rl")
+    else:                                      # rl.py's order of --data (its step 0), the first held-out problems
+        train_p, val_p = tasks.pool_at(sets[0], cfg.seed, 0, cfg.prompts), sets[1][:cfg.val_prompts]
+    train = collect(model, cfg.level, tok, train_p, cfg.samples, cfg, stream=0)
+    val = collect(model, cfg.level, tok, val_p, 1, cfg, stream=1)
     saved = {"key": key, "train": train, "val": val}
     with writing(f"{f}: could not save the trajectories"):
         atomic_write(f, lambda t: torch.save(saved, t))
@@ -342,6 +358,7 @@ def q_eval(pair: QPair, rows: list[dict], cfg: QArgs, device) -> dict:
 
 def train_q(argv: list[str]):
     cfg = parse_q_args(argv)
+    sets = tasks.problem_sets(cfg.data, cfg.val_data) if cfg.task == "math" else None    # before any model loads
     world = parallel.World()
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     policy_model = cola.load_level(cfg.init, cfg.level, "--init", "cpu", tok=tok).requires_grad_(False)
@@ -354,7 +371,7 @@ def train_q(argv: list[str]):
     opt = torch.optim.AdamW(pair.online.trained_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     root = Root(pair)
     run.start(root)
-    trajs = trajectories(run, cfg, tok, device)
+    trajs = trajectories(run, cfg, tok, device, sets)
     if not any(r["reward"] for r in trajs["train"]):
         print(f"warning: all {len(trajs['train'])} training trajectories score 0 on --task {cfg.task}: from the zero Q "
               f"head every TD target is 0, so Q learns nothing (TD loss 0 throughout) and MCTS-Q's TD test passes "

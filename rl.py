@@ -27,7 +27,15 @@ Run it (CPU, tiny preset; start from the tiny pipeline's exports):
     python rl.py --algo remax
     python rl.py --level token                          # token GRPO from runs/sft/final
     python rl.py --reward proxy --kl-coef 0             # the reward-hacking experiment
+    python rl.py --data train.jsonl --val-data test.jsonl [--chat]     # math problems from files (tasks.py)
+    python rl.py --eval-only --init DIR --val-data test.jsonl --samples 8 --pass-k 1,4,8   # accuracy and pass@k
     python rl.py --help
+Math problems from files (--data, MATH / GSM8K / prompt-answer JSONL: tasks.load_problems) replace --task: training
+reads --data in a seeded order (tasks.pool_at: a permutation per epoch, a function of the step, so a resumed run sees
+the same problems); the evaluations read --val-data, else the val split of --data (5% of the questions, by hash:
+never trained on). --task beside --data is refused rather than ignored. The prompt is the question, then the paper's
+instruction; --chat renders both as the Llama-3.1 dialog (data.encode_problem). --eval-only on them writes greedy
+accuracy and pass@k (the unbiased estimator of Chen et al. 2021) to <--out-dir>/math-eval.json.
 A run directory like train.py's: config.json, metrics.jsonl (a row per step, an {"eval": ...} row every
 --eval-every steps), checkpoints/step-N/ (resumable: rerun the same command), final/ (loads with
 CoLA.from_pretrained / Transformer.from_pretrained).
@@ -50,7 +58,8 @@ Choices where the paper is silent (and the release's, where it says):
     not depend on the batch it was generated in or on where a run resumed.
 
 Deviations from the paper / official code:
-  - tasks: our Countdown and arithmetic (tasks.py) instead of MATH-500 and agent benchmarks;
+  - tasks: our Countdown and arithmetic (tasks.py) at the tiny preset; MATH-style problems from --data at 8B (the
+    paper's MATH-500), no agent benchmarks;
   - no GAE / value function (the release's PPO-style advantage with V = 0 and lambda 0.95): outcome advantages;
   - no whitening of the advantages over the whole batch and no clamp of rewards to [-10, 10] (the release does
     both): the group normalisation already sets the scale, and the task rewards lie in [0, 1];
@@ -78,8 +87,8 @@ import torch.nn.functional as F
 import cola
 import data
 from eval import cola_metrics, lm_metrics
-from infra import parallel
-from infra.files import read_json_or_empty
+from infra import checkpoint, parallel
+from infra.files import atomic_write, check_out_file, read_json_or_empty
 from infra.parallel import Root
 from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
                            interrupts_are_one_line, log_metrics, parse_config, release_locks, trim_metrics,
@@ -107,6 +116,12 @@ class RLArgs:
                               "5e-7, 1e-3, 4; ReMax: 1e-5, 1e-4), otherwise this file's 8B defaults: 8 prompts per "
                               "step and 128 new tokens, not the release's 64 prompts x 4 and 2048 tokens")
     task: str = arg("countdown", "countdown, arith, or an easier variant countdown-2 / countdown-3 (tasks.py)")
+    data: str = arg("", "math problems to train on instead of --task: a .jsonl in the MATH, GSM8K or prompt/answer "
+                        "layout (tasks.load_problems), read in a seeded order")
+    val_data: str = arg("", "held-out math problems (.jsonl) for the evaluations (default: the val split of --data, "
+                            "the 5% of questions whose hash is lowest, never trained on)")
+    chat: bool = arg(False, "render prompts with the Llama-3.1 chat template (system: the math instruction, user: "
+                            "the question); off: the question then the instruction, as plain text")
     reward: str = arg("task", "task (the rule-based checker) or proxy (deliberately hackable)")
     tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
     steps: int = arg(200, "RL steps (one rollout batch and its updates each)", ">= 1")
@@ -136,7 +151,12 @@ class RLArgs:
     log_every: int = arg(1, "steps between metrics.jsonl rows", ">= 1")
     judge: str = arg("", "a frozen plain Llama that scores the fluency of sampled text (NLL per token) in every "
                          "evaluation (tiny default: runs/base/final if it exists; 'none' to skip)")
-    eval_only: bool = arg(False, "evaluate --init (held-out task, general text, judge) and print it; train nothing")
+    eval_only: bool = arg(False, "evaluate --init (held-out task, general text, judge) and print it; train nothing. "
+                                 "With --data / --val-data: greedy accuracy and pass@k on the held-out problems, "
+                                 "written to <--out-dir>/math-eval.json")
+    samples: int = arg(0, "--eval-only on math problems: n sampled responses per problem for pass@k (0: greedy "
+                          "accuracy only)", ">= 0")
+    pass_k: str = arg("1", "--eval-only on math problems: comma-separated k of pass@k, each <= --samples", "")
     dtype: str = arg("auto", "auto (bfloat16 where the device computes it natively, else float32), float32 or "
                              "bfloat16 (autocast)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
@@ -158,7 +178,7 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
     pre.add_argument("--algo", default="grpo")
     known, _ = pre.parse_known_args(argv)
     defaults = TINY if known.preset == "tiny" else LARGE.get(known.algo, {})
-    cfg, _ = parse_config(RLArgs, argv, "rl.py", defaults)
+    cfg, given = parse_config(RLArgs, argv, "rl.py", defaults)
     for name, value, allowed in (("level", cfg.level, LEVELS), ("algo", cfg.algo, ALGOS),
                                  ("task", cfg.task, tasks.TASKS), ("reward", cfg.reward, tuple(tasks.REWARDS)),
                                  ("kl-placement", cfg.kl_placement, KL_PLACEMENTS),
@@ -166,11 +186,14 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
                                  ("preset", cfg.preset, ("tiny", "llama-3.1-8b"))):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+    check_math_flags(cfg, given)
     if cfg.algo == "grpo" and cfg.group < 2:
         raise SystemExit(f"--group {cfg.group}: GRPO normalises rewards within a group of at least 2 samples")
     if cfg.prompts_per_step % world.size:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of the {world.size} processes "
                          f"(each rank rolls out whole groups of the same number of prompts)")
+    if cfg.eval_only and cfg.task == "math" and not cfg.out_dir:
+        cfg.out_dir = f"runs/eval-{cfg.level}"
     cfg.out_dir = cfg.out_dir or f"runs/rl-{cfg.level}-{cfg.algo}"
     if not cfg.judge and cfg.preset == "tiny" and Path("runs/base/final").is_dir():
         cfg.judge = "runs/base/final"
@@ -179,8 +202,43 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
         if cfg.preset != "tiny" or not Path(cfg.init).is_dir():
             raise SystemExit(f"--init: {cfg.init} does not exist; run `python train.py --stage "
                              f"{'fta-i' if cfg.level == 'latent' else 'sft'}` first (tiny preset), or pass --init DIR")
+    context = checkpoint.context_of(Path(cfg.init))
+    if cfg.task == "math" and context is not None and cfg.max_new_tokens >= context:
+        raise SystemExit(f"--max-new-tokens {cfg.max_new_tokens}: the context of --init {cfg.init} is {context} "
+                         f"tokens, prompt included; expected at most {context - 1}")
     cfg.max_new_tokens = clip_new_tokens(cfg.max_new_tokens, cfg.init, "--init")
     return cfg
+
+
+def check_math_flags(cfg: RLArgs, given: set):
+    """--data / --val-data replace --task (cfg.task becomes "math"); --samples and --pass-k belong to --eval-only on
+    them. One line for each conflict, before anything is read."""
+    if cfg.data or cfg.val_data:
+        if "task" in given:
+            raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
+                             f"generated task)")
+        if not cfg.data and not cfg.eval_only:
+            raise SystemExit("--val-data: training needs --data too (the training problems); --val-data alone "
+                             "serves --eval-only")
+        cfg.task = "math"
+    for name in ("samples", "pass_k"):
+        if name in given and not (cfg.eval_only and cfg.task == "math"):
+            raise SystemExit(f"--{name.replace('_', '-')} is for --eval-only with --data or --val-data")
+    ks = pass_ks(cfg.pass_k)
+    if cfg.samples and max(ks) > cfg.samples:
+        raise SystemExit(f"--pass-k {cfg.pass_k}: pass@{max(ks)} needs at least {max(ks)} samples per problem; "
+                         f"--samples is {cfg.samples}")
+
+
+def pass_ks(text: str) -> list[int]:
+    """--pass-k "1,4,8" -> [1, 4, 8]; one line unless distinct positive integers."""
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1 or len(set(ks)) < len(ks):
+        raise SystemExit(f"--pass-k {text!r}: expected distinct positive integers, comma-separated (e.g. 1,4,8)")
+    return ks
 
 
 def load_model(cfg: RLArgs, device):
@@ -313,14 +371,16 @@ def remax_loss(logp, ref_logp, A, mask, cfg: RLArgs, n_tokens: float | None = No
 # One RL step: rollouts, rewards, advantages, the update
 
 
-def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: parallel.World, device) -> dict:
+def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: parallel.World, device,
+            pool: list[tasks.Problem] | None = None) -> dict:
     """Rollouts of this rank's share of the step's prompts (whole groups), rewards, advantages, the update, and the
-    step's metrics over all ranks."""
+    step's metrics over all ranks. pool: the --data problems (None: the generated --task)."""
     t0 = time.time()
     reward_fn = tasks.REWARDS[cfg.reward]
     P, G = cfg.prompts_per_step // world.size, (cfg.group if cfg.algo == "grpo" else 1)
-    problems = tasks.problems_at(cfg.task, cfg.seed, step, cfg.prompts_per_step)[world.rank * P:(world.rank + 1) * P]
-    prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems for _ in range(G)]
+    problems = (tasks.pool_at(pool, cfg.seed, step, cfg.prompts_per_step) if pool is not None else
+                tasks.problems_at(cfg.task, cfg.seed, step, cfg.prompts_per_step))[world.rank * P:(world.rank + 1) * P]
+    prompts = [data.encode_problem(tok, p, cfg.chat) for p in problems for _ in range(G)]
     u = sample_uniforms(cfg.seed, step, world.rank * P * G, len(prompts), cfg.max_new_tokens).to(device)
     top_k = cfg.top_k if cfg.level == "latent" else None
     learner.model.eval()
@@ -386,12 +446,15 @@ def rl_step(learner, opt, cfg: RLArgs, tok: Tokenizer, step: int, world: paralle
 
 
 @torch.no_grad()
-def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None, judge=None) -> dict:
-    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream); with a judge (a frozen
-    plain Llama), the judge's NLL per token of the sampled responses: fluency, which a hacked policy loses."""
+def evaluate(model, ref, cfg: RLArgs, tok: Tokenizer, device, n: int | None = None, judge=None,
+             held: list[tasks.Problem] | None = None) -> dict:
+    """Greedy and sampled rollouts on held-out problems (the val split of the "rl" stream, or the first n of `held`,
+    the --val-data problems); with a judge (a frozen plain Llama), the judge's NLL per token of the sampled
+    responses: fluency, which a hacked policy loses."""
     n = n or cfg.eval_problems
-    problems = tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
-    prompts = [tok.encode(p.prompt, bos=True, eos=False) for p in problems]
+    problems = held[:n] if held is not None else tasks.make_problems(cfg.task, n, cfg.seed, split="val", stream="rl")
+    n = len(problems)
+    prompts = [data.encode_problem(tok, p, cfg.chat) for p in problems]
     model.eval()
     out = {"problems": len({p.prompt for p in problems})}          # distinct prompts among the n drawn
     u = sample_uniforms(cfg.seed + 1, 0, 0, n, cfg.max_new_tokens).to(device)   # fixed noise: comparable over steps
@@ -433,6 +496,73 @@ def general_text_loss(model, cfg: RLArgs, tok: Tokenizer, device, batches: int =
     metric = (lambda b: cola_metrics(model, b)["wm_policy"]) if cfg.level == "latent" else \
         (lambda b: lm_metrics(model, b)["lm"])
     return sum(metric(loader.next_batch().to(device)) for _ in range(batches)) / batches
+
+
+EVAL_ROWS = 32                                 # responses generated at once by math_eval (the KV cache's rows)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021, Eq. 1): 1 - C(n - c, k) / C(n, k), the chance that k of n samples, c of
+    them correct, hold a correct one; computed as 1 - prod_{i = n-c+1}^{n} (1 - k / i), never the huge binomials."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@torch.no_grad()
+def math_eval(model, cfg: RLArgs, tok: Tokenizer, problems: list[tasks.Problem], device) -> dict:
+    """Held-out math as papers report it (the paper's MATH-500 numbers): greedy accuracy, and with --samples n,
+    pass@k for each --pass-k k over n samples per problem (temperature --temperature, latent: pi's top-k), each
+    sample's noise seeded by (seed, its index) as in training. Correct: the checker's full reward (tasks.score)."""
+    n, ks = cfg.samples, pass_ks(cfg.pass_k) if cfg.samples else []
+    top_k = cfg.top_k if cfg.level == "latent" else None
+    per = max(1, EVAL_ROWS // (1 + n))         # problems per batch: their greedy and n sampled responses
+    rows = []
+    from tqdm import tqdm
+    bar = tqdm(total=len(problems), desc="math eval", unit="problem", dynamic_ncols=True)
+    for i in range(0, len(problems), per):
+        chunk = problems[i:i + per]
+        prompts = [data.encode_problem(tok, p, cfg.chat) for p in chunk]
+        greedy_rows = data.rollout(model, tok, prompts, greedy(), cfg.max_new_tokens)
+        correct = [0] * len(chunk)
+        if n:
+            u = sample_uniforms(cfg.seed, 0, i * n, len(chunk) * n, cfg.max_new_tokens).to(device)
+            sampled = data.rollout(model, tok, [p for p in prompts for _ in range(n)],
+                                   seeded_sampler(u, cfg.temperature, top_k), cfg.max_new_tokens)
+            for j, r in enumerate(sampled):
+                correct[j // n] += tasks.score(chunk[j // n], r["text"]) == 1.0
+        for p, g, c in zip(chunk, greedy_rows, correct):
+            rows.append({"source": p.meta.get("source", ""), "question": tasks.question_of(p), "answer": p.answer,
+                         "greedy": g["text"], "greedy_correct": tasks.score(p, g["text"]) == 1.0, "correct": c})
+        bar.update(len(chunk))
+    bar.close()
+    out = {"problems": len(rows), "greedy_accuracy": sum(r["greedy_correct"] for r in rows) / len(rows),
+           "samples": n}
+    for k in ks:                               # the mean over problems of each one's unbiased estimate
+        out[f"pass@{k}"] = sum(pass_at_k(n, r["correct"], k) for r in rows) / len(rows)
+    return {**out, "rows": rows}
+
+
+def math_eval_main(cfg: RLArgs, held: list[tasks.Problem]) -> dict:
+    """--eval-only on math problems: math_eval of --init, printed and written to <--out-dir>/math-eval.json."""
+    f = Path(cfg.out_dir) / "math-eval.json"
+    check_out_file(f, "--out-dir")             # before the model loads
+    device = parallel.device_of(cfg.device)
+    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    model = load_model(cfg, device).eval()
+    check_vocab(tok, (model.base if cfg.level == "latent" else model).args.vocab_size, f"--init {cfg.init}")
+    print(dtype_line(cfg))
+    with autocast(cfg.dtype, device):
+        result = math_eval(model, cfg, tok, held, device)
+    result = {"init": cfg.init, "held_out": cfg.val_data or f"the val split of {cfg.data}", "level": cfg.level,
+              "chat": cfg.chat, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+              "top_k": cfg.top_k if cfg.level == "latent" else None, "seed": cfg.seed, **result}
+    with writing(f"--out-dir {cfg.out_dir}: could not write {f.name}"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(f, lambda t: t.write_text(json.dumps(result, indent=1)))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    print(f"wrote {f}")
+    return result
 
 
 def well_formed(problem: tasks.Problem, text: str) -> bool:
@@ -507,9 +637,13 @@ def train(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     world = parallel.world_from_env()
     cfg = parse_args(argv, world)
+    pool, held = (tasks.problem_sets(cfg.data, cfg.val_data, need_train=not cfg.eval_only) if cfg.task == "math"
+                  else (None, None))               # read and checked before any model loads
     if cfg.eval_only:                          # nothing is written: a checkpoint's numbers, e.g. before and after RL
         if world.launched:
             raise SystemExit("--eval-only runs on one process: start it with python, not torchrun")
+        if held is not None:                   # math problems: accuracy and pass@k, written to --out-dir
+            return math_eval_main(cfg, held)
         device = parallel.device_of(cfg.device)
         tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
         model = load_model(cfg, device).eval()
@@ -542,7 +676,7 @@ def train(argv=None):
     def held_out(at: int) -> dict | None:      # rank 0 evaluates the replica (no collective); the others wait
         with run.amp:
             return parallel.on_main(world, lambda: {"step": at, **evaluate(learner.model, learner.ref, cfg, tok,
-                                                                           device, judge=judge)})
+                                                                           device, judge=judge, held=held)})
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=run.stage, dynamic_ncols=True, disable=not world.main)
     if step == 0:
@@ -552,7 +686,7 @@ def train(argv=None):
     result, at_end = {}, step >= cfg.steps     # resumed at the last step: killed before the export, or finished
     while step < cfg.steps:
         with run.amp:
-            m = rl_step(learner, opt, cfg, tok, step, world, device)
+            m = rl_step(learner, opt, cfg, tok, step, world, device, pool)
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise SystemExit(f"step {step + 1}: the loss is {m['loss']} (gradient norm {m['grad_norm']}); nothing of "
                              f"this step was saved: lower --lr, then rerun (it resumes from the newest checkpoint in "

@@ -19,7 +19,9 @@ row records the digests of the checkpoints it ran: a replaced model reruns it), 
 
 Deviations: eval scores --problems distinct held-out prompts, each once (tasks.held_out; countdown-2's val split
 holds only 13 distinct problems, so --problems 64 gives those 13) and runs the deterministic methods (greedy, the
-searches) once: the seeds only change best-of-N's samples.
+searches) once: the seeds only change best-of-N's samples. With --data / --val-data (math problems from a file), the
+methods score completions with the checker against the gold answer, an oracle verifier: success is "some completion
+within the budget was correct", not what a method would answer without the answer key.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from infra.files import atomic_write, check_out_dir, check_outside_models, read_
 from infra.trainer import SEED, append_row, arg, check_value, one_line_errors, parse_config, writing
 from infra.treecache import Cost, Engine
 import cola
+import data
 from mcts import ANSWERS, SELECTS, Search, SearchArgs, encode_prompt
 from model import clip_new_tokens
 from policy import sample_uniforms, seeded_sampler
@@ -129,6 +132,10 @@ class EvalArgs:
     token_qnet: str = arg("", "token-level Q-network for token-mcts-q (optional)")
     out_dir: str = arg("runs/mcts-eval", "results.jsonl (appended; rows already there are skipped) and config.json")
     task: str = arg("countdown-2", "countdown, arith, countdown-2 or countdown-3")
+    data: str = arg("", "math problems (.jsonl: MATH, GSM8K or prompt/answer layout) instead of --task: held out "
+                        "are --val-data's, else the val split of --data (as rl.py)")
+    val_data: str = arg("", "held-out math problems (.jsonl); the first --problems of them are searched")
+    chat: bool = arg(False, "render prompts with the Llama-3.1 chat template (as rl.py --chat)")
     problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed: "
                             "tasks.held_out; fewer if the task has fewer; at most 10000: held_out draws 20x "
                             "as many, and countdown-2 has 13)", ">= 1, <= 10000")
@@ -167,7 +174,7 @@ def run_method(method: str, engines: dict, tok: Tokenizer, problem: tasks.Proble
     kind = method.removeprefix("token-")
     engine = engines[(level, kind == "mcts-q")]
     engine.cost = Cost()
-    prompt = encode_prompt(tok, problem, engine.max_len, cfg.llama if level == "token" else cfg.ckpt)
+    prompt = encode_prompt(tok, problem, engine.max_len, cfg.llama if level == "token" else cfg.ckpt, cfg.chat)
     t0 = time.time()
     stats = {}
     if kind == "bon":
@@ -226,9 +233,12 @@ def table(rows: list[dict], budgets: list[int], methods: list[str], unit: str = 
 
 def eval_main(argv: list[str]):
     """Run every method on every held-out problem (rows already in results.jsonl are kept), then print the table."""
-    cfg, _ = parse_config(EvalArgs, argv, "search_eval.py", {})
+    cfg, set_flags = parse_config(EvalArgs, argv, "search_eval.py", {})
     if cfg.task not in tasks.TASKS:
         raise SystemExit(f"--task {cfg.task!r}: expected one of {', '.join(tasks.TASKS)}")
+    if (cfg.data or cfg.val_data) and "task" in set_flags:
+        raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
+                         f"generated task)")
     if cfg.select not in SELECTS:
         raise SystemExit(f"--select {cfg.select!r}: expected one of {', '.join(SELECTS)}")
     if cfg.answer not in ANSWERS:
@@ -252,6 +262,11 @@ def eval_main(argv: list[str]):
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: {bad[0]!r} is not one of {', '.join(METHODS)}")
+    if cfg.data or cfg.val_data:               # read and checked before any checkpoint is looked at
+        cfg.task = "math"
+        problems = tasks.problem_sets(cfg.data, cfg.val_data, need_train=False)[1][:cfg.problems]
+    else:
+        problems = tasks.held_out(cfg.task, cfg.problems, cfg.problem_seed)
     cfg.ckpt = cfg.ckpt or ("runs/fta-i/final" if any(not m.startswith("token-") for m in methods) else "")
     cfg.llama = cfg.llama or ("runs/sft/final" if any(m.startswith("token-") for m in methods) else "")
     if "mcts-q" in methods and not cfg.qnet:
@@ -310,7 +325,6 @@ def eval_main(argv: list[str]):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(key, indent=2)))
         atomic_write(out / "digests.json", lambda t: t.write_text(json.dumps(cache, indent=1)))
-    problems = tasks.held_out(cfg.task, cfg.problems, cfg.problem_seed)
     f = out / "results.jsonl"
     rows = read_rows(f)
     row_key = lambda r: (r["method"], r["problem"], r["seed"], tuple(r.get("models", ())))      # noqa: E731

@@ -7,6 +7,13 @@ pre-training corpus and the fine-tuning records; RL and tree search (to come) ca
   - Countdown in the "thinking format" (<think> ... </think> <answer> equation </answer>): reach the target with
     + - * / using each listed number exactly once.
   - Multi-step arithmetic word problems answered in \\boxed{}.
+  - Math problems read from a .jsonl file (`load_problems`, kind "math": rl.py, qnet.py, mcts.py and search_eval.py
+    --data / --val-data), one per line in its published layout: "problem" + "solution" with the answer in the last
+    \\boxed{} (MATH) and/or "answer" (MATH-500, used when present), "question" + "answer" with the answer after ####
+    (GSM8K; thousands commas dropped), or "prompt" + "answer". The prompt is the question, then the paper's
+    instruction MATH_INSTRUCTION (with --chat, data.encode_problem renders both as a Llama-3.1 dialog); the checker is
+    mathcheck.reward_math. A repeated question is kept once; a line that is no problem stops the run with one line
+    naming the file and line. Held out: --val-data, else the val split of --data (below).
 
 Splits: a problem is "val" when the blake2b hash of its prompt falls in the lowest 5% (`split_of`, which data.py
 also applies to documents); identical texts always land in the same split, and train/val never overlap.
@@ -63,11 +70,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import math
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Iterator
 
 from mathcheck import extract_boxed, math_equal, reward_math  # noqa: F401 - part of this module's API
@@ -527,6 +537,154 @@ def problems_at(task: str, seed: int, step: int, n: int, split: str = "train") -
     for _ in range(step * n):
         next(stream)
     return [next(stream) for _ in range(n)]
+
+
+# --- Math problems read from files (MATH, MATH-500, GSM8K, PRM800K's prompts), in their published layouts ---
+
+# The paper's system prompt for math (PAPER.md §4, MATH-500): every math prompt carries it.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def math_problem(question: str, answer: str, source: str = "") -> Problem:
+    """A math problem whose plain-text prompt is the question, then MATH_INSTRUCTION, then the newline the model's
+    completion follows. With --chat, data.encode_problem renders meta["question"] and the instruction as the
+    Llama-3.1 dialog instead. source: "file:line", for messages."""
+    question = question.strip()
+    return Problem("math", f"{question}\n{MATH_INSTRUCTION}\n", answer.strip(), {"question": question,
+                                                                                  "source": source})
+
+
+def question_of(p: Problem) -> str:
+    """The text that identifies a problem: a math problem's question (its prompt adds only the instruction)."""
+    return p.meta.get("question", p.prompt)
+
+
+def pool_at(pool: list[Problem], seed: int, step: int, n: int) -> list[Problem]:
+    """The n problems of RL step `step` from a fixed list (a --data file): epoch e reads the list in a permutation
+    seeded by (seed, e). A function of the step alone, so a resumed run sees the same problems (as problems_at)."""
+    orders = {}
+    out = []
+    for i in range(step * n, step * n + n):
+        epoch, j = divmod(i, len(pool))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(pool)))
+            random.Random(f"pool:{seed}:{epoch}").shuffle(orders[epoch])
+        out.append(pool[orders[epoch][j]])
+    return out
+
+
+LAYOUTS = ('"problem" with "solution" (MATH: the answer in its last \\boxed{}) and/or "answer" (MATH-500), '
+           '"question" with "answer" (GSM8K: the answer after ####), or "prompt" with "answer"')
+THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?")      # GSM8K's "1,234": graders drop the commas
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict, else a ValueError naming `where`."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def problem_of(rec: dict, where: str) -> Problem:
+    """One JSONL record in any of the LAYOUTS -> a math Problem; ValueError naming `where` (file:line) otherwise."""
+    keys = [k for k in ("problem", "question", "prompt") if k in rec]
+    if not keys:
+        raise ValueError(f"{where}: unknown layout (fields: {', '.join(sorted(rec)) or 'none'}); expected {LAYOUTS}")
+    if len(keys) > 1:
+        raise ValueError(f'{where}: fields {" and ".join(keys)} name two layouts; expected one of "problem", '
+                         f'"question", "prompt"')
+    key = keys[0]
+    used = (key, "solution", "answer") if key == "problem" else (key, "answer")
+    if not any(k in rec for k in used[1:]):
+        need = '"solution" or "answer"' if key == "problem" else '"answer"'
+        raise ValueError(f'{where}: "{key}" needs a string field {need} beside it')
+    for k in used:
+        if k in rec and not isinstance(rec[k], str):
+            raise ValueError(f'{where}: "{k}" must be a string, got {type(rec[k]).__name__}')
+    if key == "problem" and "answer" not in rec:           # MATH: the last \boxed{} of the solution
+        answer = extract_boxed(rec["solution"])
+        if answer is None:
+            raise ValueError(f'{where}: "solution" has no \\boxed{{}} answer (or give an "answer" field)')
+    elif key == "question":                                # GSM8K: "... #### 1,234"
+        if "####" not in rec["answer"]:
+            raise ValueError(f'{where}: "answer" has no "####" before the final answer (GSM8K layout)')
+        answer = rec["answer"].rsplit("####", 1)[1].strip()
+        answer = answer.replace(",", "") if THOUSANDS.fullmatch(answer) else answer
+    else:
+        answer = rec["answer"]
+    if not rec[key].strip():
+        raise ValueError(f'{where}: "{key}" is empty')
+    if not answer.strip():
+        raise ValueError(f"{where}: the answer is empty")
+    return math_problem(rec[key], answer, where)
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """Math problems of a .jsonl file, one per line (blank lines skipped), in file order. A question that repeats an
+    earlier one is dropped, said in one note on stderr (the first line is kept, whatever the repeat's answer): a
+    repeat would weigh a problem twice in training and count it twice in an accuracy. Anything else that is not a
+    problem is a ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected a .jsonl file of problems)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    out, first, repeats = [], {}, []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        p = problem_of(json_object(line, f"{path}:{i}"), f"{path}:{i}")
+        q = question_of(p)
+        if q in first:
+            repeats.append((first[q], i))
+            continue
+        first[q] = i
+        out.append(p)
+    if not out:
+        raise ValueError(f"{path}: no problems (expected one JSON object per line: {LAYOUTS})")
+    if repeats:
+        print(f"note: {path}: {len(repeats)} repeated question(s) dropped, each kept at its first line (e.g. line "
+              f"{repeats[0][1]} repeats line {repeats[0][0]})", file=sys.stderr)
+    return out
+
+
+def read_problems(path: str, flag: str) -> list[Problem]:
+    """load_problems, its errors one line naming the flag, the file and the line (a SystemExit, before any model)."""
+    try:
+        return load_problems(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{flag} {e}") from None
+
+
+def problem_sets(data_path: str, val_path: str, need_train: bool = True) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out problems) of --data and --val-data. Held out: --val-data's problems, else the
+    val split of --data (the VAL_FRACTION of questions whose hash is lowest, split_of: fixed by the text, so
+    train and held-out never share a question). Training: --data's other problems; a question that --val-data
+    also holds is dropped from training, said in a note."""
+    train = read_problems(data_path, "--data") if data_path else []
+    if val_path:
+        val = read_problems(val_path, "--val-data")
+        held = {question_of(p) for p in val}
+        kept = [p for p in train if question_of(p) not in held]
+        if len(kept) < len(train):
+            print(f"note: {len(train) - len(kept)} problem(s) of --data {data_path} are also in --val-data "
+                  f"{val_path}; training skips them", file=sys.stderr)
+        train = kept
+    else:
+        val = [p for p in train if split_of(question_of(p)) == "val"]
+        train = [p for p in train if split_of(question_of(p)) == "train"]
+        if not val:
+            raise SystemExit(f"--data {data_path}: none of its problems falls in the held-out split (the "
+                             f"{VAL_FRACTION:.0%} whose question hashes lowest); pass --val-data FILE")
+    if need_train and not train:
+        raise SystemExit(f"--data {data_path}: no training problems left once the held-out ones are set apart")
+    return train, val
 
 
 def score(problem: Problem, text: str, reward_fn=None) -> float:
