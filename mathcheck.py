@@ -85,19 +85,22 @@ def reward_math(gold: str, completion: str) -> float:
 
 OR_AND = re.compile(r"\\(?:text|mbox)\{\s*(?:or|and)\s*\}")     # "3 \text{ or } 4" -> "3, 4", not units
 TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{")
-THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")   # "1,000" -> "1000"; "(1,2)" keeps its comma
+THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")  # a whole answer "1,000": "1000"
+BRACED_COMMA = re.compile(r"(?<=[0-9])\{,\}(?=[0-9]{3}(?![0-9]))")    # "1{,}000" anywhere: LaTeX's thousands comma
+LIST_COMMA = re.compile(r",\s")                                        # "1, 234" is a list, never a thousands comma
 ASSIGNMENT = re.compile(r"[A-Za-z]=(?!=)")                    # "x=3" (spaces already gone) -> "3"
 WHITESPACE = re.compile(r"\s+")
 UNIT_POWER = re.compile(r"\s*\^\s*(?:[0-9]|\{[0-9]\})")            # the "^2" of "\text{ cm}^2"
 REPLACE = [("\n", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
            ("\\displaystyle", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\$", ""), ("$", ""),
-           ("\\%", ""), ("%", ""), ("{,}", ","), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("~", "")]
+           ("\\%", ""), ("%", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("~", "")]
 
 
 def strip_text(s: str) -> str:
     """The whole answer in one \\text{...} (or \\mbox, \\textbf, \\mathrm) -> its content ("\\text{(A)}" -> "(A)");
-    otherwise every such group is dropped with an exponent right after it, as units are ("5\\text{ cm}^2" -> "5"),
-    up to MAX_TEXT_GROUPS groups of up to MAX_BOXED_CHARS characters (the rest stay as they are: bounded work on a
+    otherwise a group that is a unit is dropped with an exponent right after it ("5\\text{ cm}^2" -> "5"): one whose
+    content starts with a space (the MATH normaliser's rule) or that follows a number or a closing bracket; any
+    other group is its content ("\\text{A}, \\text{C}" -> "A, C", not ","). Up to MAX_TEXT_GROUPS groups of up to MAX_BOXED_CHARS characters (the rest stay as they are: bounded work on a
     megabyte of \\text{a}\\text{a}... or of \\text{{{{...)."""
     m = TEXT.match(s)
     if m and brace_end(s, m.end(), MAX_BOXED_CHARS) == len(s) - 1:
@@ -112,24 +115,36 @@ def strip_text(s: str) -> str:
         if end is None:
             break
         out.append(s[pos:m.start()])
-        unit_power = UNIT_POWER.match(s, end + 1)
-        pos = unit_power.end() if unit_power else end + 1
+        content = s[m.end():end]
+        before = s[max(0, m.start() - 20):m.start()].rstrip()           # bounded look back
+        if content[:1].isspace() or before[-1:] in tuple("0123456789)]}."):
+            unit_power = UNIT_POWER.match(s, end + 1)
+            pos = unit_power.end() if unit_power else end + 1
+        else:
+            out.append(content)
+            pos = end + 1
     return "".join(out) + s[pos:]
 
 
 def normalize(s: str) -> str:
     """An answer as a canonical string: the replacements in REPLACE, "\\text{ or }" / "\\text{ and }" as commas,
     \\text groups (strip_text), whitespace,
-    thousands separators, one trailing ".", and a single variable on the left of one "=" ("x = 3" -> "3")."""
+    one trailing ".", a single variable on the left of one "=" ("x = 3" -> "3"), and thousands separators: "{,}"
+    between digits anywhere, a plain comma only in an answer that is one number written without spaces after its
+    commas ("1,000" -> "1000"; "(1, 100)", "[0,100]" and "1, 234" keep theirs: they are an interval and a list)."""
     s = s.strip()
     for old, new in REPLACE:
         s = s.replace(old, new)
-    s = WHITESPACE.sub("", strip_text(OR_AND.sub(",", s)))    # one new string (not split/join's list of words)
-    s = THOUSANDS.sub("", s)
+    s = BRACED_COMMA.sub("", s).replace("{,}", ",")
+    s = strip_text(OR_AND.sub(",", s))
+    listed = LIST_COMMA.search(s)
+    s = WHITESPACE.sub("", s)                                 # one new string (not split/join's list of words)
     if s.endswith(".") and not s.endswith("\\."):
         s = s[:-1]
     if s.count("=") == 1 and ASSIGNMENT.match(s):
         s = s[2:]
+    if not listed and THOUSANDS.fullmatch(s):               # only a whole number: "(1, 100)" keeps its comma
+        s = s.replace(",", "")
     return s
 
 
@@ -140,14 +155,19 @@ class NotANumber(Exception):
     """The text is not an expression this parser evaluates (or its value is not a finite real number)."""
 
 
-def checked(v):
-    """v if it is a Fraction of at most MAX_BITS bits or a finite float; a bigger Fraction becomes a float."""
+def checked(v, nonzero: bool = False):
+    """v if it is a Fraction of at most MAX_BITS bits or a finite float; a bigger Fraction becomes a float.
+    nonzero: the exact result cannot be 0 (a product of nonzero factors...), so a float 0.0 is an underflow, "not a
+    number" (10^{-5000} is not 0)."""
     if isinstance(v, Fraction):
         if max(v.numerator.bit_length(), v.denominator.bit_length()) <= MAX_BITS:
             return v
+        nonzero = nonzero or v != 0
         v = float(v)                                        # OverflowError past ~1e308: caught by value()
     if not math.isfinite(v):
         raise NotANumber("not finite")
+    if nonzero and v == 0:
+        raise NotANumber("underflow")
     return v
 
 
@@ -176,9 +196,16 @@ def root(x, n: int = 2):
 
 
 def int_root(k: int, n: int) -> int:
-    """floor(k ** (1/n)) for n = 2 (exact, math.isqrt), else the nearest integer to the float root (a candidate
-    that root() checks by raising it to the n-th power)."""
-    return math.isqrt(k) if n == 2 else round(float(k) ** (1 / n))
+    """floor(k ** (1/n)) for k >= 0, exactly (integer Newton steps: no float, so \\sqrt[3]{10^{330}} is 10^{110});
+    k has at most MAX_BITS bits and n <= 64, so a few dozen steps."""
+    if n == 2 or k < 2:
+        return math.isqrt(k)
+    x = 1 << -(-k.bit_length() // n)                        # >= the root
+    while True:
+        y = ((n - 1) * x + k // x ** (n - 1)) // n
+        if y >= x:
+            return x
+        x = y
 
 
 NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
@@ -219,21 +246,23 @@ class Parser:
             sign = self.s[self.i]
             self.i += 1
             w = self.term()
-            v = checked(v + w if sign == "+" else v - w)
+            v = checked(v + w if sign == "+" else v - w)         # (float sums: 0.0 may be exact)
         return v
 
     def term(self):
         v = self.factor()
         while True:
             if self.take("*") or self.take("\\cdot") or self.take("\\times"):
-                v = checked(v * self.factor())
+                w = self.factor()
+                v = checked(v * w, v != 0 and w != 0)
             elif self.take("/") or self.take("\\div"):
                 w = self.factor()
                 if w == 0:
                     raise NotANumber("division by zero")
-                v = checked(v / w)
+                v = checked(v / w, v != 0)
             elif self.i < len(self.s) and (self.s[self.i] in "0123456789.({\\"):   # implicit: 2\sqrt{3}, 3(4)
-                v = checked(v * self.factor())
+                w = self.factor()
+                v = checked(v * w, v != 0 and w != 0)
             else:
                 return v
 
@@ -246,7 +275,7 @@ class Parser:
         else:
             v = self.atom()
             while self.take("^"):
-                v = checked(power(v, self.atom(single="exponent")))
+                v = checked(power(v, self.atom(single="exponent")), v != 0)
         self.depth -= 1
         return v
 
@@ -266,18 +295,21 @@ class Parser:
             num, den = self.atom(single="digit"), self.atom(single="digit")
             if den == 0:
                 raise NotANumber("division by zero")
-            v = checked(num / den)
+            v = checked(num / den, num != 0)
         elif self.take("\\sqrt"):
             n = 2
             if self.take("["):
                 n = self.group("]")
                 if not (isinstance(n, Fraction) and n.denominator == 1 and 2 <= n <= 64):
                     raise NotANumber("root index")
-            v = checked(root(self.atom(single="digit"), int(n)))
+            x = self.atom(single="digit")
+            v = checked(root(x, int(n)), x != 0)
         elif i < len(s) and (m := NUMBER.match(s, i)):
             text = s[i] if single == "digit" and s[i].isdigit() else m.group()   # \frac12: one digit each
             self.i = i + len(text)
             v = Fraction(text if text[0] != "." else "0" + text)
+            if single != "digit" and self.peek("."):              # "3.5.2" is not 3.5 times 0.2
+                raise NotANumber(f"two decimal points at {self.i}")
             if not single and text.isdigit() and MIXED.match(s, self.i):   # a mixed number: 1\frac{1}{2} is 3/2
                 v = checked(v + self.atom())
         else:

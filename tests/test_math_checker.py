@@ -49,6 +49,11 @@ EQUAL = [
     ("1,000,000", "10^6"),
     ("12 345", "12345"),
     ("1\\!000", "1000"),
+    ("x = 1,000", "1000"),
+    ("\\$1,000.50", "1000.5"),
+    ("(1{,}000, 2)", "(1000, 2)"),                       # {,} between digits is a thousands comma anywhere
+    ("(0, 100)", "(0.0, 100)"),                          # but in an interval "0,100" is two endpoints
+    ("[0, 100]", "[0, 10^2]"),
     # units, currency, percent, degrees
     ("5\\text{ cm}", "5"),
     ("5 \\mbox{ inches}", "5"),
@@ -66,6 +71,8 @@ EQUAL = [
     ("\\text{Evelyn}", "Evelyn"),                         # a whole answer in \text{} is its content
     ("\\text{(A)}", "(A)"),
     ("\\textbf{(C)}", "(C)"),
+    ("5\\text{cm}", "5"),                                # a group after a number is a unit
+    ("\\text{A}, \\text{C}", "C, A"),                    # other groups are their content
     # a single variable on the left of "="
     ("x = 3", "3"),
     ("x=3", "3"),
@@ -87,6 +94,7 @@ EQUAL = [
     ("\\sqrt{16}", "4"),                                  # a perfect square is exact
     ("\\sqrt{\\frac{9}{4}}", "1.5"),
     ("\\sqrt[3]{8}", "2"),
+    ("\\sqrt[3]{10^{330}}", "10^{110}"),                  # exact integer root past a float's range
     ("\\sqrt{2}\\cdot\\sqrt{2}", "2"),                   # float 2.0000000000000004, within the tolerance
     ("2^{1/2}", "\\sqrt{2}"),
     ("2^{10}", "1024"),
@@ -141,6 +149,11 @@ NOT_EQUAL = [
     ("10^{6}", "1,000,001"),
     ("1,000", "1"),
     ("1{,}000", "1"),
+    ("(1, 100)", "1100"),                                 # an interval, not the number 1,100
+    ("(-5, 100)", "-5100"),
+    ("1, 234", "1234"),                                   # a list: a comma and a space
+    ("\\text{A}, \\text{B}", "\\text{C}, \\text{D}"),    # the letters are the answer, not units
+    ("\\text{A}, \\text{B}", ","),
     ("x = 3", "4"),
     ("x = 3", "y = 4"),
     ("x=3", "x"),
@@ -171,6 +184,10 @@ NOT_EQUAL = [
     ("\\frac{1}{0}", "\\infty"),                          # division by zero is not a number
     ("\\sqrt{-1}", "i"),                                  # real roots only
     ("\\sqrt{-4}", "2"),
+    ("10^{-5000}", "0"),                                  # a float underflow is not 0
+    ("2^{-5000}", "0"),
+    ("\\pi \\cdot 10^{-400}", "0"),
+    ("3.5.2", "0.7"),                                     # not 3.5 times .2
     ("1e3", "1000"),                                      # no scientific notation
     ("x^2-1", "(x-1)(x+1)"),                              # no symbolic algebra
     ("x + 1", "1 + x"),                                   # variables: compared as strings
