@@ -70,12 +70,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import math
 import random
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -589,6 +591,17 @@ def json_object(line: str, where: str) -> dict:
     return rec
 
 
+def number_text(x: int | float, where: str) -> str:
+    """A JSON number as an answer's text, never in exponent notation (the checker reads none): 18 -> "18",
+    0.5 -> "0.5", 1e-07 -> "0.0000001", 3.0 -> "3". NaN and infinities are a ValueError naming `where`."""
+    if isinstance(x, int):
+        return str(x)
+    if not math.isfinite(x):
+        raise ValueError(f'{where}: "answer" must be a finite number, got {x!r}')
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def problem_of(rec: dict, where: str) -> Problem:
     """One JSONL record in any of the LAYOUTS -> a math Problem; ValueError naming `where` (file:line) otherwise."""
     keys = [k for k in ("problem", "question", "prompt") if k in rec]
@@ -602,14 +615,18 @@ def problem_of(rec: dict, where: str) -> Problem:
     if not any(k in rec for k in used[1:]):
         need = '"solution" or "answer"' if key == "problem" else '"answer"'
         raise ValueError(f'{where}: "{key}" needs a string field {need} beside it')
+    numeric = isinstance(rec.get("answer"), (int, float)) and not isinstance(rec["answer"], bool)
+    if numeric:                                            # {"answer": 18}: many converted sets write numbers
+        rec = {**rec, "answer": number_text(rec["answer"], where)}
     for k in used:
         if k in rec and not isinstance(rec[k], str):
-            raise ValueError(f'{where}: "{k}" must be a string, got {type(rec[k]).__name__}')
+            number = " or a number" if k == "answer" else ""
+            raise ValueError(f'{where}: "{k}" must be a string{number}, got {type(rec[k]).__name__}')
     if key == "problem" and "answer" not in rec:           # MATH: the last \boxed{} of the solution
         answer = extract_boxed(rec["solution"])
         if answer is None:
             raise ValueError(f'{where}: "solution" has no \\boxed{{}} answer (or give an "answer" field)')
-    elif key == "question":                                # GSM8K: "... #### 1,234"
+    elif key == "question" and not numeric:                # GSM8K: "... #### 1,234" (a number is the answer)
         if "####" not in rec["answer"]:
             raise ValueError(f'{where}: "answer" has no "####" before the final answer (GSM8K layout)')
         answer = rec["answer"].rsplit("####", 1)[1].strip()
@@ -623,29 +640,54 @@ def problem_of(rec: dict, where: str) -> Problem:
     return math_problem(rec[key], answer, where)
 
 
+MAX_LINE_BYTES = 1_000_000          # a MATH solution is < 10,000 characters; a longer line is not a problem
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file (a BOM skipped), split at b"\\n" only (a JSON string may hold U+2028 or
+    U+0085 unescaped, which str.splitlines would split at), a trailing "\\r" dropped. Reads and decodes one line at a
+    time (so a decoding error names its line), each at most MAX_LINE_BYTES bytes (a longer one is a ValueError naming
+    the line): memory stays bounded whatever the file holds."""
+    with open(path, "rb") as f:
+        for i in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{i}: line longer than {MAX_LINE_BYTES:,} bytes (expected one problem per "
+                                 f"line)")
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") \
+                    from None
+            yield i, line.rstrip("\n").rstrip("\r")
+
+
 def load_problems(path: str | Path) -> list[Problem]:
     """Math problems of a .jsonl file, one per line (blank lines skipped), in file order. A question that repeats an
     earlier one is dropped, said in one note on stderr (the first line is kept, whatever the repeat's answer): a
     repeat would weigh a problem twice in training and count it twice in an accuracy. Anything else that is not a
     problem is a ValueError naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory (expected a .jsonl file of problems)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (expected a .jsonl file of problems)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out, first, repeats = [], {}, []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        p = problem_of(json_object(line, f"{path}:{i}"), f"{path}:{i}")
-        q = question_of(p)
-        if q in first:
-            repeats.append((first[q], i))
-            continue
-        first[q] = i
-        out.append(p)
+    try:
+        for i, line in jsonl_lines(path):
+            if not line.strip():
+                continue
+            p = problem_of(json_object(line, f"{path}:{i}"), f"{path}:{i}")
+            q = question_of(p)
+            if q in first:
+                repeats.append((first[q], i))
+                continue
+            first[q] = i
+            out.append(p)
+    except OSError as e:                                   # unreadable (permissions, a FIFO gone, an I/O error)
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not out:
         raise ValueError(f"{path}: no problems (expected one JSON object per line: {LAYOUTS})")
     if repeats:

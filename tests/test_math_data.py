@@ -102,7 +102,7 @@ BAD = {"bad_json": "not valid JSON", "not_object": "expected a JSON object, got 
        "missing_solution": '"problem" needs a string field "solution" or "answer"',
        "no_box": '"solution" has no \\boxed{} answer', "no_hashes": 'no "####" before the final answer',
        "empty_answer": "the answer is empty", "empty_box": "the answer is empty", "empty_question": '"prompt" is empty',
-       "non_string_answer": '"answer" must be a string, got int',
+       "non_string_answer": '"answer" must be a string or a number, got bool',
        "non_string_problem": '"problem" must be a string, got list'}
 
 
@@ -117,7 +117,7 @@ def test_a_malformed_line_is_one_line_naming_file_and_line(case):
 
 def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    for path, expected in ((tmp_path / "nowhere.jsonl", "not found"), (tmp_path, "not found"),
+    for path, expected in ((tmp_path / "nowhere.jsonl", "not found"), (tmp_path, "is a directory"),
                            (tmp_path / "empty.jsonl", "no problems")):
         with pytest.raises(SystemExit, match=expected):
             tasks.read_problems(str(path), "--val-data")
@@ -324,3 +324,24 @@ def test_qnet_mcts_and_search_eval_on_a_file(chain, tmp_path):
     firsts = [p.prompt for p in tasks.load_problems(FIX / "gsm8k.jsonl")[:2]]
     assert sorted(r["problem"] for r in rows) == sorted(firsts * 2) and "| bon | 1 |" in text
     assert json.loads((tmp_path / "ev/config.json").read_text())["val_data"] == str(FIX / "gsm8k.jsonl")
+
+
+def test_file_encodings_line_ends_and_numbers(tmp_path):
+    """A BOM, CRLF, U+2028 / U+0085 inside a JSON string (valid JSON, not line ends), numeric answers; a directory
+    and an over-long line are one-line errors (the long line read only up to MAX_LINE_CHARS)."""
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a\u2028b", "answer": 18}, {"question": "c\x85d", "answer": -3},
+            {"problem": "e", "answer": 1e-07}, {"prompt": "g", "answer": 2.0}]
+    f.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    ps = tasks.load_problems(f)
+    assert [(p.meta["question"], p.answer) for p in ps] == [("a\u2028b", "18"), ("c\x85d", "-3"), ("e", "0.0000001"),
+                                                            ("g", "2")]
+    f.write_text('{"prompt": "a", "answer": NaN}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: \"answer\" must be a finite number"):
+        tasks.load_problems(f)
+    f.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "' + "x" * (tasks.MAX_LINE_BYTES + 5) + '"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: line longer than 1,000,000 bytes"):
+        tasks.load_problems(f)
+    f.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8 text"):
+        tasks.load_problems(f)
