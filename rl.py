@@ -225,6 +225,9 @@ def check_math_flags(cfg: RLArgs, given: set):
         if name in given and not (cfg.eval_only and cfg.task == "math"):
             raise SystemExit(f"--{name.replace('_', '-')} is for --eval-only with --data or --val-data")
     ks = pass_ks(cfg.pass_k)
+    if "pass_k" in given and not cfg.samples:     # else --pass-k 4 alone wrote greedy accuracy only, silently
+        raise SystemExit(f"--pass-k {cfg.pass_k}: pass@k needs sampled responses; pass --samples n (n >= "
+                         f"{max(ks)})")
     if cfg.samples and max(ks) > cfg.samples:
         raise SystemExit(f"--pass-k {cfg.pass_k}: pass@{max(ks)} needs at least {max(ks)} samples per problem; "
                          f"--samples is {cfg.samples}")

@@ -152,6 +152,8 @@ def test_scripts_check_the_data_before_any_checkpoint(script, flag, tmp_path, mo
     (["--samples", "4"], "--samples is for --eval-only with --data or --val-data"),
     (["--eval-only", "--samples", "2", "--pass-k", "1,4"], "pass@4 needs at least 4 samples per problem"),
     (["--eval-only", "--samples", "4", "--pass-k", "1,x"], "expected distinct positive integers"),
+    (["--eval-only", "--pass-k", "4"], "pass@k needs sampled responses; pass --samples n (n >= 4)"),
+    (["--eval-only", "--samples", "0", "--pass-k", "1"], "pass@k needs sampled responses"),
     (["--no-data", "--val-data", str(FIX / "prompt.jsonl")], "--val-data: training needs --data too"),
 ])
 def test_rl_flag_conflicts_are_one_line(argv, expected):
