@@ -550,6 +550,14 @@ def math_eval_main(cfg: RLArgs, held: list[tasks.Problem]) -> dict:
     """--eval-only on math problems: math_eval of --init, printed and written to <--out-dir>/math-eval.json."""
     f = Path(cfg.out_dir) / "math-eval.json"
     check_out_file(f, "--out-dir")             # before the model loads
+    try:                                       # and a file can be made there: not found out after the whole eval
+        f.parent.mkdir(parents=True, exist_ok=True)
+        probe = f.parent / f".{f.name}.{os.getpid()}.probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write {f.name} there ({e.strerror or e}); nothing was "
+                         f"evaluated") from None
     device = parallel.device_of(cfg.device)
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     model = load_model(cfg, device).eval()

@@ -147,6 +147,17 @@ def test_scripts_check_the_data_before_any_checkpoint(script, flag, tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
+def test_rl_eval_checks_its_out_dir_can_be_written_before_the_model(tmp_path, monkeypatch):
+    """An --out-dir where no file can be made (here under /proc) is one line before the model loads, not an error
+    after the whole evaluation."""
+    monkeypatch.setattr(cola, "load_level", no_model)
+    with pytest.raises(SystemExit) as e:
+        rl.main(["--init", str(tmp_path / "nowhere"), "--eval-only", "--val-data", str(FIX / "prompt.jsonl"),
+                 "--out-dir", "/proc/cola-no-such-dir/eval"])
+    msg = str(e.value.code)
+    assert msg.startswith("--out-dir /proc/cola-no-such-dir/eval: cannot write math-eval.json") and "\n" not in msg
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--task", "arith"], "--task arith and --data / --val-data: pass one"),
     (["--samples", "4"], "--samples is for --eval-only with --data or --val-data"),
