@@ -93,7 +93,8 @@ WHITESPACE = re.compile(r"\s+")
 UNIT_POWER = re.compile(r"\s*\^\s*(?:[0-9]|\{[0-9]\})")            # the "^2" of "\text{ cm}^2"
 REPLACE = [("\n", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
            ("\\displaystyle", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\$", ""), ("$", ""),
-           ("\\%", ""), ("%", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("~", "")]
+           ("\\%", ""), ("%", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("~", ""),
+           ("\u2212", "-")]                                  # U+2212, the minus sign a model may copy from text
 
 
 def strip_text(s: str) -> str:

@@ -13,6 +13,7 @@ import tasks
 from tasks import Problem, extract_boxed, math_equal, reward_math
 
 EQUAL = [
+    ("\u22123", "-3"),                                     # U+2212 MINUS SIGN, as text copied from a page writes it
     # LaTeX spellings of the same fraction
     ("\\frac{1}{2}", "\\frac{1}{2}"),
     ("\\dfrac{1}{2}", "\\frac{1}{2}"),                   # \dfrac, \tfrac -> \frac
@@ -134,6 +135,7 @@ EQUAL = [
 ]
 
 NOT_EQUAL = [
+    ("\u22123", "3"),
     ("\\frac{1}{3}", "0.33"),                             # exact rationals: no rounding accepted
     ("\\frac{1}{3}", "0.333333"),                         # (math-verify rounds to 6 places and accepts it)
     ("\\frac{1}{2}", "0.5000001"),
