@@ -358,3 +358,20 @@ def test_file_encodings_line_ends_and_numbers(tmp_path):
     f.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8 text"):
         tasks.load_problems(f)
+
+
+@pytest.mark.parametrize("layout", ["math", "gsm8k", "prompt"])
+def test_each_layout_runs_the_evaluation_and_the_search_end_to_end(chain, tmp_path, layout):
+    """Real rollouts (not replaced): every problem of the file is scored once greedily and --samples times, and
+    mcts.py searches the file's last problem."""
+    f, bc = FIX / f"{layout}.jsonl", str(chain / "bc/final")
+    problems = tasks.load_problems(f)
+    out = tmp_path / "ev"
+    rl.main(["--init", bc, "--eval-only", "--val-data", str(f), "--samples", "2", "--pass-k", "1,2",
+             "--max-new-tokens", "3", "--out-dir", str(out), "--dtype", "float32"])
+    saved = json.loads((out / "math-eval.json").read_text())
+    assert saved["problems"] == len(saved["rows"]) == len(problems) >= 30
+    assert 0 <= saved["pass@1"] <= saved["pass@2"] <= 1 and 0 <= saved["greedy_accuracy"] <= 1
+    search, _ = mcts.main(["--ckpt", bc, "--data", str(f), "--index", str(len(problems) - 1), "--n-rounds", "2",
+                           "--max-new-tokens", "4"])
+    assert search.problem == problems[-1]
