@@ -64,8 +64,8 @@ import numpy as np
 import torch
 
 from infra.files import atomic_write, replace_dir
-from tasks import (KINDS, MATH_INSTRUCTION, SPLITS, Problem, check_split, make_problems, problem_stream, question_of,
-                   reward, split_of, task_sft_records)
+from tasks import (KINDS, MATH_INSTRUCTION, SPLITS, Problem, check_split, json_object, make_problems, problem_stream,
+                   question_of, reward, split_of, task_sft_records)
 from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
@@ -206,13 +206,8 @@ def read_documents(path: str | Path) -> Iterator[str]:
 
 
 def json_line(path: Path, i: int, line: str) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"data: {path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"data: {path}:{i}: expected a JSON object, got {type(rec).__name__}")
-    return rec
+    """Line i of a JSONL file as a dict, else a ValueError naming the file and line (tasks.json_object)."""
+    return json_object(line, f"data: {path}:{i}")
 
 
 def write_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenizer, shard_tokens: int = 50_000_000,
