@@ -658,6 +658,7 @@ def train(argv=None):
         device = parallel.device_of(cfg.device)
         tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
         model = load_model(cfg, device).eval()
+        check_vocab(tok, (model.base if cfg.level == "latent" else model).args.vocab_size, f"--init {cfg.init}")
         print(dtype_line(cfg))
         with autocast(cfg.dtype, device):          # as a training run's evaluations (under Run.amp)
             result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device,

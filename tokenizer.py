@@ -186,6 +186,17 @@ def corpus_digest(texts) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_file(ckpt_dir: str | Path | None) -> Path | None:
+    """The tokenizer file of a checkpoint directory (Meta: tokenizer.model, HF: original/tokenizer.model or
+    tokenizer.json; our exports copy theirs in), or None: the embedded byte tokenizer."""
+    if ckpt_dir is not None:
+        d = Path(ckpt_dir)
+        for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model", d / "tokenizer.json"):
+            if cand.exists():
+                return cand
+    return None
+
+
 class Tokenizer:
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
@@ -215,12 +226,8 @@ class Tokenizer:
             except (OSError, ValueError) as e:        # missing, a directory, not JSON, not a tokenizer: one line
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{explicit}: ")
                 raise SystemExit(f"--tokenizer {explicit}: {reason}") from None
-        if ckpt_dir is not None:
-            d = Path(ckpt_dir)
-            for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model", d / "tokenizer.json"):
-                if cand.exists():
-                    return cls(cand)
-        return cls()
+        found = tokenizer_file(ckpt_dir)
+        return cls(found) if found is not None else cls()
 
     def encode(self, s: str, *, bos: bool, eos: bool, allowed_special="none", disallowed_special=()) -> list[int]:
         """Text -> ids. Special-token text is encoded as plain text unless allowed_special says otherwise

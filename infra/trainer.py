@@ -50,6 +50,7 @@ from infra import parallel
 from infra.files import atomic_write, replace_dir
 from infra.files import check_out_dir as check_dir_path
 from infra.parallel import Root, World, device_type
+from tokenizer import tokenizer_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one @dataclass per script or stage, each field a --flag with a one-line help
@@ -618,12 +619,24 @@ class Run:
                 c["train_stage"] = self.stage
                 c["train_history"] = self.history() + [{"stage": self.stage, **asdict(self.cfg)}]
                 atomic_write(tmp / "config.json", lambda t: t.write_text(json.dumps(c, indent=2)))
+                self.copy_tokenizer(tmp)
+
+            def final_llama(tmp: Path):
+                model.base.save_pretrained(tmp)
+                self.copy_tokenizer(tmp)
             replace_dir(self.dir / "final", final)
             if llama_base:
-                replace_dir(self.dir / "final-llama", model.base.save_pretrained)
+                replace_dir(self.dir / "final-llama", final_llama)
         with writing(f"{self.dir / 'final'}: could not export the model"):
             parallel.on_main(self.world, write)
         self.finish(result)
+
+    def copy_tokenizer(self, out: Path):
+        """The run's tokenizer file (--tokenizer, else the one in --init) beside an export, so that the next stage,
+        RL and search find it there without --tokenizer; none for the embedded byte tokenizer."""
+        src = Path(self.cfg.tokenizer) if getattr(self.cfg, "tokenizer", "") else tokenizer_file(self.init or None)
+        if src is not None:
+            shutil.copyfile(src, out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
 
     def finish(self, result: dict):
         """The result (evaluations before and after) as the last metrics.jsonl row, and on the screen. The run is

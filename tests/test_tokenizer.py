@@ -266,3 +266,28 @@ def test_train_bpe_stops_when_no_pair_is_left():
     merges = train_bpe(["abab abab"], 10_000)       # "abab", " abab": ab, then abab / " abab" ... then nothing
     spec = bpe_json(merges)["model"]
     assert len(spec["vocab"]) == 256 + len(merges) < 10_000 and len(merges) >= 3
+
+
+def test_exports_carry_the_run_tokenizer_and_rl_checks_it(tmp_path, chain):
+    """An export holds the tokenizer the run read (--tokenizer, else the one in --init), so the next stage finds it
+    without the flag; an export of the embedded byte tokenizer holds none. rl.py --eval-only refuses a tokenizer whose
+    vocabulary is not the model's (it used to evaluate with it and decode nonsense)."""
+    import train
+    from conftest import LM
+    from tokenizer import bpe_json, tokenizer_file
+    src = tmp_path / "bytes-as-json.json"                  # the byte ranks written as a tokenizer.json: V = 512
+    src.write_text(json.dumps(bpe_json([])))
+    flags = [*LM, "--steps", "1", "--dtype", "float32"]
+    train.main(["--stage", "base", "--out-dir", str(tmp_path / "base"), "--tokenizer", str(src), *flags])
+    copied = tmp_path / "base/final/tokenizer.json"
+    assert copied.read_bytes() == src.read_bytes() and Tokenizer.find(tmp_path / "base/final").model.name == copied.name
+    train.main(["--stage", "pretrain", "--out-dir", str(tmp_path / "a"), "--init", str(tmp_path / "base/final"),
+                *flags])
+    assert (tmp_path / "a/final/tokenizer.json").read_bytes() == src.read_bytes()
+    assert tokenizer_file(chain / "sft/final") is None                  # the chain runs on the embedded bytes
+    wide = tmp_path / "digits.json"                                      # 100 more merges: V = 612
+    wide.write_text(json.dumps(bpe_json([(48 + a, 48 + b) for a in range(10) for b in range(10)])))
+    import rl
+    with pytest.raises(SystemExit, match=r"the tokenizer has 612 tokens but --init .* has vocab_size 512"):
+        rl.main(["--init", str(chain / "sft/final"), "--level", "token", "--eval-only", "--tokenizer", str(wide),
+                 "--eval-problems", "1", "--max-new-tokens", "2", "--judge", "none", "--dtype", "float32"])
