@@ -620,20 +620,16 @@ class Run:
                 c["train_history"] = self.history() + [{"stage": self.stage, **asdict(self.cfg)}]
                 atomic_write(tmp / "config.json", lambda t: t.write_text(json.dumps(c, indent=2)))
                 self.copy_tokenizer(tmp)
-
-            def final_llama(tmp: Path):
-                model.base.save_pretrained(tmp)
-                self.copy_tokenizer(tmp)
             replace_dir(self.dir / "final", final)
-            if llama_base:
-                replace_dir(self.dir / "final-llama", final_llama)
+            if llama_base:                           # the base alone, with the same tokenizer
+                replace_dir(self.dir / "final-llama", lambda tmp: (model.base.save_pretrained(tmp),
+                                                                   self.copy_tokenizer(tmp)))
         with writing(f"{self.dir / 'final'}: could not export the model"):
             parallel.on_main(self.world, write)
         self.finish(result)
 
     def copy_tokenizer(self, out: Path):
-        """The run's tokenizer file (--tokenizer, else the one in --init) beside an export, so that the next stage,
-        RL and search find it there without --tokenizer; none for the embedded byte tokenizer."""
+        """The run's tokenizer file (--tokenizer, else --init's; none: the embedded one) into an export directory."""
         src = Path(self.cfg.tokenizer) if getattr(self.cfg, "tokenizer", "") else tokenizer_file(self.init or None)
         if src is not None:
             shutil.copyfile(src, out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
