@@ -240,13 +240,9 @@ def parse_q_args(argv: list[str]) -> QArgs:
     for name, value, allowed in (("level", cfg.level, LEVELS), ("task", cfg.task, tasks.TASKS)):
         if value not in allowed:
             raise SystemExit(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
-    if cfg.data or cfg.val_data:
-        if "task" in given:
-            raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
-                             f"generated task)")
-        if not cfg.data:
-            raise SystemExit("--val-data: the Q-network trains on --data's problems; pass --data too")
-        cfg.task = "math"
+    cfg.task = tasks.task_of(cfg, given)
+    if cfg.val_data and not cfg.data:
+        raise SystemExit("--val-data: the Q-network trains on --data's problems; pass --data too")
     if not cfg.init:
         cfg.init = "runs/fta-i/final" if cfg.level == "latent" else "runs/sft/final"
         if not Path(cfg.init).is_dir():

@@ -213,14 +213,10 @@ def parse_args(argv: list[str], world: parallel.World = parallel.World()) -> RLA
 def check_math_flags(cfg: RLArgs, given: set):
     """--data / --val-data replace --task (cfg.task becomes "math"); --samples and --pass-k belong to --eval-only on
     them. One line for each conflict, before anything is read."""
-    if cfg.data or cfg.val_data:
-        if "task" in given:
-            raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
-                             f"generated task)")
-        if not cfg.data and not cfg.eval_only:
-            raise SystemExit("--val-data: training needs --data too (the training problems); --val-data alone "
-                             "serves --eval-only")
-        cfg.task = "math"
+    cfg.task = tasks.task_of(cfg, given)
+    if cfg.val_data and not cfg.data and not cfg.eval_only:
+        raise SystemExit("--val-data: training needs --data too (the training problems); --val-data alone serves "
+                         "--eval-only")
     for name in ("samples", "pass_k"):
         if name in given and not (cfg.eval_only and cfg.task == "math"):
             raise SystemExit(f"--{name.replace('_', '-')} is for --eval-only with --data or --val-data")
@@ -546,6 +542,15 @@ def math_eval(model, cfg: RLArgs, tok: Tokenizer, problems: list[tasks.Problem],
     return {**out, "rows": rows}
 
 
+def eval_model(cfg: RLArgs, device):
+    """--eval-only's tokenizer and --init model, their vocabularies checked to agree (tokenizer.check_vocab)."""
+    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    model = load_model(cfg, device).eval()
+    check_vocab(tok, (model.base if cfg.level == "latent" else model).args.vocab_size, f"--init {cfg.init}")
+    print(dtype_line(cfg))
+    return tok, model
+
+
 def math_eval_main(cfg: RLArgs, held: list[tasks.Problem]) -> dict:
     """--eval-only on math problems: math_eval of --init, printed and written to <--out-dir>/math-eval.json."""
     f = Path(cfg.out_dir) / "math-eval.json"
@@ -559,10 +564,7 @@ def math_eval_main(cfg: RLArgs, held: list[tasks.Problem]) -> dict:
         raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write {f.name} there ({e.strerror or e}); nothing was "
                          f"evaluated") from None
     device = parallel.device_of(cfg.device)
-    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
-    model = load_model(cfg, device).eval()
-    check_vocab(tok, (model.base if cfg.level == "latent" else model).args.vocab_size, f"--init {cfg.init}")
-    print(dtype_line(cfg))
+    tok, model = eval_model(cfg, device)
     with autocast(cfg.dtype, device):
         result = math_eval(model, cfg, tok, held, device)
     result = {"init": cfg.init, "held_out": cfg.val_data or f"the val split of {cfg.data}", "level": cfg.level,
@@ -656,10 +658,7 @@ def train(argv=None):
         if held is not None:                   # math problems: accuracy and pass@k, written to --out-dir
             return math_eval_main(cfg, held)
         device = parallel.device_of(cfg.device)
-        tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
-        model = load_model(cfg, device).eval()
-        check_vocab(tok, (model.base if cfg.level == "latent" else model).args.vocab_size, f"--init {cfg.init}")
-        print(dtype_line(cfg))
+        tok, model = eval_model(cfg, device)
         with autocast(cfg.dtype, device):          # as a training run's evaluations (under Run.amp)
             result = {**evaluate(model, frozen_reference(model, cfg.level), cfg, tok, device,
                                  judge=load_judge(cfg, device)), "general_loss": general_text_loss(model, cfg, tok, device)}

@@ -236,9 +236,7 @@ def eval_main(argv: list[str]):
     cfg, set_flags = parse_config(EvalArgs, argv, "search_eval.py", {})
     if cfg.task not in tasks.TASKS:
         raise SystemExit(f"--task {cfg.task!r}: expected one of {', '.join(tasks.TASKS)}")
-    if (cfg.data or cfg.val_data) and "task" in set_flags:
-        raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
-                         f"generated task)")
+    tasks.task_of(cfg, set_flags)                 # --task beside --data / --val-data: one line
     if cfg.select not in SELECTS:
         raise SystemExit(f"--select {cfg.select!r}: expected one of {', '.join(SELECTS)}")
     if cfg.answer not in ANSWERS:

@@ -704,6 +704,17 @@ def read_problems(path: str, flag: str) -> list[Problem]:
         raise SystemExit(f"{flag} {e}") from None
 
 
+def task_of(cfg, given: set) -> str:
+    """"math" when --data / --val-data are given (the file's problems replace the generated --task), else --task;
+    both given is one line, for rl.py, qnet.py and search_eval.py alike."""
+    if not (cfg.data or cfg.val_data):
+        return cfg.task
+    if "task" in given:
+        raise SystemExit(f"--task {cfg.task} and --data / --val-data: pass one (the file's problems replace the "
+                         f"generated task)")
+    return "math"
+
+
 def problem_sets(data_path: str, val_path: str, need_train: bool = True) -> tuple[list[Problem], list[Problem]]:
     """(training problems, held-out problems) of --data and --val-data. Held out: --val-data's problems, else the
     val split of --data (the VAL_FRACTION of questions whose hash is lowest, split_of: fixed by the text, so
