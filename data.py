@@ -39,7 +39,9 @@ Formats (choices made here):
     a record whose prompt alone fills the window has no response token left and is dropped (counted too).
   - Splits: a document or problem is "val" when the blake2b hash of its text (of its prompt, for problems) falls
     in the lowest 5%; identical texts therefore always land in the same split, and train/val never overlap.
-  - Mix: tasks are 20% of the embedded corpus's characters (countdown and arithmetic alternate), docstrings 80%.
+  - Mix: tasks are 95% of the embedded corpus's characters (PRETRAIN_KINDS in turn: countdown-2 three times, then
+    arithmetic), docstrings 5%. A base that sees mostly task text learns to copy the prompt's numbers into its answer
+    and solves some countdown-2 problems before any fine-tuning; at 20% or 50% it solved none (docs/results.md).
 
 Deviations from the paper / official code:
   - Pre-training text is Python's stdlib docstrings (~1.2 MB, English technical prose with some code) plus
@@ -70,9 +72,10 @@ from tokenizer import ChatFormat, Tokenizer, bpe_json, corpus_digest, train_bpe
 
 ROOT = Path(__file__).resolve().parent
 CACHE_DIR = ROOT / "data" / "cache"          # gitignored
-DATA_VERSION = 1                             # bump when the extraction or the task templates change
+DATA_VERSION = 2                             # bump when the extraction, the task templates or the mix change
 MIN_DOC_CHARS = 200                          # keep docstrings of at least this many characters
-TASK_SHARE = 0.20                            # share of the embedded corpus's characters that are task texts
+TASK_SHARE = 0.95                            # share of the embedded corpus's characters that are task texts
+PRETRAIN_KINDS = ("countdown-2", "countdown-2", "countdown-2", "arith")  # the task texts' kinds, in turn
 VAL_SEED = 1234                              # the held-out windows' order: the same evaluation batches everywhere
 
 
@@ -147,9 +150,9 @@ def embedded_corpus(split: str = "train", seed: int = 0) -> list[str]:
     natural = sum(map(len, docs))
     budget = natural * TASK_SHARE / (1 - TASK_SHARE)          # task chars so that tasks / total = TASK_SHARE
     tasks, chars = [], 0
-    for p in problem_stream("mix", seed, "pretrain", split):
-        if chars >= budget:
-            break
+    streams = [problem_stream(kind, seed, f"pretrain:{i}", split) for i, kind in enumerate(PRETRAIN_KINDS)]
+    while chars < budget:
+        p = next(streams[len(tasks) % len(streams)])
         tasks.append(p.text)
         chars += len(p.text)
     out = docs + tasks
@@ -525,7 +528,7 @@ class SFTLoader:
 
 def embedded_cache(cfg, tok: Tokenizer) -> Path:
     """Where the embedded corpus of this tokenizer and seed is tokenized once (gitignored)."""
-    return CACHE_DIR / f"embedded-{tok.model.name}-seed{cfg.seed}"
+    return CACHE_DIR / f"embedded-{tok.model.name}{'-' + tok.digest if tok.digest else ''}-seed{cfg.seed}"
 
 
 def lm_shards(cfg, tok: Tokenizer) -> tuple[list[Path], list[Path]]:
@@ -662,7 +665,7 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="tokenize .txt/.jsonl files into uint32 shards")
     p.add_argument("inputs", nargs="+", help=".txt (form-feed separated documents) or .jsonl (a 'text' field)")
     p.add_argument("--out", required=True, help="output directory for shard_*.bin and meta.json")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: embedded bytes)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: the embedded one: bytes + two-digit numbers)")
     p.add_argument("--shard-tokens", type=int, default=50_000_000)
     p = sub.add_parser("embedded", help="write train/ and val/ shards of the embedded corpus")
     p.add_argument("--out", default="data/embedded")

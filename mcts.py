@@ -212,7 +212,7 @@ class SearchArgs:
     kv_reuse: bool = arg(True, "keep each node's K/V and last state (off: every node reruns its whole prefix)")
     rollout_reuse: bool = arg(True, "a child on its parent's greedy rollout inherits the rest of it")
     show_tree: bool = arg(False, "print the tree: actions, tokens, visits, values, rewards")
-    tokenizer: str = arg("", "tokenizer file (default: found in --ckpt, else the embedded byte tokenizer)")
+    tokenizer: str = arg("", "tokenizer file (default: found in --ckpt, else the embedded one)")
     device: str = arg("", "cpu or cuda (default: cuda if available)")
     seed: int = arg(0, "seed of the held-out problems", SEED)
 

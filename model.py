@@ -93,9 +93,10 @@ class ModelArgs:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# Named presets. "tiny" is the embedded CPU default: the byte-level tokenizer fixes V = 512 (tokenizer.py).
+# Named presets. "tiny" is the embedded CPU default: the embedded tokenizer (bytes + two-digit numbers) fixes
+# V = 612 (tokenizer.py).
 PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64,
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=612, multiple_of=64,
                       ffn_dim_multiplier=1.0, max_seq_len=512),
     "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
                               ffn_dim_multiplier=1.5, rope_scale_factor=32.0, max_seq_len=8192,
@@ -471,7 +472,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a Llama-3.1 checkpoint (HF or Meta layout).")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json or params.json inside)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: found in "
-                   "--ckpt, else the embedded byte-level tokenizer)")
+                   "--ckpt, else the embedded one)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

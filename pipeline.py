@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
 from infra.trainer import SEED, check_value, machine_line, release_locks, resolve_dtype
 import rl
+import tasks
 from tokenizer import Tokenizer
 from train import FinetuneArgs, parse_args, run_stage
 
@@ -35,6 +37,15 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rl-seeds", default="0", help="seeds of the RL runs at each level, from the same checkpoints "
                                                       "(each seed its own held-out problems, sampling noise and "
                                                       "prompts); the table gives their mean and range")
+    p.add_argument("--claims", action="store_true", help="after `python pipeline.py`: search at matched budgets "
+                   "(greedy, best-of-N, MCTS, latent and token; MCTS-Q too when <out-dir>/q-latent/final exists) on "
+                   "--search-problems held-out problems, from the pipeline's checkpoints; adds search.<method>.<budget> "
+                   "to results.json and the tables to results.md")
+    p.add_argument("--reuse", action="store_true", help="read a stage or RL run that already finished in --out-dir "
+                   "with the same flags instead of rerunning it (after a crash or a kill; trusts that the code did "
+                   "not change since)")
+    p.add_argument("--search-problems", type=int, default=16, help="--claims: distinct held-out problems, times "
+                   "--scale below 1 (default: 16)")
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
                                                    "computes it natively, else float32), bfloat16 or float32 "
                                                    "(default: auto)")
@@ -42,6 +53,8 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     if not (math.isfinite(a.scale) and a.scale > 0):
         raise SystemExit(f"--scale {a.scale}: expected a finite number > 0 (1 = the full pipeline, 0.1 = a smoke run)")
     check_value("seed", a.seed, SEED)
+    if not 1 <= a.search_problems <= 10_000:
+        raise SystemExit(f"--search-problems {a.search_problems}: expected an integer in 1..10000")
     try:
         seeds = [int(x) for x in a.rl_seeds.split(",")]
     except ValueError:
@@ -68,20 +81,34 @@ def run_pipeline(a) -> dict:
         if isinstance(c, FinetuneArgs):
             c.n_records = max(32, round(c.n_records * a.scale))
         return c
+    rerun, a.reused = set(), []          # run directories trained now (what starts from one reruns too); read ones
+
+    def stage(name, c):
+        fresh_init = bool(c.init) and str(Path(c.init).parent) in rerun
+        done = finished(c.out_dir, asdict(c), export=getattr(c, "quantizer", "") != "vq") \
+            if a.reuse and not fresh_init else None
+        if done is None:
+            rerun.add(str(c.out_dir))
+            return run_stage(name, c)
+        a.reused.append(str(c.out_dir))
+        return done
     t0, r = time.time(), {}
-    r["base"] = run_stage("base", cfg("base"))
+    r["base"] = stage("base", cfg("base"))
     r["copying"] = copying_of(root / "base/final", parallel.device_of(""))
-    r["pretrain"] = run_stage("pretrain", cfg("pretrain", init=root / "base/final"))
-    r["vq"] = run_stage("pretrain", cfg("pretrain", name="pretrain-vq", init=root / "base/final", quantizer="vq"))
-    r["bc"] = run_stage("bc", cfg("bc", init=root / "pretrain/final"))
-    r["fta-i"] = run_stage("fta-i", cfg("fta-i", init=root / "bc/final"))
-    r["fta-p"] = run_stage("fta-p", cfg("fta-p", init=root / "bc/final"))
-    r["fta-p-merge"] = run_stage("fta-p", cfg("fta-p", name="fta-p-merge", init=root / "bc/final", base_grad="merge"))
-    r["sft"] = run_stage("sft", cfg("sft", init=root / "base/final"))
+    r["pretrain"] = stage("pretrain", cfg("pretrain", init=root / "base/final"))
+    r["vq"] = stage("pretrain", cfg("pretrain", name="pretrain-vq", init=root / "base/final", quantizer="vq"))
+    r["bc"] = stage("bc", cfg("bc", init=root / "pretrain/final"))
+    r["fta-i"] = stage("fta-i", cfg("fta-i", init=root / "bc/final"))
+    r["fta-p"] = stage("fta-p", cfg("fta-p", init=root / "bc/final"))
+    r["fta-p-merge"] = stage("fta-p", cfg("fta-p", name="fta-p-merge", init=root / "bc/final", base_grad="merge"))
+    r["sft"] = stage("sft", cfg("sft", init=root / "base/final"))
     for level, init in (("latent", "fta-i"), ("token", "sft")):
-        r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, seed) for seed in a.rl_seeds]
+        fresh = {str(root / init), str(root / "base")} & rerun          # its start or its judge was retrained
+        r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, seed, reuse=a.reuse and not fresh)
+                            for seed in a.rl_seeds]
     seconds = time.time() - t0
-    table = results_table(r, seconds, a.dtype)
+    table = results_table(r, seconds, a.dtype) + (f" ({len(a.reused)} runs read, not rerun: --reuse)"
+                                                  if a.reused else "")
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
     atomic_write(root / "results.json", lambda t: t.write_text(json.dumps(results_json(r, seconds, a), indent=1) + "\n"))
@@ -89,19 +116,104 @@ def run_pipeline(a) -> dict:
     return r
 
 
-def run_rl(root: Path, level: str, init: Path, a, seed: int) -> dict:
-    """rl.py's tiny defaults (30 GRPO steps on countdown-2; scaled by --scale) with `seed` -> its first and last
-    held-out evaluation."""
+SEARCH_METHODS = ("greedy", "bon", "mcts", "token-greedy", "token-bon", "token-mcts")
+SEARCH_BUDGETS = (500, 1000, 2000)         # FLOPs in base positions (search_eval.table, unit "flops")
+SEARCH_SEEDS = "0,1,2"                     # best-of-N's sampling seeds; the other methods are deterministic
+
+
+def run_claims(a) -> dict:
+    """--claims: search_eval.py on the pipeline's checkpoints (fta-i for the latent methods, sft for the token
+    ones), then search.<method>.<budget> (held-out success within that many base positions' FLOPs, mean over the
+    seeds) into results.json and both tables (matched forward tokens, matched FLOPs) into results.md."""
+    import search_eval
+    root = Path(a.out_dir)
+    try:
+        summary = json.loads((root / "results.json").read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--claims: {root / 'results.json'} not found: run `python pipeline.py --out-dir {root}` "
+                         f"first (it trains the checkpoints the search runs on)") from None
+    except ValueError:
+        raise SystemExit(f"--claims: {root / 'results.json'} is not JSON: rerun `python pipeline.py --out-dir "
+                         f"{root}`") from None
+    if not isinstance(summary, dict) or "scale" not in summary:
+        raise SystemExit(f"--claims: {root / 'results.json'} is not the pipeline's (no JSON object with its scale): "
+                         f"rerun `python pipeline.py --out-dir {root}`")
+    if summary["scale"] != a.scale:
+        raise SystemExit(f"--claims --scale {a.scale}: the pipeline in {root} ran at --scale {summary['scale']}; "
+                         f"pass --scale {summary['scale']}")
+    t0, out = time.time(), root / "search"
+    methods = SEARCH_METHODS + (("mcts-q",) if (root / "q-latent/final").is_dir() else ())
+    budgets = sorted({max(20, round(b * min(1.0, a.scale))) for b in SEARCH_BUDGETS})   # small scales: 20 twice
+    held = tasks.held_out(rl.TINY["task"], max(2, round(a.search_problems * min(1.0, a.scale))), a.seed)
+    problems = len(held)                                 # fewer than asked when the held-out split has fewer
+    search_eval.main(["--ckpt", str(root / "fta-i/final"), "--llama", str(root / "sft/final"), "--out-dir", str(out),
+                      "--task", rl.TINY["task"], "--problems", str(problems), "--problem-seed", str(a.seed),
+                      "--budgets", ",".join(map(str, budgets)), "--seeds", SEARCH_SEEDS, "--methods", ",".join(methods),
+                      *(["--qnet", str(root / "q-latent/final")] if "mcts-q" in methods else []),
+                      *(["--max-new-tokens", "16"] if a.scale < 0.05 else [])])
+    cache = search_eval.read_json_or_empty(out / "digests.json")
+    models = {m: [search_eval.digest(str(root / ("sft/final" if m.startswith("token-") else "fta-i/final")), cache)]
+              + ([search_eval.digest(str(root / "q-latent/final"), cache)] if m == "mcts-q" else []) for m in methods}
+    rows = search_eval.current(search_eval.read_rows(out / "results.jsonl"), methods, {p.prompt for p in held},
+                               [int(x) for x in SEARCH_SEEDS.split(",")], models)
+
+    def success(m, b):       # mean over seeds of the share of problems solved within b base positions' FLOPs
+        seeds = sorted({r["seed"] for r in rows if r["method"] == m})
+        per = [[search_eval.success_at(r["trace"], b * r["base_flops"], "flops") for r in rows
+                if r["method"] == m and r["seed"] == s] for s in seeds]
+        return round(sum(sum(x) / len(x) for x in per) / len(per), 4)
+    summary["search"] = {m: {str(b): success(m, b) for b in budgets} for m in methods}
+    summary["search_setup"] = {"unit": "FLOPs, in base positions", "problems": problems, "seeds": SEARCH_SEEDS,
+                               "run_dir": str(out), "seconds": round(time.time() - t0, 1)}
+    tables = "\n\n".join(f"search on {problems} held-out {rl.TINY['task']} problems, matched {what}:\n\n"
+                          + search_eval.table(rows, budgets, list(methods), unit) for unit, what in
+                          (("flops", "FLOPs (base positions)"), ("tokens", "forward tokens")))
+    md = root / "results.md"
+    before = md.read_text().split("\n\nsearch on ")[0].rstrip("\n") + "\n\n" if md.exists() else ""
+    atomic_write(md, lambda t: t.write_text(before + tables + "\n"))
+    atomic_write(root / "results.json", lambda t: t.write_text(json.dumps(summary, indent=1) + "\n"))
+    return summary
+
+
+def run_rl(root: Path, level: str, init: Path, a, seed: int, reuse: bool = False) -> dict:
+    """rl.py's tiny defaults (rl.TINY: 60 GRPO steps on countdown-2; scaled by --scale) with `seed` -> its first and
+    last held-out evaluation."""
     out = root / (f"rl-{level}-grpo" + (f"-seed{seed}" if seed else ""))
-    steps = max(2, round(30 * a.scale))
+    steps = max(2, round(rl.TINY["steps"] * a.scale))
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
-    rl.main(["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(seed), "--no-resume",
-             "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
-             *(smoke if a.scale < 0.05 else [])])
+    argv = ["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(seed), "--no-resume",
+            "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
+            *(smoke if a.scale < 0.05 else [])]
+    if reuse and finished(out, asdict(rl.parse_args(argv)), export=True, step=steps):
+        a.reused.append(str(out))
+    else:
+        rl.main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval"] for row in rows if "eval" in row]
     return {"before": evals[0], "after": evals[-1], "steps": steps, "seed": seed, "init": str(init),
             "run_dir": str(out)}
+
+
+def finished(out_dir, flags: dict, export: bool, step: int | None = None) -> dict | None:
+    """--reuse: the result of a run in out_dir that finished with these flags (its config.json has the same value
+    for every flag but --resume; its last metrics row is the final evaluation, at `step` for RL; final/ exists when
+    the run exports one), else None."""
+    d = Path(out_dir)
+    try:
+        config = json.loads((d / "config.json").read_text())
+        last = json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not (isinstance(config, dict) and isinstance(last, dict) and isinstance(last.get("eval"), dict)
+            and last["eval"]):
+        return None
+    same = all(config.get(k) == json.loads(json.dumps(v, default=str)) for k, v in flags.items()
+               if k != "resume" and not (k == "steps" and v == 0))       # steps 0: derived from epochs, n_records
+    done = (step is None or last["eval"].get("step") == step) and ((d / "final").is_dir() or not export)
+    if not (same and done):
+        return None
+    print(f"pipeline: {d} finished with the same flags: read, not rerun (--reuse)")
+    return last["eval"]
 
 
 def over_seeds(runs: list[dict], when: str, key: str) -> tuple[float, float, float]:
@@ -131,7 +243,8 @@ def results_json(r: dict, seconds: float, a) -> dict:
     return {"seed": a.seed, "rl_seeds": a.rl_seeds, "scale": a.scale, "dtype": a.dtype,
             "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
             "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
-            "heldout": {"distinct_problems": r["rl-latent"][0]["before"]["problems"]},
+            "heldout": {"distinct_problems": len(tasks.held_out(rl.TINY["task"], 1000, a.seed)),
+                        "evaluated": r["rl-latent"][0]["before"]["problems"]},
             "copying": {"first": r["copying"]["first"], "second": r["copying"]["second"]},
             "stage_a": {"alive": pre["codebook"]["alive"], "alive_vq": r["vq"]["codebook"]["alive"],
                         "n_actions": pre["codebook"]["n_actions"], "lm": pre["after"]["lm_val"]["lm"],
@@ -198,7 +311,10 @@ def main(argv=None):
     if world_from_env().launched:
         raise SystemExit("pipeline.py runs the tiny preset in one process: start it with python, not torchrun")
     try:
-        run_pipeline(a)
+        if a.reuse or not a.claims:          # --claims --reuse: the pipeline (what finished is read), then the search
+            run_pipeline(a)
+        if a.claims:
+            run_claims(a)
     finally:
         release_locks()                  # the run directories' locks, however the run ended
 

@@ -209,7 +209,7 @@ class QArgs:
                         "prompts in rl.py's seeded order")
     val_data: str = arg("", "held-out math problems (.jsonl) (default: the val split of --data)")
     chat: bool = arg(False, "render prompts with the Llama-3.1 chat template (as rl.py --chat)")
-    tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded byte tokenizer)")
+    tokenizer: str = arg("", "tokenizer file (default: found in --init, else the embedded one)")
     prompts: int = arg(64, "training prompts (train split of the rl stream)", ">= 1")
     samples: int = arg(8, "sampled responses per prompt (paper: 8)", ">= 1")
     val_prompts: int = arg(16, "held-out prompts (val split), one sample each: held-out TD loss, Q against the return",

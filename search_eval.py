@@ -18,7 +18,7 @@ It appends one row per (method, problem, seed) to <out-dir>/results.jsonl, skips
 row records the digests of the checkpoints it ran: a replaced model reruns it), and prints the table. One process.
 
 Deviations: eval scores --problems distinct held-out prompts, each once (tasks.held_out; countdown-2's val split
-holds only 13 distinct problems, so --problems 64 gives those 13) and runs the deterministic methods (greedy, the
+holds 270 distinct problems, so --problems 1000 gives those 270) and runs the deterministic methods (greedy, the
 searches) once: the seeds only change best-of-N's samples. With --data / --val-data (math problems from a file), the
 methods score completions with the checker against the gold answer, an oracle verifier: success is "some completion
 within the budget was correct", not what a method would answer without the answer key.
@@ -138,7 +138,7 @@ class EvalArgs:
     chat: bool = arg(False, "render prompts with the Llama-3.1 chat template (as rl.py --chat)")
     problems: int = arg(16, "distinct held-out problems (val split of the rl stream of --problem-seed: "
                             "tasks.held_out; fewer if the task has fewer; at most 10000: held_out draws 20x "
-                            "as many, and countdown-2 has 13)", ">= 1, <= 10000")
+                            "as many, and countdown-2 has 270)", ">= 1, <= 10000")
     problem_seed: int = arg(0, "seed of the held-out problems", SEED)
     seeds: str = arg("0,1,2", "sampling seeds of bon / token-bon (the other methods are deterministic)")
     budgets: str = arg("1000,4000", "forward-token budgets, comma-separated; each method runs to the largest and is "
@@ -341,19 +341,24 @@ def eval_main(argv: list[str]):
                 print(f"{m} seed {s} problem {i + 1}/{len(problems)}: best "
                       f"{max((e[1] for e in row['trace']), default=0.0):.2f}, "
                       f"{row['spent']} tokens, {row['wall_s']:.1f} s", flush=True)
-    prompts = {p.prompt for p in problems}
-    first = {}
-    for r in rows:                                   # one row per (method, problem, seed): the first one written
-        if r["method"] in methods and r["problem"] in prompts and r["seed"] in seeds and \
-                r.get("models") == models[r["method"]]:
-            first.setdefault((r["method"], r["problem"], r["seed"]), r)
-    kept = list(first.values())
+    kept = current(rows, methods, {p.prompt for p in problems}, seeds, models)
     text = (f"matched forward tokens (through a Llama trunk):\n{table(kept, budgets, methods)}\n\n"
             f"matched FLOPs (every matrix product, in FLOPs of one base position):\n"
             f"{table(kept, budgets, methods, 'flops')}")
     print(f"{len(problems)} held-out problems ({cfg.task}, distinct prompts)")
     print(text)
     return rows, text
+
+
+def current(rows: list[dict], methods, prompts: set, seeds, models: dict) -> list[dict]:
+    """The rows of this evaluation: one per (method, problem, seed), the first one written with these models
+    (models[method]: the digests of the checkpoints it runs); rows of other problems, seeds or models are left out."""
+    first = {}
+    for r in rows:
+        if r["method"] in methods and r["problem"] in prompts and r["seed"] in seeds and \
+                r.get("models") == models[r["method"]]:
+            first.setdefault((r["method"], r["problem"], r["seed"]), r)
+    return list(first.values())
 
 
 def digest(path: str, cache: dict) -> str:

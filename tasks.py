@@ -488,8 +488,10 @@ REWARDS = {"task": reward, "proxy": proxy_reward}   # by name, e.g. for rl.py's 
 
 # Easier variants for RL at the tiny preset, where a 3M-parameter model solves almost no full Countdown problem and
 # RL would see no reward: the same prompt and format (so fine-tuning on the full task carries over), fewer and
-# smaller numbers. Their problems have kind "countdown" (the same checker). Not part of the pre-training corpus.
-VARIANTS = {"countdown-2": lambda rng: make_countdown(rng, sizes=(2,), high=9),
+# smaller numbers. Their problems have kind "countdown" (the same checker). countdown-2 draws its two numbers from
+# 1..40, so its held-out split has hundreds of distinct problems (with 1..9 it had 13); it is 3/4 of the tiny
+# pre-training corpus's task text (data.PRETRAIN_KINDS), by the prompt hash only its train split there.
+VARIANTS = {"countdown-2": lambda rng: make_countdown(rng, sizes=(2,), high=40),
             "countdown-3": lambda rng: make_countdown(rng, sizes=(3,), high=9)}
 TASKS = KINDS + tuple(VARIANTS)              # what RL and search accept as --task
 
@@ -520,7 +522,7 @@ def make_problems(kind: str, n: int, seed: int, split: str | None = None, stream
 def held_out(task: str, n: int, seed: int) -> list[Problem]:
     """The first n distinct held-out problems (the val split of the "rl" stream of `seed`, which rl.py's evaluation
     draws from, repeats included), each prompt once: what search_eval.py scores. Draws at most 20n problems, so a
-    task with fewer distinct held-out prompts gives all it has (countdown-2: 13 of about 250; countdown-3: 530)."""
+    task with fewer distinct held-out prompts gives all it has (countdown-2: 270; countdown-3: 533)."""
     out, seen = [], set()
     stream = problem_stream(task, seed, "rl", "val")
     for _ in range(20 * n):

@@ -1,17 +1,22 @@
-"""Llama 3 tokenizer on tiktoken, plus an embedded byte-level default that needs no download.
+"""Llama 3 tokenizer on tiktoken, plus an embedded default (bytes + two-digit numbers) that needs no download.
 
 Llama 3 (PAPER.md §2, "Base": V = 128256): 128000 byte-level BPE ranks read from Meta's `tokenizer.model`
 (one "<base64 token bytes> <rank>" per line; the rank is both merge priority and token id), Meta's
 pre-tokenisation regex, and 256 special tokens with ids 128000..128255 (Llama-3.1 names).
 
-Embedded default (the tiny CPU preset): the 256 single bytes are the whole "BPE" (no merges), so every UTF-8
-string round-trips and no file is needed; the same 256 special-token names follow at ids 256..511, so V = 512 and
-code written against Llama 3's names (<|begin_of_text|>, <|eot_id|>, ...) runs unchanged. Why bytes and not a
-small trained BPE: nothing to ship or train, deterministic on every Python, and a 512-row embedding keeps the tiny
-model's parameters in its blocks. The price is ~4x more tokens per text than Llama 3's tokenizer.
+Embedded default (the tiny CPU preset): the 256 single bytes plus the 100 two-digit strings "00".."99" as merges
+of two digits (ranks 256..355), so every UTF-8 string round-trips, a number up to 99 is one token and no file is
+needed; the same 256 special-token names follow at ids 356..611, so V = 612 and code written against Llama 3's names
+(<|begin_of_text|>, <|eot_id|>, ...) runs unchanged. Why numbers as tokens and everything else as bytes: with
+bytes alone the tiny base never learns to copy a prompt's numbers into its answer and solves no Countdown problem;
+with one token per number copying is one step and RL gets a start with room to learn (docs/results.md, "Number
+tokens, a task-dense corpus, more fine-tuning"), while a trained BPE of 512-2048 ranks made the world model's
+task loss worse relative to its base the more ranks it had. The merges are a fixed list, not trained, so they are
+the same on every Python. The price is ~4x more tokens per English text than Llama 3's tokenizer.
+`Tokenizer("bytes")` is the plain byte tokenizer (V = 512) of earlier tiny checkpoints.
 
 Usage:
-    tok = Tokenizer()                                    # embedded byte-level default
+    tok = Tokenizer()                                    # embedded default (V = 612)
     tok = Tokenizer("Meta-Llama-3.1-8B/tokenizer.model") # official file
     tok = Tokenizer.find("/path/to/checkpoint")          # tokenizer.model, original/tokenizer.model or
                                                          # tokenizer.json inside a checkpoint directory
@@ -19,9 +24,8 @@ Usage:
 
 Trained BPE (opt-in): `train_bpe` learns byte-level merges from text and `bpe_json` writes them as a Hugging Face
 tokenizer.json that `Tokenizer(path)` and the `tokenizers` library read alike; `python data.py tokenizer --ranks N
---out F` trains one on the embedded corpus. The tiny preset stays on bytes: with a BPE of 512 / 1024 / 2048 ranks
-the world model given the IDM's actions predicts held-out text worse relative to the base the more ranks there
-are (docs/results.md, "A BPE tokenizer for the tiny preset").
+--out F` trains one on the embedded corpus (docs/results.md, "A BPE tokenizer for the tiny preset": tried, not
+the default).
 
 Deviations from Meta's tokenizer.py: none in behaviour; `Tokenizer.find` also rebuilds the ranks from a Hugging
 Face tokenizer.json (GPT-2 byte alphabet), which gives the same ids for Llama 3. `train_bpe` counts pre-tokenised
@@ -36,6 +40,7 @@ import hashlib
 import heapq
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -188,7 +193,7 @@ def corpus_digest(texts) -> str:
 
 def tokenizer_file(ckpt_dir: str | Path | None) -> Path | None:
     """The tokenizer file of a checkpoint directory (Meta: tokenizer.model, HF: original/tokenizer.model or
-    tokenizer.json; our exports copy theirs in), or None: the embedded byte tokenizer."""
+    tokenizer.json; our exports copy theirs in), or None: the embedded tokenizer."""
     if ckpt_dir is not None:
         d = Path(ckpt_dir)
         for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model", d / "tokenizer.json"):
@@ -197,19 +202,44 @@ def tokenizer_file(ckpt_dir: str | Path | None) -> Path | None:
     return None
 
 
+def embedded_ranks(digits: bool = True) -> dict[bytes, int]:
+    """The embedded tokenizer's ranks: the 256 bytes, then (digits) "00".."99", each the merge of two digit bytes."""
+    ranks = {bytes([b]): b for b in range(256)}
+    if digits:
+        ranks.update({f"{i:02d}".encode(): 256 + i for i in range(100)})
+    return ranks
+
+
+def export_tokenizer(name: str, init: str | Path | None, out: Path):
+    """Into an export directory out/: the tokenizer a run read, so that the next stage finds it there. name is its
+    --tokenizer: a file (copied as tokenizer.json or tokenizer.model), "bytes" (the plain byte tokenizer, written out
+    as a tokenizer.json with V = 512) or "" (--init's file, if it has one; none: the embedded tokenizer)."""
+    if name == "bytes":
+        (out / "tokenizer.json").write_text(json.dumps(bpe_json([])))
+        return
+    src = Path(name) if name else tokenizer_file(init)
+    if src is not None:
+        shutil.copyfile(src, out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
+
+
 class Tokenizer:
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
-            ranks, name = {bytes([b]): b for b in range(256)}, "llama3-bytes"
+            ranks, name = embedded_ranks(), "llama3-bytes-digits"
+        elif str(model_path) == "bytes":
+            ranks, name = embedded_ranks(digits=False), "llama3-bytes"
         else:
             model_path = Path(model_path)
             ranks = load_tokenizer_json(model_path) if model_path.suffix == ".json" else \
                 load_tokenizer_model(model_path)
             name = model_path.name
+        # what the data cache is keyed on: two files of one name (tokenizer.json) must not share tokenized shards
+        self.digest = "" if model_path is None or str(model_path) == "bytes" else \
+            hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:12]
         self.special_tokens = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
-        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 512 embedded
+        self.n_words = self.model.n_vocab                        # V: 128256 for Llama 3, 612 embedded
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
@@ -221,6 +251,9 @@ class Tokenizer:
     def find(cls, ckpt_dir: str | Path | None, explicit: str | Path | None = None) -> "Tokenizer":
         """The tokenizer of a checkpoint directory (Meta or HF layout), or the embedded one if it has none."""
         if explicit is not None:
+            if str(explicit) == "bytes" and Path("bytes").exists():
+                raise SystemExit("--tokenizer bytes names the plain byte tokenizer, but a file ./bytes exists too: "
+                                 "pass ./bytes for the file")
             try:
                 return cls(explicit)
             except (OSError, ValueError) as e:        # missing, a directory, not JSON, not a tokenizer: one line
@@ -249,9 +282,10 @@ class Tokenizer:
 def check_vocab(tok: Tokenizer, vocab_size: int, what: str):
     """A model and its tokenizer must agree on V: a larger tokenizer has ids past the model's embedding, a smaller
     one cannot decode ids the model may emit (tiktoken raises mid-run). One line naming `what` (a flag and path)."""
+    hint = "; a tiny checkpoint from before the two-digit tokens: --tokenizer bytes" if vocab_size == 512 else ""
     if tok.n_words > vocab_size:
         raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {what} has vocab_size {vocab_size}: pass the "
-                         f"--tokenizer the model was trained with (this one: {tok.model.name})")
+                         f"--tokenizer the model was trained with (this one: {tok.model.name}{hint})")
     if tok.n_words < vocab_size:
         raise SystemExit(f"the tokenizer has only {tok.n_words} tokens but {what} has vocab_size {vocab_size}: the "
                          f"model can emit ids {tok.n_words}..{vocab_size - 1}, which it cannot decode; pass the "

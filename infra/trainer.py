@@ -50,7 +50,7 @@ from infra import parallel
 from infra.files import atomic_write, replace_dir
 from infra.files import check_out_dir as check_dir_path
 from infra.parallel import Root, World, device_type
-from tokenizer import tokenizer_file
+from tokenizer import export_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: one @dataclass per script or stage, each field a --flag with a one-line help
@@ -629,10 +629,8 @@ class Run:
         self.finish(result)
 
     def copy_tokenizer(self, out: Path):
-        """The run's tokenizer file (--tokenizer, else --init's; none: the embedded one) into an export directory."""
-        src = Path(self.cfg.tokenizer) if getattr(self.cfg, "tokenizer", "") else tokenizer_file(self.init or None)
-        if src is not None:
-            shutil.copyfile(src, out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
+        """The run's tokenizer file into an export directory (tokenizer.export_tokenizer)."""
+        export_tokenizer(getattr(self.cfg, "tokenizer", ""), self.init or None, out)
 
     def finish(self, result: dict):
         """The result (evaluations before and after) as the last metrics.jsonl row, and on the screen. The run is

@@ -52,8 +52,10 @@ def test_embedded_corpus_splits_disjoint_and_mixed():
     n_val_docs = sum(d in docs for d in val)
     assert 0.02 < n_val_docs / len(docs) < 0.09                          # ~5% of docstrings are val
     assert set(train) | set(val) >= docs                                 # every docstring is in one split
-    task_chars = sum(len(d) for d in train if d not in docs)
-    assert 0.17 < task_chars / sum(map(len, train)) < 0.23               # tasks ~20% of the characters
+    tasks_ = [d for d in train if d not in docs]
+    assert 0.93 < sum(map(len, tasks_)) / sum(map(len, train)) < 0.97     # tasks ~95% of the characters
+    two = sum(d.startswith("Using the numbers [") and d.index("]") < d.index(",", d.index(",") + 1) for d in tasks_)
+    assert abs(two / len(tasks_) - 0.75) < 0.01                           # countdown-2 three times in four
     other = embedded_corpus("train", 1)                                  # the seed changes tasks, not docstrings
     assert {d for d in other if d in docs} == {d for d in train if d in docs} and other != train
     with pytest.raises(ValueError):

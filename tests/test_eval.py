@@ -25,7 +25,7 @@ from tokenizer import Tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread (small tensors, shared CPUs)
 
 
-def tiny_llama(seed=0, vocab=512):
+def tiny_llama(seed=0, vocab=612):
     from model import ModelArgs, Transformer
     torch.manual_seed(seed)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32,
@@ -38,7 +38,7 @@ def tiny_cola(seed=0):
     from cola import CoLA, CoLAArgs
     from model import ModelArgs
     torch.manual_seed(seed)
-    m = CoLA(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128),
+    m = CoLA(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=612, multiple_of=32, max_seq_len=128),
              CoLAArgs(n_actions=8, n_idm_layers=1, n_merge_layers=2, n_policy_layers=1, merge_hidden=96))
     m.init_weights()
     return m.eval()

@@ -395,7 +395,7 @@ def shard_dir(tmp_path: Path, ids, meta: dict | None = None, raw: bytes | None =
 
 
 SHARDS = {   # name -> (ids, meta, raw bytes, expected)
-    "ids beyond the vocabulary": (np.arange(1000) % 600, None, None, "token id 599 is outside the vocabulary of 512"),
+    "ids beyond the vocabulary": (np.arange(1000) % 700, None, None, "token id 699 is outside the vocabulary of 612"),
     "meta.json of another tokenizer": (np.arange(1000) % 500, {"tokenizer": "tokenizer.model", "vocab_size": 128256},
                                        None, "prepared with tokenizer tokenizer.model (128256 tokens)"),
     "a 3-byte shard": (None, None, b"abc", "shard_00000.bin has 3 bytes, not a whole number of uint32 tokens"),
@@ -503,9 +503,9 @@ def tokenizer_model_file(path: Path, n_ranks: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("n_ranks", [200, 300])
+@pytest.mark.parametrize("n_ranks", [200, 400])
 def test_a_tokenizer_of_another_size_than_the_model_is_one_line(chain, tmp_path, capsys, n_ranks):
-    """Every command that generates refuses a tokenizer whose V is not the model's (512 here): a larger one has ids
+    """Every command that generates refuses a tokenizer whose V is not the model's (612 here): a larger one has ids
     past the embedding, a smaller one cannot decode ids the model may emit (tiktoken's KeyError mid-run)."""
     import mcts
     import qnet
@@ -527,8 +527,8 @@ def test_a_tokenizer_of_another_size_than_the_model_is_one_line(chain, tmp_path,
         if "--tokenizer" not in argv:
             argv = [*argv, "--tokenizer", tok]
         msg = main_exit(argv, capsys, main)
-        relation = "has" if n_words > 512 else "has only"
-        assert f"the tokenizer {relation} {n_words} tokens but {what} has vocab_size 512" in msg, (main.__module__, msg)
+        relation = "has" if n_words > 612 else "has only"
+        assert f"the tokenizer {relation} {n_words} tokens but {what} has vocab_size 612" in msg, (main.__module__, msg)
     left = {d: sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("rl", "q", "se") if (tmp_path / d).exists()}
     assert left in ({}, {"rl": [".lock"]}), left          # nothing written (rl.py's lock goes when the process ends)
 

@@ -451,4 +451,4 @@ def test_presets():
     assert PRESETS["llama-3.2-1b"].ffn_hidden == 8192 and PRESETS["llama-3.2-1b"].rope_scale_factor == 32.0
     assert llama1b.output.weight is llama1b.tok_embeddings.weight
     tiny = PRESETS["tiny"]
-    assert tiny.vocab_size == 512 and tiny.n_heads != tiny.n_kv_heads
+    assert tiny.vocab_size == 612 and tiny.n_heads != tiny.n_kv_heads

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import cola
 import data
 import rl
 import tasks
@@ -237,11 +238,33 @@ def test_token_step_changes_the_base(chain):
     assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
 
 
+# The chain's world model (3 steps of Stage A) writes the same token under every action, so every sample of a group
+# is the same text and no reward can vary within a group. A codebook of 3 x N(0, 1) entries (the same on every load
+# and rank) makes the written tokens follow the actions: the RL machinery below then sees rewards that vary.
+VARY = """
+def vary(model):
+    if hasattr(model, "codebook"):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            model.codebook.weight.copy_(3 * torch.randn(model.codebook.weight.shape, generator=g))
+    return model
+"""
+SCRIPT_VARY = f"import cola, torch\n{VARY}\n_load = cola.load_level\ncola.load_level = lambda *a, **k: vary(_load(*a, **k))\n"
+
+
+def varied_loads(monkeypatch):
+    ns = {"torch": torch}
+    exec(VARY, ns)
+    real = cola.load_level
+    monkeypatch.setattr(cola, "load_level", lambda *a, **k: ns["vary"](real(*a, **k)))
+
+
 @pytest.mark.parametrize("aggregate", ["sequence", "token"])
 def test_micro_batches_accumulate_to_the_whole_batch(chain, monkeypatch, aggregate):
     """--micro-batch 1 (gradients accumulated row by row) gives the loss and the weights of one forward over all
     rows, for both aggregations (their weighting of the chunks differs)."""
     monkeypatch.setitem(tasks.REWARDS, "task", lambda p, c: sum(map(ord, c)) % 7 / 6)   # varies with the text
+    varied_loads(monkeypatch)
     results = []
     for micro in (0, 1):
         cfg = cfg_of("--init", chain / "fta-p/final", *FAST, "--group", 4, "--max-new-tokens", 12,
@@ -394,6 +417,9 @@ def test_preset_and_algo_pick_the_defaults_in_either_flag_form(form):
     assert (cfg.algo, cfg.preset, cfg.lr, cfg.kl_coef) == ("remax", "llama-3.1-8b", 1e-5, 1e-4)
     assert cfg.steps == rl.RLArgs.steps and cfg.task == rl.RLArgs.task          # not the tiny preset's
     assert rl.parse_args(["--init=x"]).lr == rl.TINY["lr"]
+    level = ["--level", "token"] if form == "space" else ["--level=token"]          # the tiny token level's own lr
+    assert rl.parse_args([*level, "--init=x"]).lr == rl.TINY_TOKEN["lr"] == 3e-5
+    assert rl.parse_args([*level, "--init=x", "--lr", "1e-4"]).lr == 1e-4
 
 
 def test_reward_that_returns_nan_stops_with_one_line(latent, monkeypatch):
@@ -414,9 +440,10 @@ def test_two_processes_equal_one(chain, tmp_path):
     The proxy reward varies within every group, so every step has a gradient; two updates per batch use the clip."""
     script = tmp_path / "rl_varied.py"                   # the tiny chain's samples score 0 on the task and proxy
     script.write_text(                                  # rewards; this one varies with the text (of fta-p's model)
-        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport rl, tasks\n"
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport rl, tasks\n{SCRIPT_VARY}"
         f"tasks.REWARDS['task'] = lambda p, c: sum(map(ord, c)) % 7 / 6\nrl.main()\n")
-    args = ["--init", chain / "fta-p/final", *FAST, "--prompts-per-step", 4, "--steps", 3, "--kl-coef", 0.1,
+    args = ["--init", chain / "fta-p/final", *FAST, "--prompts-per-step", 4, "--group", 4, "--max-new-tokens", 12,
+            "--steps", 3, "--kl-coef", 0.1,
             "--updates-per-batch", 2, "--eval-every", 3, "--dtype", "float32", "--judge", "none"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_ok([sys.executable, str(script), "--out-dir", str(one), *map(str, args)], timeout=600)
@@ -426,7 +453,7 @@ def test_two_processes_equal_one(chain, tmp_path):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert x["reward"] == pytest.approx(y["reward"], rel=1e-6) and x["resp_len"] == y["resp_len"]   # rollouts
-        assert x["grad_norm"] > 0
+        assert x["grad_norm"] > 0, (x, y)
         for k in ("loss", "kl", "adv_abs", "grad_norm", "clip_frac"):
             # the loss is a mean of A * ratio whose advantages cancel to ~0: its rounding scales with |A|, not itself
             scale = max(abs(x[k]), abs(y[k]), x["adv_abs"] if k == "loss" else 1e-6)

@@ -1,4 +1,4 @@
-"""Tests for tokenizer.py: Meta's Llama 3 tokenizer on tiktoken and the embedded byte-level default.
+"""Tests for tokenizer.py: Meta's Llama 3 tokenizer on tiktoken and the embedded default (bytes + numbers).
 
 Every file the tokenizer reads is built here (no download): a tiny tokenizer.model with 256 single bytes plus a few
 merges, and the same ranks as a Hugging Face tokenizer.json, so merges, id offsets and both readers are checked
@@ -33,37 +33,56 @@ def random_unicode(n: int, seed: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Embedded byte-level default
+# Embedded default: bytes plus the two-digit numbers
 
 
 def test_embedded_default_ids():
     tok = Tokenizer()
-    assert tok.n_words == 512
+    assert tok.n_words == 612
     for name, offset in OFFSETS.items():
-        assert tok.special_tokens[name] == 256 + offset, name
-    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (256, 257, 265, 264, 260)
-    assert sorted(tok.stop_tokens) == [257, 264, 265]
-    assert len(tok.special_tokens) == 256 and max(tok.special_tokens.values()) == 511
-    # Bytes are their own ids: "Hi" -> [72, 105].
-    assert tok.encode("Hi", bos=True, eos=True) == [256, 72, 105, 257]
+        assert tok.special_tokens[name] == 356 + offset, name
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (356, 357, 365, 364, 360)
+    assert sorted(tok.stop_tokens) == [357, 364, 365]
+    assert len(tok.special_tokens) == 256 and max(tok.special_tokens.values()) == 611
+    # Bytes are their own ids, "00".."99" are 256..355: "Hi" -> [72, 105], "7" -> 55, "40" -> 296.
+    assert tok.encode("Hi", bos=True, eos=True) == [356, 72, 105, 357]
+    assert tok.encode("[7, 40]", bos=False, eos=False) == [91, 55, 44, 32, 296, 93]
+    # Meta's regex cuts digits into runs of at most 3 ("4567" -> "456" "7"); in a run the lowest rank merges first:
+    # "123" -> "12" "3", "456" -> "45" "6".
+    assert tok.encode("123 4567", bos=False, eos=False) == [256 + 12, 51, 32, 256 + 45, 54, 55]
+    plain = Tokenizer("bytes")                                  # the byte tokenizer of earlier tiny checkpoints
+    assert plain.n_words == 512 and plain.encode("40", bos=True, eos=False) == [256, 52, 48]
+
+
+def test_embedded_digits_are_the_trained_bpe_of_digit_pairs(tmp_path):
+    """The embedded ranks are what tokenizer.json with the 100 digit-pair merges (bpe_json) loads to: the same ids
+    through the file path, so a run with --tokenizer of that file and one without agree."""
+    from tokenizer import bpe_json
+    f = tmp_path / "digits.json"
+    f.write_text(json.dumps(bpe_json([(48 + a, 48 + b) for a in range(10) for b in range(10)])))
+    text = "Using the numbers [12, 7, 40], create 1999 = 19 * 99 + 118."
+    assert Tokenizer(f).encode(text, bos=True, eos=True) == Tokenizer().encode(text, bos=True, eos=True)
 
 
 @pytest.mark.parametrize("text", TEXTS + [random_unicode(3000, seed) for seed in range(3)])
 def test_embedded_round_trip(text):
     tok = Tokenizer()
     ids = tok.encode(text, bos=False, eos=False)
-    assert ids == list(text.encode("utf-8"))
+    pieces = [tok.model.decode_single_token_bytes(i) for i in ids]   # a byte, or two digits for ids 256..355
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert all(len(p) == 1 if i < 256 else (i < 356 and p == f"{i - 256:02d}".encode()) for i, p in zip(ids, pieces))
     assert tok.decode(ids) == text
+    assert Tokenizer("bytes").encode(text, bos=False, eos=False) == list(text.encode("utf-8"))
 
 
 def test_special_text_is_plain_text_unless_allowed():
     tok = Tokenizer()
     text = "<|start_header_id|>user<|end_header_id|>"
     assert tok.encode(text, bos=False, eos=False) == list(text.encode())
-    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [262] + list(b"user") + [263]
+    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [362] + list(b"user") + [363]
     assert tok.encode(text, bos=False, eos=False, allowed_special={"<|end_header_id|>"}) == \
-        list(b"<|start_header_id|>user") + [263]
-    assert tok.decode([262, 265]) == "<|start_header_id|><|eot_id|>"
+        list(b"<|start_header_id|>user") + [363]
+    assert tok.decode([362, 365]) == "<|start_header_id|><|eot_id|>"
 
 
 @pytest.mark.parametrize("text", ["a" * 30_000, " " * 30_000, "x" * 60_000 + " " * 26_000 + "é" * 30_000])
@@ -79,10 +98,10 @@ def test_chat_format_structure():
     ids = ChatFormat(tok).encode_dialog_prompt(dialog)
 
     def header(role):
-        return [262] + list(role.encode()) + [263] + list(b"\n\n")     # start_header role end_header \n\n
+        return [362] + list(role.encode()) + [363] + list(b"\n\n")     # start_header role end_header \n\n
 
-    expected = [256] + header("system") + list(b"You are helpful.") + [265] \
-        + header("user") + list(b"Hi!") + [265] + header("assistant")   # content stripped, assistant open
+    expected = [356] + header("system") + list(b"You are helpful.") + [365] \
+        + header("user") + list(b"Hi!") + [365] + header("assistant")   # content stripped, assistant open
     assert ids == expected
 
 
@@ -190,7 +209,7 @@ def test_find_in_checkpoint_directory(tmp_path, tiny_model_file):
     tiny_model_file.rename(tmp_path / "hf" / "original" / "tokenizer.model")   # HF repos keep Meta's file here
     assert Tokenizer.find(tmp_path / "hf").n_words == N_BASE + 256
     (tmp_path / "empty").mkdir()
-    assert Tokenizer.find(tmp_path / "empty").n_words == 512
+    assert Tokenizer.find(tmp_path / "empty").n_words == 612
 
 
 @pytest.mark.parametrize("bad_line", ["aGVsbG8=", "!!not-base64!! 300", "aGVsbG8= three", "aGk= 1 2"])
@@ -240,7 +259,7 @@ def test_trained_bpe_loads_and_agrees_with_hugging_face(tmp_path, capsys):
         ids = tok.encode(text, bos=False, eos=False)
         assert hf.encode(text).ids == ids and tok.decode(ids) == text, text[:80]
     doc = stdlib_docs()[0]
-    assert len(tok.encode(doc, bos=False, eos=False)) < 0.6 * len(doc.encode())
+    assert len(tok.encode(doc, bos=False, eos=False)) < 0.7 * len(doc.encode())  # the corpus is 95% task text
     data_main(["tokenizer", "--ranks", "600", "--out", str(out)])
     assert out.read_bytes() == first                                           # deterministic
     with pytest.raises(SystemExit) as e:
@@ -270,7 +289,7 @@ def test_train_bpe_stops_when_no_pair_is_left():
 
 def test_exports_carry_the_run_tokenizer_and_rl_checks_it(tmp_path, chain):
     """An export holds the tokenizer the run read (--tokenizer, else the one in --init), so the next stage finds it
-    without the flag; an export of the embedded byte tokenizer holds none. rl.py --eval-only refuses a tokenizer whose
+    without the flag; an export of the embedded tokenizer holds none. rl.py --eval-only refuses a tokenizer whose
     vocabulary is not the model's (it used to evaluate with it and decode nonsense)."""
     import train
     from conftest import LM
@@ -284,10 +303,8 @@ def test_exports_carry_the_run_tokenizer_and_rl_checks_it(tmp_path, chain):
     train.main(["--stage", "pretrain", "--out-dir", str(tmp_path / "a"), "--init", str(tmp_path / "base/final"),
                 *flags])
     assert (tmp_path / "a/final/tokenizer.json").read_bytes() == src.read_bytes()
-    assert tokenizer_file(chain / "sft/final") is None                  # the chain runs on the embedded bytes
-    wide = tmp_path / "digits.json"                                      # 100 more merges: V = 612
-    wide.write_text(json.dumps(bpe_json([(48 + a, 48 + b) for a in range(10) for b in range(10)])))
+    assert tokenizer_file(chain / "sft/final") is None                  # the chain runs on the embedded tokenizer
     import rl
-    with pytest.raises(SystemExit, match=r"the tokenizer has 612 tokens but --init .* has vocab_size 512"):
-        rl.main(["--init", str(chain / "sft/final"), "--level", "token", "--eval-only", "--tokenizer", str(wide),
+    with pytest.raises(SystemExit, match=r"the tokenizer has only 512 tokens but --init .* has vocab_size 612"):
+        rl.main(["--init", str(chain / "sft/final"), "--level", "token", "--eval-only", "--tokenizer", str(src),
                  "--eval-problems", "1", "--max-new-tokens", "2", "--judge", "none", "--dtype", "float32"])

@@ -168,7 +168,7 @@ def test_pipeline_smallest_scale(tmp_path):
         assert [h["stage"] for h in history[-2:]] == [start, f"rl-{level}-grpo"]
     assert "RL latent / token: held-out success, greedy" in table and "(2 seeds: mean [range after])" in table
     res = json.loads((out / "results.json").read_text())
-    assert res["tokenizer"]["vocab_size"] == 512 and res["rl_seeds"] == [0, 3] and res["dtype"] in ("float32", "bfloat16")
+    assert res["tokenizer"]["vocab_size"] == 612 and res["rl_seeds"] == [0, 3] and res["dtype"] in ("float32", "bfloat16")
     assert res["heldout"]["distinct_problems"] >= 1 and res["seconds"] > 0 and res["cpu"]
     assert res["copying"]["first"] > 0 and res["copying"]["second"] > 0 and "(copying)" in table
     for level, start in (("latent", "fta-i"), ("token", "sft")):
@@ -177,6 +177,54 @@ def test_pipeline_smallest_scale(tmp_path):
         assert [s["run_dir"] for s in x["per_seed"]] == [str(out / f"rl-{level}-grpo"), str(out / f"rl-{level}-grpo-seed3")]
         assert 0 <= x["success_before"] <= 1 and 0 <= x["success_after"] <= 1
         assert x["success_after"] == sum(s["success_after"] for s in x["per_seed"]) / 2
+    assert res["heldout"]["distinct_problems"] >= 200                    # countdown-2 over 1..40: 270
+    # --claims: search from the same checkpoints, added to results.json / results.md (the stage rows are kept)
+    run_ok([sys.executable, str(REPO / "pipeline.py"), "--claims", "--scale", "0.001", "--out-dir", str(out)],
+           timeout=600)
+    res2, table2 = json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+    assert {k: v for k, v in res2.items() if k not in ("search", "search_setup")} == res
+    assert set(res2["search"]) == {"greedy", "bon", "mcts", "token-greedy", "token-bon", "token-mcts"}
+    assert all(set(v) == {"20"} and 0 <= v["20"] <= 1 for v in res2["search"].values())
+    assert res2["search_setup"]["problems"] == 2 and table2.startswith(table.rstrip("\n"))
+    assert "matched FLOPs (base positions)" in table2 and "matched forward tokens" in table2
+
+
+    # --reuse: every stage and RL run finished with the same flags, so nothing trains again and the numbers repeat
+    import pipeline
+    import rl
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "run_stage", lambda *a: calls.append(a) or pytest.fail(f"stage {a[0]} reran"))
+        mp.setattr(rl, "main", lambda argv: pytest.fail(f"rl.py reran: {argv}"))
+        pipeline.main(["--scale", "0.001", "--out-dir", str(out), "--rl-seeds", "0,3", "--reuse"])
+    again = json.loads((out / "results.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+    assert "(12 runs read, not rerun: --reuse)" in (out / "results.md").read_text()
+    # a stage whose flags differ reruns, and so does everything that starts from it (here: from the base)
+    cfg = json.loads((out / "base/config.json").read_text())
+    assert pipeline.finished(out / "base", cfg, export=True) is not None
+    assert pipeline.finished(out / "base", {**cfg, "steps": cfg["steps"] + 1}, export=True) is None
+    assert pipeline.finished(out / "pretrain-vq", {}, export=True) is None            # the VQ ablation exports none
+    assert pipeline.finished(out / "rl-latent-grpo", {}, export=True, step=999) is None
+    ran = []
+    real_finished = pipeline.finished
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "finished", lambda d, *a, **k: None if Path(d).name == "base" else real_finished(d, *a, **k))
+        mp.setattr(pipeline, "run_stage", lambda stage, c: ran.append(Path(c.out_dir).name) or  # (not trained again:
+                   read_rows(c.out_dir)[-1]["eval"])                                          # its old result)
+        mp.setattr(rl, "main", lambda argv: ran.append(Path(argv[argv.index("--out-dir") + 1]).name))
+        pipeline.main(["--scale", "0.001", "--out-dir", str(out), "--rl-seeds", "0", "--reuse"])
+    assert ran == ["base", "pretrain", "pretrain-vq", "bc", "fta-i", "fta-p", "fta-p-merge", "sft", "rl-latent-grpo",
+                   "rl-token-grpo"]
+
+
+def test_pipeline_claims_needs_the_pipeline_first(tmp_path, capsys):
+    import pipeline
+    with pytest.raises(SystemExit, match=r"--claims: .*results.json not found: run `python pipeline.py --out-dir"):
+        pipeline.main(["--claims", "--out-dir", str(tmp_path)])
+    (tmp_path / "results.json").write_text("{half")
+    with pytest.raises(SystemExit, match=r"--claims: .*results.json is not JSON"):
+        pipeline.main(["--claims", "--out-dir", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
