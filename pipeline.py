@@ -1,8 +1,11 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
 in miniature that the README and docs/results.md show (PAPER.md §6), then GRPO over latent actions (from FTA-I) and
-over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (about 15 minutes
-on 2 CPU cores with native bf16, 20 in float32 without; `--scale 0.1` for a smoke run); it writes runs/<stage>/ for
-each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/, runs/results.md and runs/results.json.
+over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (its stages took about 105 min of
+training time in float32 on 2 cores of a CPU without native bf16, docs/results.md; `--scale 0.1` for a smoke run);
+it writes runs/<stage>/ for each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/, runs/results.md and
+runs/results.json. `--reuse` reads the runs that already finished with the same flags. Then `python pipeline.py
+--claims` runs search_eval.py (greedy, best-of-N, MCTS; latent and token) on the pipeline's checkpoints and adds the
+search at matched FLOPs to both files (PAPER.md §5).
 """
 from __future__ import annotations
 
@@ -44,8 +47,8 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="read a stage or RL run that already finished in --out-dir "
                    "with the same flags instead of rerunning it (after a crash or a kill; trusts that the code did "
                    "not change since)")
-    p.add_argument("--search-problems", type=int, default=16, help="--claims: distinct held-out problems, times "
-                   "--scale below 1 (default: 16)")
+    p.add_argument("--search-problems", type=int, default=64, help="--claims: distinct held-out problems, times "
+                   "--scale below 1 (default: 64)")
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
                                                    "computes it natively, else float32), bfloat16 or float32 "
                                                    "(default: auto)")
@@ -242,6 +245,7 @@ def results_json(r: dict, seconds: float, a) -> dict:
     pre = r["pretrain"]
     return {"seed": a.seed, "rl_seeds": a.rl_seeds, "scale": a.scale, "dtype": a.dtype,
             "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
+            "reused": getattr(a, "reused", []),          # --reuse: run directories read, not rerun (not in seconds)
             "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
             "heldout": {"distinct_problems": len(tasks.held_out(rl.TINY["task"], 1000, a.seed)),
                         "evaluated": r["rl-latent"][0]["before"]["problems"]},

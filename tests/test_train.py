@@ -198,7 +198,8 @@ def test_pipeline_smallest_scale(tmp_path):
         mp.setattr(rl, "main", lambda argv: pytest.fail(f"rl.py reran: {argv}"))
         pipeline.main(["--scale", "0.001", "--out-dir", str(out), "--rl-seeds", "0,3", "--reuse"])
     again = json.loads((out / "results.json").read_text())
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+    assert {k: v for k, v in again.items() if k not in ("seconds", "reused")} == \
+        {k: v for k, v in res.items() if k not in ("seconds", "reused")} and len(again["reused"]) == 12 and not res["reused"]
     assert "(12 runs read, not rerun: --reuse)" in (out / "results.md").read_text()
     # a stage whose flags differ reruns, and so does everything that starts from it (here: from the base)
     cfg = json.loads((out / "base/config.json").read_text())
