@@ -26,8 +26,8 @@ Deviations from the paper / official code:
     the frozen base LM itself: its final normed hidden states h of [BOS] + continuation, mean-pooled over the
     continuation, then standardised per dimension with the mean and std of the same embedding over held-out general
     text. Raw hidden states are anisotropic: on runs/pretrain/final, 8 unrelated held-out docstrings have a mean
-    pairwise cosine of 0.965 raw, and 8 random token strings 0.932, so raw states would rank random tokens the more
-    diverse. On standardised embeddings unrelated texts have cosine similarity near 0, so QD grows without bound as
+    pairwise cosine of 0.965 raw, and 8 random token strings 0.927 (0.932 on the byte-level preset), so raw states
+    would rank random tokens the more diverse. On standardised embeddings unrelated texts have cosine similarity near 0, so QD grows without bound as
     the similarity of a group approaches 0; BGE-M3's similarities have a positive floor. Compare rankings with the
     paper, not values;
   - distinct-n (distinct word n-grams / all word n-grams of a group) is reported beside QD as the lexical measure;
