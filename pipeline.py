@@ -1,11 +1,15 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
-in miniature that the README and docs/results.md show (PAPER.md §6), then GRPO over latent actions (from FTA-I) and
-over tokens (from SFT) on countdown-2 (PAPER.md §4). Run it as `python pipeline.py` (its stages took about 105 min of
-training time in float32 on 2 cores of a CPU without native bf16, docs/results.md; `--scale 0.1` for a smoke run);
-it writes runs/<stage>/ for each stage, runs/rl-latent-grpo/, runs/rl-token-grpo/, runs/results.md and
-runs/results.json. `--reuse` reads the runs that already finished with the same flags. Then `python pipeline.py
---claims` runs search_eval.py (greedy, best-of-N, MCTS; latent and token) on the pipeline's checkpoints and adds the
-search at matched FLOPs to both files (PAPER.md §5).
+in miniature that the README and docs/results.md show (PAPER.md §6). Two commands:
+
+    python pipeline.py            # base, Stage A, Stage B, FTA-I, FTA-P, token SFT; the stage claims (~30 min on
+                                  # 2 cores without native bf16, docs/results.md); --scale 0.1 for a smoke run
+    python pipeline.py --claims   # the rest, from those checkpoints: the VQ ablation and 3 seeds of every stage
+                                  # after the base, GRPO over latent actions (from FTA-I) and over tokens (from SFT)
+                                  # on countdown-2 at 3 seeds (PAPER.md §4), search at matched FLOPs (PAPER.md §5)
+
+They write runs/<stage>/ (runs/seed<s>/<stage>/ for the other seeds), runs/rl-<level>-grpo[-seed<s>]/,
+runs/search/, runs/results.md and runs/results.json. --claims, and the pipeline with --reuse, read every run that
+already finished with the same flags, so a killed run goes on where it stopped.
 """
 from __future__ import annotations
 
@@ -36,17 +40,22 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
                                 description="Run every stage at the tiny preset and print the results table.")
     p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rl-seeds", default="0", help="seeds of the RL runs at each level, from the same checkpoints "
-                                                      "(each seed its own held-out problems, sampling noise and "
-                                                      "prompts); the table gives their mean and range")
-    p.add_argument("--claims", action="store_true", help="after `python pipeline.py`: search at matched budgets "
-                   "(greedy, best-of-N, MCTS, latent and token; MCTS-Q too when <out-dir>/q-latent/final exists) on "
-                   "--search-problems held-out problems, from the pipeline's checkpoints; adds search.<method>.<budget> "
-                   "to results.json and the tables to results.md")
-    p.add_argument("--reuse", action="store_true", help="read a stage or RL run that already finished in --out-dir "
-                   "with the same flags instead of rerunning it (after a crash or a kill; trusts that the code did "
-                   "not change since)")
+    p.add_argument("--seed", type=int, default=0, help="the base's seed, and the first seed of every later stage")
+    p.add_argument("--claims", action="store_true", help="after `python pipeline.py`: the rest of the paper's claims, "
+                   "reading every run that already finished: the VQ ablation and the stages after the base again at "
+                   "--stage-seeds, GRPO at --rl-seeds on both levels, then search at matched budgets (greedy, "
+                   "best-of-N, MCTS, latent and token; MCTS-Q too when <out-dir>/q-latent/final exists) on "
+                   "--search-problems held-out problems; adds rl.*, search.<method>.<budget> and the per-seed rows to "
+                   "results.json and the tables to results.md")
+    p.add_argument("--stage-seeds", default="0,1,2", help="--claims: seeds of Stage A, VQ, Stage B, FTA-I, FTA-P and "
+                   "SFT, all from the one base (runs/seed<s>/<stage> for a seed other than --seed); the table gives "
+                   "their mean and range (default: 0,1,2)")
+    p.add_argument("--rl-seeds", default="0,1,2", help="--claims: seeds of the RL runs at each level, from the same "
+                   "checkpoints (each seed its own held-out problems, sampling noise and prompts); the table gives "
+                   "their mean and range (default: 0,1,2)")
+    p.add_argument("--reuse", action="store_true", help="read a stage that already finished in --out-dir with the "
+                   "same flags instead of rerunning it (after a crash or a kill; trusts that the code did not change "
+                   "since); --claims always does")
     p.add_argument("--search-problems", type=int, default=64, help="--claims: distinct held-out problems, times "
                    "--scale below 1 (default: 64)")
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
@@ -58,26 +67,36 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     check_value("seed", a.seed, SEED)
     if not 1 <= a.search_problems <= 10_000:
         raise SystemExit(f"--search-problems {a.search_problems}: expected an integer in 1..10000")
-    try:
-        seeds = [int(x) for x in a.rl_seeds.split(",")]
-    except ValueError:
-        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected comma-separated integers >= 0, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--rl-seeds {a.rl_seeds!r}: expected distinct integers, e.g. 0,1,2")
-    for seed in seeds:                                 # checked now, not by rl.py after every training stage
-        check_value("rl_seeds", seed, SEED)
-    a.rl_seeds = seeds
+    a.stage_seeds, a.rl_seeds = seed_list("stage_seeds", a.stage_seeds), seed_list("rl_seeds", a.rl_seeds)
+    a.reuse = a.reuse or a.claims
     a.dtype = resolve_dtype(a.dtype, "")
     return a
 
 
+def seed_list(name: str, text: str) -> list[int]:
+    flag = "--" + name.replace("_", "-")
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated integers >= 0, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"{flag} {text!r}: expected distinct integers, e.g. 0,1,2")
+    for seed in seeds:                                 # checked now, not by a stage after hours of training
+        check_value(name, seed, SEED)
+    return seeds
+
+
 def run_pipeline(a) -> dict:
+    """The stages (base, Stage A, Stage B, FTA-I, FTA-P, token SFT) at --seed; with --claims also the VQ ablation,
+    the stages after the base at every --stage-seeds seed and GRPO at every --rl-seeds seed. -> {name: result or
+    [result per seed]}; writes results.md and results.json."""
     root = Path(a.out_dir)
 
-    def cfg(stage, **kw):
+    def cfg(stage, seed, **kw):
         name = kw.pop("name", stage)
+        where = root if seed == a.seed else root / f"seed{seed}"            # the other --stage-seeds
         flags = [s for k, v in kw.items() for s in (f"--{k.replace('_', '-')}", str(v))]
-        _, c = parse_args(["--stage", stage, "--out-dir", str(root / name), "--seed", str(a.seed), "--no-resume",
+        _, c = parse_args(["--stage", stage, "--out-dir", str(where / name), "--seed", str(seed), "--no-resume",
                            "--dtype", a.dtype, *flags])
         c.steps = max(1, round(c.steps * a.scale)) if c.steps else c.steps
         c.eval_batches = max(1, round(c.eval_batches * min(1.0, a.scale * 10)))
@@ -96,19 +115,24 @@ def run_pipeline(a) -> dict:
         a.reused.append(str(c.out_dir))
         return done
     t0, r = time.time(), {}
-    r["base"] = stage("base", cfg("base"))
+    r["base"] = stage("base", cfg("base", a.seed))
     r["copying"] = copying_of(root / "base/final", parallel.device_of(""))
-    r["pretrain"] = stage("pretrain", cfg("pretrain", init=root / "base/final"))
-    r["vq"] = stage("pretrain", cfg("pretrain", name="pretrain-vq", init=root / "base/final", quantizer="vq"))
-    r["bc"] = stage("bc", cfg("bc", init=root / "pretrain/final"))
-    r["fta-i"] = stage("fta-i", cfg("fta-i", init=root / "bc/final"))
-    r["fta-p"] = stage("fta-p", cfg("fta-p", init=root / "bc/final"))
-    r["fta-p-merge"] = stage("fta-p", cfg("fta-p", name="fta-p-merge", init=root / "bc/final", base_grad="merge"))
-    r["sft"] = stage("sft", cfg("sft", init=root / "base/final"))
-    for level, init in (("latent", "fta-i"), ("token", "sft")):
-        fresh = {str(root / init), str(root / "base")} & rerun          # its start or its judge was retrained
-        r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, seed, reuse=a.reuse and not fresh)
-                            for seed in a.rl_seeds]
+    seeds = [a.seed] + [s for s in a.stage_seeds if s != a.seed] if a.claims else [a.seed]
+    base = root / "base/final"
+    for seed in seeds:
+        at = root if seed == a.seed else root / f"seed{seed}"
+        plan = [("pretrain", "pretrain", {"init": base}), ("bc", "bc", {"init": at / "pretrain/final"}),
+                ("fta-i", "fta-i", {"init": at / "bc/final"}), ("fta-p", "fta-p", {"init": at / "bc/final"}),
+                ("sft", "sft", {"init": base})]
+        if a.claims:                                   # the ablation of direct assignment: nearest-neighbour VQ
+            plan.append(("vq", "pretrain", {"name": "pretrain-vq", "init": base, "quantizer": "vq"}))
+        for key, st, kw in plan:
+            r.setdefault(key, []).append(stage(st, cfg(st, seed, **kw)))
+        if seed == a.seed and a.claims:                # GRPO from this seed's FTA-I and SFT, judged by the base
+            for level, init in (("latent", "fta-i"), ("token", "sft")):
+                fresh = {str(root / init), str(root / "base")} & rerun          # its start or its judge was retrained
+                r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, s, reuse=not fresh)
+                                    for s in a.rl_seeds]
     seconds = time.time() - t0
     table = results_table(r, seconds, a.dtype) + (f" ({len(a.reused)} runs read, not rerun: --reuse)"
                                                   if a.reused else "")
@@ -124,17 +148,14 @@ SEARCH_BUDGETS = (500, 1000, 2000)         # FLOPs in base positions (search_eva
 SEARCH_SEEDS = "0,1,2"                     # best-of-N's sampling seeds; the other methods are deterministic
 
 
-def run_claims(a) -> dict:
-    """--claims: search_eval.py on the pipeline's checkpoints (fta-i for the latent methods, sft for the token
-    ones), then search.<method>.<budget> (held-out success within that many base positions' FLOPs, mean over the
-    seeds) into results.json and both tables (matched forward tokens, matched FLOPs) into results.md."""
-    import search_eval
+def check_pipeline_ran(a):
+    """--claims reads what `python pipeline.py` wrote at the same --scale: stop in one line before any work if not."""
     root = Path(a.out_dir)
     try:
         summary = json.loads((root / "results.json").read_text())
     except FileNotFoundError:
         raise SystemExit(f"--claims: {root / 'results.json'} not found: run `python pipeline.py --out-dir {root}` "
-                         f"first (it trains the checkpoints the search runs on)") from None
+                         f"first (it trains the checkpoints the claims start from)") from None
     except ValueError:
         raise SystemExit(f"--claims: {root / 'results.json'} is not JSON: rerun `python pipeline.py --out-dir "
                          f"{root}`") from None
@@ -144,6 +165,15 @@ def run_claims(a) -> dict:
     if summary["scale"] != a.scale:
         raise SystemExit(f"--claims --scale {a.scale}: the pipeline in {root} ran at --scale {summary['scale']}; "
                          f"pass --scale {summary['scale']}")
+
+
+def run_search(a) -> dict:
+    """--claims, last: search_eval.py on the pipeline's checkpoints (fta-i for the latent methods, sft for the token
+    ones), then search.<method>.<budget> (held-out success within that many base positions' FLOPs, mean over the
+    seeds) into results.json and both tables (matched forward tokens, matched FLOPs) into results.md."""
+    import search_eval
+    root = Path(a.out_dir)
+    summary = json.loads((root / "results.json").read_text())
     t0, out = time.time(), root / "search"
     methods = SEARCH_METHODS + (("mcts-q",) if (root / "q-latent/final").is_dir() else ())
     budgets = sorted({max(20, round(b * min(1.0, a.scale))) for b in SEARCH_BUDGETS})   # small scales: 20 twice
@@ -225,9 +255,42 @@ def over_seeds(runs: list[dict], when: str, key: str) -> tuple[float, float, flo
     return sum(xs) / len(xs), min(xs), max(xs)
 
 
+def spread(xs: list[float], fmt: str = ".3f") -> str:
+    """One number per seed -> "mean" (one seed) or "mean [min, max]"."""
+    m = f"{sum(xs) / len(xs):{fmt}}"
+    return m if len(xs) == 1 else f"{m} [{min(xs):{fmt}}, {max(xs):{fmt}}]"
+
+
+def general_delta(res: dict, key: str) -> float:
+    """Change of a held-out loss on general (non-task) text over a fine-tuning stage (retention: lower is better)."""
+    return res["after"]["general_val"][key] - res["before"]["general_val"][key]
+
+
+def stage_numbers(r: dict) -> dict:
+    """The stage claims, one list per measurement with one number per stage seed."""
+    each = lambda name, f: [f(x) for x in r.get(name, [])]                              # noqa: E731
+    return {
+        "alive": each("pretrain", lambda x: x["codebook"]["alive"]),
+        "alive_vq": each("vq", lambda x: x["codebook"]["alive"]),
+        "top_share": each("pretrain", lambda x: x["codebook"]["top_share"]),
+        "top_share_vq": each("vq", lambda x: x["codebook"]["top_share"]),
+        "lm": each("pretrain", lambda x: x["after"]["lm_val"]["lm"]),
+        "wm_idm": each("pretrain", lambda x: x["after"]["lm_val"]["wm_idm"]),
+        "policy_acc": each("bc", lambda x: x["after"]["lm_val"]["policy_acc"]),
+        "wm_policy": each("bc", lambda x: x["after"]["lm_val"]["wm_policy"]),
+        "task_fta_i": each("fta-i", lambda x: x["after"]["task_val"]["wm_policy"]),
+        "task_fta_p": each("fta-p", lambda x: x["after"]["task_val"]["wm_policy"]),
+        "task_sft": each("sft", lambda x: x["after"]["task_val"]["lm"]),
+        "general_fta_i_idm": each("fta-i", lambda x: general_delta(x, "wm_idm")),
+        "general_fta_i_policy": each("fta-i", lambda x: general_delta(x, "wm_policy")),
+        "general_fta_p": each("fta-p", lambda x: general_delta(x, "wm_policy")),
+        "general_sft": each("sft", lambda x: general_delta(x, "lm")),
+    }
+
+
 def results_json(r: dict, seconds: float, a) -> dict:
-    """runs/results.json: the pipeline's measurements under fixed names, for tools to read. RL numbers are means
-    over --rl-seeds; per_seed has each run."""
+    """runs/results.json: the pipeline's measurements under fixed names, for tools to read. Stage numbers and RL
+    numbers are means over the seeds; the lists in `stages` and per_seed have each run."""
     tok = Tokenizer()
 
     def level(runs):
@@ -242,65 +305,52 @@ def results_json(r: dict, seconds: float, a) -> dict:
                               "success_after": x["after"]["sampled_success"],
                               "greedy_before": x["before"]["greedy_success"],
                               "greedy_after": x["after"]["greedy_success"]} for x in runs]}
-    pre = r["pretrain"]
-    return {"seed": a.seed, "rl_seeds": a.rl_seeds, "scale": a.scale, "dtype": a.dtype,
-            "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
-            "reused": getattr(a, "reused", []),          # --reuse: run directories read, not rerun (not in seconds)
-            "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
-            "heldout": {"distinct_problems": len(tasks.held_out(rl.TINY["task"], 1000, a.seed)),
-                        "evaluated": r["rl-latent"][0]["before"]["problems"]},
-            "copying": {"first": r["copying"]["first"], "second": r["copying"]["second"]},
-            "stage_a": {"alive": pre["codebook"]["alive"], "alive_vq": r["vq"]["codebook"]["alive"],
-                        "n_actions": pre["codebook"]["n_actions"], "lm": pre["after"]["lm_val"]["lm"],
-                        "wm_idm": pre["after"]["lm_val"]["wm_idm"]},
-            "rl": {"latent": level(r["rl-latent"]), "token": level(r["rl-token"])}}
+    n = stage_numbers(r)
+    mean = lambda k: sum(n[k]) / len(n[k]) if n[k] else None                            # noqa: E731
+    out = {"seed": a.seed, "stage_seeds": [a.seed] + [s for s in a.stage_seeds if s != a.seed] if a.claims else
+           [a.seed], "rl_seeds": a.rl_seeds if a.claims else [], "scale": a.scale, "dtype": a.dtype,
+           "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
+           "reused": getattr(a, "reused", []),          # --reuse: run directories read, not rerun (not in seconds)
+           "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
+           "heldout": {"distinct_problems": len(tasks.held_out(rl.TINY["task"], 1000, a.seed))},
+           "copying": {"first": r["copying"]["first"], "second": r["copying"]["second"]},
+           "stage_a": {"alive": mean("alive"), "alive_vq": mean("alive_vq"), "n_actions": r["pretrain"][0]["codebook"]
+                       ["n_actions"], "lm": mean("lm"), "wm_idm": mean("wm_idm")},
+           "retention": {"fta-i": mean("general_fta_i_idm"), "fta-p": mean("general_fta_p"), "sft": mean("general_sft")},
+           "stages": n}
+    if "rl-latent" in r:
+        out["heldout"]["evaluated"] = r["rl-latent"][0]["before"]["problems"]
+        out["rl"] = {"latent": level(r["rl-latent"]), "token": level(r["rl-token"])}
+    return out
 
 
 def results_table(r: dict, seconds: float, dtype: str) -> str:
-    pre, vq, bc = r["pretrain"], r["vq"], r["bc"]
-    K, lm = pre["codebook"]["n_actions"], pre["after"]["lm_val"]
-
-    def delta(res, key):     # change of a held-out loss on general (non-task) text over a fine-tuning stage
-        return res["after"]["general_val"][key] - res["before"]["general_val"][key]
+    n, K = stage_numbers(r), r["pretrain"][0]["codebook"]["n_actions"]
+    seeds = f" ({len(n['alive'])} seeds: mean [range])" if len(n["alive"]) > 1 else ""
     rows = [
-        ("Stage A: alive actions (direct assignment)", f"{pre['codebook']['alive']} / {K}", f">= {int(K * 7 / 8)} / {K}"),
-        ("Stage A: alive actions (VQ ablation)", f"{vq['codebook']['alive']} / {K}", "fewer (collapse)"),
-        ("Stage A: most-used action share (direct / VQ)",
-         f"{pre['codebook']['top_share']:.3f} / {vq['codebook']['top_share']:.3f}", ""),
-        ("held-out loss: base LM (nats/token)", f"{lm['lm']:.3f}", "paper 1.77"),
+        (f"Stage A: alive actions (direct assignment){seeds}", spread(n["alive"], ".1f") + f" / {K}",
+         f">= {int(K * 7 / 8)} / {K}")]
+    if n["alive_vq"]:
+        rows += [("Stage A: alive actions (VQ ablation)", spread(n["alive_vq"], ".1f") + f" / {K}", "fewer (collapse)"),
+                 ("Stage A: most-used action share (direct / VQ)",
+                  f"{spread(n['top_share'])} / {spread(n['top_share_vq'])}", "")]
+    rows += [
+        ("held-out loss: base LM (nats/token)", f"{n['lm'][0]:.3f}", "paper 1.77"),
         ("base: loss on a random string, first pass / its repeat (copying)",
          f"{r['copying']['first']:.2f} / {r['copying']['second']:.2f}", "repeat << first: the base copies"),
-        ("held-out loss: world model, IDM actions", f"{lm['wm_idm']:.3f}", "<= half the base; paper 0.45"),
-        ("Stage B: policy accuracy vs IDM labels", f"{bc['after']['lm_val']['policy_acc']:.3f}", f">> 1/{K} = {1 / K:.3f}"),
-        ("held-out loss: world model, greedy policy actions", f"{bc['after']['lm_val']['wm_policy']:.3f}", ""),
-        ("task loss after FTA-I / FTA-P / FTA-P (merge grad) (policy actions) / SFT (response tokens)",
-         " / ".join(f"{r[s]['after']['task_val'][k]:.3f}" for s, k in
-                    (("fta-i", "wm_policy"), ("fta-p", "wm_policy"), ("fta-p-merge", "wm_policy"), ("sft", "lm"))), ""),
-        ("general-text loss change: FTA-I (world model, IDM actions)", f"{delta(r['fta-i'], 'wm_idm'):+.3f}",
+        ("held-out loss: world model, IDM actions", spread(n["wm_idm"]), "<= half the base; paper 0.45"),
+        ("Stage B: policy accuracy vs IDM labels", spread(n["policy_acc"]), f">> 1/{K} = {1 / K:.3f}"),
+        ("held-out loss: world model, greedy policy actions", spread(n["wm_policy"]), ""),
+        ("task loss after FTA-I / FTA-P (policy actions) / SFT (response tokens)",
+         " / ".join(spread(n[k]) for k in ("task_fta_i", "task_fta_p", "task_sft")), ""),
+        ("general-text loss change: FTA-I (world model, IDM actions)", spread(n["general_fta_i_idm"], "+.3f"),
          "rises less than SFT's"),
-        ("general-text loss change: FTA-I (world model, policy actions)", f"{delta(r['fta-i'], 'wm_policy'):+.3f}", ""),
-        ("general-text loss change: FTA-P / FTA-P merge grad (world model, policy actions)",
-         f"{delta(r['fta-p'], 'wm_policy'):+.3f} / {delta(r['fta-p-merge'], 'wm_policy'):+.3f}", ""),
-        ("general-text loss change: token SFT (base LM)", f"{delta(r['sft'], 'lm'):+.3f}", ""),
+        ("general-text loss change: FTA-I (world model, policy actions)", spread(n["general_fta_i_policy"], "+.3f"), ""),
+        ("general-text loss change: FTA-P (world model, policy actions)", spread(n["general_fta_p"], "+.3f"), ""),
+        ("general-text loss change: token SFT (base LM)", spread(n["general_sft"], "+.3f"), ""),
     ]
-    lat, tok = r["rl-latent"], r["rl-token"]
-
-    def change(key):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
-        def one(runs):
-            (b, _, _), (m, lo, hi) = over_seeds(runs, "before", key), over_seeds(runs, "after", key)
-            return f"{b:.2f} -> {m:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(runs) > 1 else "")
-        return " / ".join(one(x) for x in (lat, tok))
-    n_seeds, first = len(lat), lat[0]
-    seeds = f" ({n_seeds} seeds: mean [range after])" if n_seeds > 1 else ""
-    rows += [
-        (f"RL, {first['steps']} GRPO steps on {rl.TINY['task']}{seeds}, latent / token: sampled well-formed",
-         change("sampled_format"), "latent learns the format faster"),
-        ("RL latent / token: held-out success, greedy", change("greedy_success"), "paper (MATH-500): 42.4 vs 38.2"),
-        ("RL latent / token: held-out success, sampled", change("sampled_success"), ""),
-        ("RL latent / token: judge NLL of sampled responses (nats/token)", change("judge_nll"), ""),
-        ("RL latent / token: KL to the reference at the end (nats/token)",
-         " / ".join(f"{over_seeds(x, 'after', 'kl')[0]:.3f}" for x in (lat, tok)), ""),
-    ]
+    if "rl-latent" in r:
+        rows += rl_rows(r["rl-latent"], r["rl-token"])
     w = max(len(a) for a, _, _ in rows)
     lines = [f"dtype {dtype} on {machine_line(device_type(''))}; the numbers below depend on the dtype\n",
              f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
@@ -310,15 +360,35 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def rl_rows(lat: list[dict], tok: list[dict]) -> list[tuple]:
+    def change(key):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
+        def one(runs):
+            (b, _, _), (m, lo, hi) = over_seeds(runs, "before", key), over_seeds(runs, "after", key)
+            return f"{b:.2f} -> {m:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(runs) > 1 else "")
+        return " / ".join(one(x) for x in (lat, tok))
+    first = lat[0]
+    seeds = f" ({len(lat)} seeds: mean [range after])" if len(lat) > 1 else ""
+    return [
+        (f"RL, {first['steps']} GRPO steps on {rl.TINY['task']}{seeds}, latent / token: sampled well-formed",
+         change("sampled_format"), "latent learns the format faster"),
+        ("RL latent / token: held-out success, greedy", change("greedy_success"), "paper (MATH-500): 42.4 vs 38.2"),
+        ("RL latent / token: held-out success, sampled", change("sampled_success"), ""),
+        ("RL latent / token: judge NLL of sampled responses (nats/token)", change("judge_nll"), ""),
+        ("RL latent / token: KL to the reference at the end (nats/token)",
+         " / ".join(f"{over_seeds(x, 'after', 'kl')[0]:.3f}" for x in (lat, tok)), ""),
+    ]
+
+
 def main(argv=None):
     a = parse_pipeline_args(sys.argv[1:] if argv is None else argv)
     if world_from_env().launched:
         raise SystemExit("pipeline.py runs the tiny preset in one process: start it with python, not torchrun")
+    if a.claims:
+        check_pipeline_ran(a)
     try:
-        if a.reuse or not a.claims:          # --claims --reuse: the pipeline (what finished is read), then the search
-            run_pipeline(a)
+        run_pipeline(a)                  # --claims: what finished is read, the rest of the claims' runs train
         if a.claims:
-            run_claims(a)
+            run_search(a)
     finally:
         release_locks()                  # the run directories' locks, however the run ended
 

@@ -215,16 +215,18 @@ def test_encode_sft_mask_is_the_response(tok):
 def test_sft_loader_and_jsonl(tmp_path, tok):
     x, m = encode_sft(task_sft_records("countdown", "train", 10, seed=0), tok, 511)
     batches = lambda ld, k: [ld.next_batch() for _ in range(k)]          # noqa: E731
+    full = lambda bs: torch.cat([torch.nn.functional.pad(b.tokens, (0, 512 - b.tokens.shape[1]), value=tok.eos_id)
+                                 for b in bs])                            # noqa: E731  (batches come cut)
     a = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
-    order = torch.cat([b.tokens for b in batches(SFTLoader(x, m, 5, seed=1), 2)])   # one epoch, single rank
-    got = torch.cat([b.tokens for b in batches(SFTLoader(x, m, 5, 1, 2, seed=1), 1)])
+    order = full(batches(SFTLoader(x, m, 5, seed=1), 2))                 # one epoch, single rank
+    got = full(batches(SFTLoader(x, m, 5, 1, 2, seed=1), 1))
     assert torch.equal(got, order[5:10])                                 # rank 1: the second half of step 0
     batches(a, 2)
     state = a.state_dict()
     b = SFTLoader(x, m, 3, rank=0, world_size=2, seed=1)
     b.load_state_dict(state)
     for (t1, m1, i1), (t2, m2, i2) in zip(batches(a, 4), batches(b, 4)):
-        assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(i1, i2) and t1.shape == (3, 512)
+        assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(i1, i2) and t1.shape[0] == 3
     f = tmp_path / "sft.jsonl"
     f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError) as e:
@@ -232,6 +234,33 @@ def test_sft_loader_and_jsonl(tmp_path, tok):
     assert "sft.jsonl:2" in one_line(e)
     f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     assert load_sft_jsonl(f) == [{"prompt": "a", "response": "b"}]
+
+
+def test_sft_batches_cut_after_the_last_target(tok):
+    """SFTLoader drops the columns that are padding in every row; on a causal model the loss and every gradient
+    equal those of the full window (base_loss, the token SFT loss)."""
+    from model import ModelArgs, Transformer
+    from train import base_loss
+    recs = [{"prompt": "p" * (5 + 3 * i), "response": "r" * (4 + i)} for i in range(4)]
+    x, m = encode_sft(recs, tok, 63)
+    b = SFTLoader(x, m, 4, seed=0).next_batch()
+    longest = max(len(tok.encode(r["prompt"], bos=True, eos=False)) + len(r["response"]) + 1 for r in recs)
+    assert b.tokens.shape == b.mask.shape == (4, longest) and b.mask[:, -1].any()
+    F = torch.nn.functional
+    padded = data.Batch(F.pad(b.tokens, (0, 64 - longest), value=tok.eos_id), F.pad(b.mask, (0, 64 - longest)), b.ids)
+    assert sorted(map(tuple, padded.tokens.tolist())) == sorted(map(tuple, x.tolist()))  # the records, uncut [4, 64]
+    assert sorted(map(tuple, padded.mask.tolist())) == sorted(map(tuple, m.tolist()))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                                  max_seq_len=64))
+    grads = []
+    for batch in (b, padded):
+        model.zero_grad()
+        loss, _ = base_loss(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(grads[0][1], grads[1][1]))
 
 
 def test_cli_sample():

@@ -544,11 +544,12 @@ def test_append_row_ends_a_half_written_line_first(tmp_path):
     assert f.read_text().endswith('{"b": 2}\n{"c": 3}\n')
 
 
+@pytest.mark.parametrize("flag", ["--rl-seeds", "--stage-seeds"])
 @pytest.mark.parametrize("seeds", ["", "a,b", "0,0", "-1", "1,,2"])
-def test_pipeline_rl_seeds_are_distinct_integers(seeds):
+def test_pipeline_seed_lists_are_distinct_integers(flag, seeds):
     import pipeline
-    with pytest.raises(SystemExit, match="--rl-seeds .*: expected"):
-        pipeline.parse_pipeline_args(["--rl-seeds", seeds])
+    with pytest.raises(SystemExit, match=f"{flag} .*: expected"):
+        pipeline.parse_pipeline_args([flag, seeds])
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1"])
