@@ -507,6 +507,8 @@ class SFTLoader:
                              f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
         if len(tokens) == 0:
             raise ValueError("data: SFTLoader got no records")
+        if not mask[:, 1:].any(1).all():
+            raise ValueError("data: SFTLoader needs a counted target (mask True) after the first token of every row")
         self.tokens, self.mask, self.batch_size = tokens, mask.bool(), batch_size
         global_batch = global_batch or batch_size * world_size
         self.order = EpochOrder(len(tokens), rank, world_size, seed, global_batch, batch_size)
@@ -518,7 +520,7 @@ class SFTLoader:
         idx, pos = self.order.take(self.batch_size)
         idx = torch.from_numpy(idx)
         tokens, mask = self.tokens[idx], self.mask[idx]                                      # [B, T+1]
-        n = int(mask.any(0).nonzero().max()) + 1                   # every record keeps a response token: n >= 2
+        n = int(mask[:, 1:].any(0).nonzero().max()) + 2            # each row has a target past column 0: n >= 2
         return Batch(tokens[:, :n], mask[:, :n], torch.from_numpy(pos))                      # [B, n], [B, n], [B]
 
     def state_dict(self) -> dict:

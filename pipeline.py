@@ -1,7 +1,7 @@
 """pipeline.py: every training stage at the tiny preset, one after the other, and the table of the paper's effects
 in miniature that the README and docs/results.md show (PAPER.md §6). Two commands:
 
-    python pipeline.py            # base, Stage A, Stage B, FTA-I, FTA-P, token SFT; the stage claims (~30 min on
+    python pipeline.py            # base, Stage A, Stage B, FTA-I, FTA-P, token SFT; the stage claims (~45 min on
                                   # 2 cores without native bf16, docs/results.md); --scale 0.1 for a smoke run
     python pipeline.py --claims   # the rest, from those checkpoints: the VQ ablation and 3 seeds of every stage
                                   # after the base, GRPO over latent actions (from FTA-I) and over tokens (from SFT)
@@ -9,7 +9,8 @@ in miniature that the README and docs/results.md show (PAPER.md §6). Two comman
 
 They write runs/<stage>/ (runs/seed<s>/<stage>/ for the other seeds), runs/rl-<level>-grpo[-seed<s>]/,
 runs/search/, runs/results.md and runs/results.json. --claims, and the pipeline with --reuse, read every run that
-already finished with the same flags, so a killed run goes on where it stopped.
+already finished with the same flags from checkpoints not rewritten since, so after a kill only the runs that had
+not finished train again (from their start).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from train import FinetuneArgs, parse_args, run_stage
 def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pipeline.py",
                                 description="Run every stage at the tiny preset and print the results table.")
-    p.add_argument("--out-dir", default="runs", help="parent of one run directory per stage")
+    p.add_argument("--out-dir", default="runs", help="parent of every run directory (one per stage; --claims adds "
+                   "seed<s>/, rl-*/ and search/) and of results.md / results.json")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
     p.add_argument("--seed", type=int, default=0, help="the base's seed, and the first seed of every later stage")
     p.add_argument("--claims", action="store_true", help="after `python pipeline.py`: the rest of the paper's claims, "
@@ -47,17 +49,18 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
                    "best-of-N, MCTS, latent and token; MCTS-Q too when <out-dir>/q-latent/final exists) on "
                    "--search-problems held-out problems; adds rl.*, search.<method>.<budget> and the per-seed rows to "
                    "results.json and the tables to results.md")
-    p.add_argument("--stage-seeds", default="0,1,2", help="--claims: seeds of Stage A, VQ, Stage B, FTA-I, FTA-P and "
-                   "SFT, all from the one base (runs/seed<s>/<stage> for a seed other than --seed); the table gives "
-                   "their mean and range (default: 0,1,2)")
-    p.add_argument("--rl-seeds", default="0,1,2", help="--claims: seeds of the RL runs at each level, from the same "
+    p.add_argument("--stage-seeds", default=None, help="--claims only: seeds of Stage A, VQ, Stage B, FTA-I, FTA-P "
+                   "and SFT, all from the one base; one of them is --seed, whose runs are the pipeline's, the others "
+                   "go to <out-dir>/seed<s>/; the table gives their mean and range (default: --seed and the next two)")
+    p.add_argument("--rl-seeds", default=None, help="--claims only: seeds of the RL runs at each level, from the same "
                    "checkpoints (each seed its own held-out problems, sampling noise and prompts); the table gives "
                    "their mean and range (default: 0,1,2)")
-    p.add_argument("--reuse", action="store_true", help="read a stage that already finished in --out-dir with the "
-                   "same flags instead of rerunning it (after a crash or a kill; trusts that the code did not change "
-                   "since); --claims always does")
-    p.add_argument("--search-problems", type=int, default=64, help="--claims: distinct held-out problems, times "
-                   "--scale below 1 (default: 64)")
+    p.add_argument("--reuse", action="store_true", help="read a stage or RL run that already finished in --out-dir "
+                   "with the same flags, from a checkpoint not rewritten since, instead of rerunning it (after a crash "
+                   "or a kill: a stage that did not finish restarts; trusts that the code did not change since); "
+                   "--claims always does")
+    p.add_argument("--search-problems", type=int, default=None, help="--claims only: distinct held-out problems of "
+                   "the search, times --scale below 1 (default: 64)")
     p.add_argument("--dtype", default="auto", help="every stage's and RL's --dtype: auto (bfloat16 where the device "
                                                    "computes it natively, else float32), bfloat16 or float32 "
                                                    "(default: auto)")
@@ -65,9 +68,20 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     if not (math.isfinite(a.scale) and a.scale > 0):
         raise SystemExit(f"--scale {a.scale}: expected a finite number > 0 (1 = the full pipeline, 0.1 = a smoke run)")
     check_value("seed", a.seed, SEED)
+    given = [f for f, v in (("--stage-seeds", a.stage_seeds), ("--rl-seeds", a.rl_seeds),
+                            ("--search-problems", a.search_problems)) if v is not None]
+    if given and not a.claims:
+        raise SystemExit(f"{given[0]}: belongs to --claims (python pipeline.py --claims {given[0]} ...); the pipeline "
+                         f"alone trains the stages at --seed")
+    a.search_problems = 64 if a.search_problems is None else a.search_problems
     if not 1 <= a.search_problems <= 10_000:
         raise SystemExit(f"--search-problems {a.search_problems}: expected an integer in 1..10000")
-    a.stage_seeds, a.rl_seeds = seed_list("stage_seeds", a.stage_seeds), seed_list("rl_seeds", a.rl_seeds)
+    a.stage_seeds = seed_list("stage_seeds", ",".join(str(a.seed + i) for i in range(3)) if a.stage_seeds is None
+                              else a.stage_seeds)
+    a.rl_seeds = seed_list("rl_seeds", "0,1,2" if a.rl_seeds is None else a.rl_seeds)
+    if a.seed not in a.stage_seeds:
+        raise SystemExit(f"--stage-seeds {','.join(map(str, a.stage_seeds))}: expected --seed {a.seed} among them "
+                         f"(its runs are the pipeline's)")
     a.reuse = a.reuse or a.claims
     a.dtype = resolve_dtype(a.dtype, "")
     return a
@@ -84,6 +98,11 @@ def seed_list(name: str, text: str) -> list[int]:
     for seed in seeds:                                 # checked now, not by a stage after hours of training
         check_value(name, seed, SEED)
     return seeds
+
+
+def seeds_of_stages(a) -> list[int]:
+    """The seeds the stages after the base train at: --seed first; with --claims, the other --stage-seeds."""
+    return [a.seed] + [s for s in a.stage_seeds if s != a.seed] if a.claims else [a.seed]
 
 
 def run_pipeline(a) -> dict:
@@ -117,9 +136,8 @@ def run_pipeline(a) -> dict:
     t0, r = time.time(), {}
     r["base"] = stage("base", cfg("base", a.seed))
     r["copying"] = copying_of(root / "base/final", parallel.device_of(""))
-    seeds = [a.seed] + [s for s in a.stage_seeds if s != a.seed] if a.claims else [a.seed]
     base = root / "base/final"
-    for seed in seeds:
+    for seed in seeds_of_stages(a):
         at = root if seed == a.seed else root / f"seed{seed}"
         plan = [("pretrain", "pretrain", {"init": base}), ("bc", "bc", {"init": at / "pretrain/final"}),
                 ("fta-i", "fta-i", {"init": at / "bc/final"}), ("fta-p", "fta-p", {"init": at / "bc/final"}),
@@ -134,8 +152,8 @@ def run_pipeline(a) -> dict:
                 r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, s, reuse=not fresh)
                                     for s in a.rl_seeds]
     seconds = time.time() - t0
-    table = results_table(r, seconds, a.dtype) + (f" ({len(a.reused)} runs read, not rerun: --reuse)"
-                                                  if a.reused else "")
+    table = results_table(r, seconds, a.dtype, a.pipeline_seconds if a.claims else None) + (
+        f" ({len(a.reused)} runs read, not rerun{'' if a.claims else ': --reuse'})" if a.reused else "")
     print(table)
     atomic_write(root / "results.md", lambda t: t.write_text(table + "\n"))
     atomic_write(root / "results.json", lambda t: t.write_text(json.dumps(results_json(r, seconds, a), indent=1) + "\n"))
@@ -149,22 +167,25 @@ SEARCH_SEEDS = "0,1,2"                     # best-of-N's sampling seeds; the oth
 
 
 def check_pipeline_ran(a):
-    """--claims reads what `python pipeline.py` wrote at the same --scale: stop in one line before any work if not."""
+    """--claims starts from what `python pipeline.py` wrote with the same --scale, --seed and --dtype: stop in one line
+    before any work if it did not. -> that results.json."""
     root = Path(a.out_dir)
+    again = f"python pipeline.py --out-dir {root} --scale {a.scale} --seed {a.seed} --dtype {a.dtype}"
     try:
         summary = json.loads((root / "results.json").read_text())
     except FileNotFoundError:
-        raise SystemExit(f"--claims: {root / 'results.json'} not found: run `python pipeline.py --out-dir {root}` "
-                         f"first (it trains the checkpoints the claims start from)") from None
+        raise SystemExit(f"--claims: {root / 'results.json'} not found: run `{again}` first (it trains the "
+                         f"checkpoints the claims start from)") from None
     except ValueError:
-        raise SystemExit(f"--claims: {root / 'results.json'} is not JSON: rerun `python pipeline.py --out-dir "
-                         f"{root}`") from None
-    if not isinstance(summary, dict) or "scale" not in summary:
-        raise SystemExit(f"--claims: {root / 'results.json'} is not the pipeline's (no JSON object with its scale): "
-                         f"rerun `python pipeline.py --out-dir {root}`")
-    if summary["scale"] != a.scale:
-        raise SystemExit(f"--claims --scale {a.scale}: the pipeline in {root} ran at --scale {summary['scale']}; "
-                         f"pass --scale {summary['scale']}")
+        raise SystemExit(f"--claims: {root / 'results.json'} is not JSON: rerun `{again}`") from None
+    if not isinstance(summary, dict) or not {"scale", "seed", "dtype"} <= set(summary):
+        raise SystemExit(f"--claims: {root / 'results.json'} is not the pipeline's (no JSON object with its scale, "
+                         f"seed and dtype): rerun `{again}`")
+    for flag in ("scale", "seed", "dtype"):
+        if summary[flag] != getattr(a, flag):
+            raise SystemExit(f"--claims --{flag} {getattr(a, flag)}: the pipeline in {root} ran with --{flag} "
+                             f"{summary[flag]}; pass --{flag} {summary[flag]}")
+    return summary
 
 
 def run_search(a) -> dict:
@@ -245,8 +266,18 @@ def finished(out_dir, flags: dict, export: bool, step: int | None = None) -> dic
     done = (step is None or last["eval"].get("step") == step) and ((d / "final").is_dir() or not export)
     if not (same and done):
         return None
+    for key in ("init", "judge"):      # a checkpoint it started from (or was judged by) rewritten since: stale
+        src = Path(str(flags.get(key) or ""))
+        if flags.get(key) and src.is_dir() and newest(src) > (d / "metrics.jsonl").stat().st_mtime:
+            print(f"pipeline: {d} started from {src}, which was rewritten since: rerun")
+            return None
     print(f"pipeline: {d} finished with the same flags: read, not rerun (--reuse)")
     return last["eval"]
+
+
+def newest(d: Path) -> float:
+    """The latest modification time of a checkpoint directory's files (an export is written whole, then renamed)."""
+    return max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
 
 
 def over_seeds(runs: list[dict], when: str, key: str) -> tuple[float, float, float]:
@@ -255,10 +286,11 @@ def over_seeds(runs: list[dict], when: str, key: str) -> tuple[float, float, flo
     return sum(xs) / len(xs), min(xs), max(xs)
 
 
-def spread(xs: list[float], fmt: str = ".3f") -> str:
-    """One number per seed -> "mean" (one seed) or "mean [min, max]"."""
-    m = f"{sum(xs) / len(xs):{fmt}}"
-    return m if len(xs) == 1 else f"{m} [{min(xs):{fmt}}, {max(xs):{fmt}}]"
+def spread(xs: list[float], fmt: str = ".3f", one: str = "") -> str:
+    """One number per seed -> "x" (one seed; format `one` if given) or "mean [min, max]"."""
+    if len(xs) == 1:
+        return f"{xs[0]:{one or fmt}}"
+    return f"{sum(xs) / len(xs):{fmt}} [{min(xs):{fmt}}, {max(xs):{fmt}}]"
 
 
 def general_delta(res: dict, key: str) -> float:
@@ -307,31 +339,34 @@ def results_json(r: dict, seconds: float, a) -> dict:
                               "greedy_after": x["after"]["greedy_success"]} for x in runs]}
     n = stage_numbers(r)
     mean = lambda k: sum(n[k]) / len(n[k]) if n[k] else None                            # noqa: E731
-    out = {"seed": a.seed, "stage_seeds": [a.seed] + [s for s in a.stage_seeds if s != a.seed] if a.claims else
-           [a.seed], "rl_seeds": a.rl_seeds if a.claims else [], "scale": a.scale, "dtype": a.dtype,
-           "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),
+    stage_a = {"alive": mean("alive"), "alive_vq": mean("alive_vq"), "n_actions": r["pretrain"][0]["codebook"]
+               ["n_actions"], "lm": mean("lm"), "wm_idm": mean("wm_idm")}
+    out = {"seed": a.seed, "stage_seeds": seeds_of_stages(a), "rl_seeds": a.rl_seeds if a.claims else [], "scale": a.scale, "dtype": a.dtype,
+           "cpu": machine_line(device_type("")), "seconds": round(seconds, 1),   # --claims: the pipeline's own
            "reused": getattr(a, "reused", []),          # --reuse: run directories read, not rerun (not in seconds)
            "tokenizer": {"name": tok.model.name, "vocab_size": tok.n_words}, "task": rl.TINY["task"],
            "heldout": {"distinct_problems": len(tasks.held_out(rl.TINY["task"], 1000, a.seed))},
            "copying": {"first": r["copying"]["first"], "second": r["copying"]["second"]},
-           "stage_a": {"alive": mean("alive"), "alive_vq": mean("alive_vq"), "n_actions": r["pretrain"][0]["codebook"]
-                       ["n_actions"], "lm": mean("lm"), "wm_idm": mean("wm_idm")},
+           "stage_a": {k: v for k, v in stage_a.items() if v is not None},          # alive_vq: after --claims
            "retention": {"fta-i": mean("general_fta_i_idm"), "fta-p": mean("general_fta_p"), "sft": mean("general_sft")},
            "stages": n}
+    if a.claims:                 # the pipeline's time stays; this command's is claims_seconds
+        out["seconds"], out["claims_seconds"] = a.pipeline_seconds, round(seconds, 1)
     if "rl-latent" in r:
         out["heldout"]["evaluated"] = r["rl-latent"][0]["before"]["problems"]
         out["rl"] = {"latent": level(r["rl-latent"]), "token": level(r["rl-token"])}
     return out
 
 
-def results_table(r: dict, seconds: float, dtype: str) -> str:
+def results_table(r: dict, seconds: float, dtype: str, pipeline_seconds: float | None = None) -> str:
+    """The table of results.md. seconds: this command's wall time; pipeline_seconds: the pipeline's, under --claims."""
     n, K = stage_numbers(r), r["pretrain"][0]["codebook"]["n_actions"]
     seeds = f" ({len(n['alive'])} seeds: mean [range])" if len(n["alive"]) > 1 else ""
     rows = [
-        (f"Stage A: alive actions (direct assignment){seeds}", spread(n["alive"], ".1f") + f" / {K}",
+        (f"Stage A: alive actions (direct assignment){seeds}", spread(n["alive"], ".1f", "d") + f" / {K}",
          f">= {int(K * 7 / 8)} / {K}")]
     if n["alive_vq"]:
-        rows += [("Stage A: alive actions (VQ ablation)", spread(n["alive_vq"], ".1f") + f" / {K}", "fewer (collapse)"),
+        rows += [("Stage A: alive actions (VQ ablation)", spread(n["alive_vq"], ".1f", "d") + f" / {K}", "fewer (collapse)"),
                  ("Stage A: most-used action share (direct / VQ)",
                   f"{spread(n['top_share'])} / {spread(n['top_share_vq'])}", "")]
     rows += [
@@ -355,7 +390,8 @@ def results_table(r: dict, seconds: float, dtype: str) -> str:
     lines = [f"dtype {dtype} on {machine_line(device_type(''))}; the numbers below depend on the dtype\n",
              f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
     lines += [f"| {a:<{w}} | {b} | {c} |" for a, b, c in rows]
-    lines.append(f"\npipeline wall time: {seconds:.0f} s on {os.cpu_count()} CPU cores (torch {torch.__version__}, "
+    took = f"{seconds:.0f} s" if pipeline_seconds is None else f"{pipeline_seconds:.0f} s, then --claims {seconds:.0f} s"
+    lines.append(f"\npipeline wall time: {took} on {os.cpu_count()} CPU cores (torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]})")
     return "\n".join(lines)
 
@@ -384,7 +420,7 @@ def main(argv=None):
     if world_from_env().launched:
         raise SystemExit("pipeline.py runs the tiny preset in one process: start it with python, not torchrun")
     if a.claims:
-        check_pipeline_ran(a)
+        a.pipeline_seconds = check_pipeline_ran(a).get("seconds", 0.0)
     try:
         run_pipeline(a)                  # --claims: what finished is read, the rest of the claims' runs train
         if a.claims:

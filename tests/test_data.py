@@ -227,6 +227,9 @@ def test_sft_loader_and_jsonl(tmp_path, tok):
     b.load_state_dict(state)
     for (t1, m1, i1), (t2, m2, i2) in zip(batches(a, 4), batches(b, 4)):
         assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(i1, i2) and t1.shape[0] == 3
+        assert t1.shape[1] <= 512 and m1[:, -1].any()                    # cut after the batch's last target
+    with pytest.raises(ValueError, match="SFTLoader needs a counted target"):
+        SFTLoader(x, torch.zeros_like(m), 3)
     f = tmp_path / "sft.jsonl"
     f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError) as e:

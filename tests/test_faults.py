@@ -549,7 +549,7 @@ def test_append_row_ends_a_half_written_line_first(tmp_path):
 def test_pipeline_seed_lists_are_distinct_integers(flag, seeds):
     import pipeline
     with pytest.raises(SystemExit, match=f"{flag} .*: expected"):
-        pipeline.parse_pipeline_args([flag, seeds])
+        pipeline.parse_pipeline_args(["--claims", flag, seeds])
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1"])

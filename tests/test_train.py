@@ -17,6 +17,7 @@ All on CPU at toy sizes (seq_len 64 for LM stages, 256 for task stages, a handfu
 """
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -201,9 +202,10 @@ def test_pipeline_smallest_scale(tmp_path):
         mp.setattr(rl, "main", lambda argv: pytest.fail(f"rl.py reran: {argv}"))
         pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0,1", "--rl-seeds", "0,3"])
     again = json.loads((out / "results.json").read_text())
-    keep = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "reused", "search_setup")}   # noqa: E731
+    keep = lambda d: {k: v for k, v in d.items() if k not in ("claims_seconds", "reused", "search_setup")}  # noqa: E731
     assert keep(again) == keep(res2) and len(again["reused"]) == 17          # base, 2 x 6 stages, 2 x 2 RL
-    assert "(17 runs read, not rerun: --reuse)" in (out / "results.md").read_text()
+    assert again["seconds"] == res["seconds"] and again["claims_seconds"] > 0  # the pipeline's time is kept
+    assert "(17 runs read, not rerun)" in (out / "results.md").read_text()
     # a stage whose flags differ reruns, and so does everything that starts from it (here: from the base)
     cfg = json.loads((out / "base/config.json").read_text())
     assert pipeline.finished(out / "base", cfg, export=True) is not None
@@ -220,6 +222,16 @@ def test_pipeline_smallest_scale(tmp_path):
         mp.setattr(pipeline, "run_search", lambda a: None)
         pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0", "--rl-seeds", "0"])
     assert ran == ["base", "pretrain", "bc", "fta-i", "fta-p", "sft", "pretrain-vq", "rl-latent-grpo", "rl-token-grpo"]
+    # a checkpoint rewritten by an earlier command (here: SFT's export) makes what started from it stale
+    later = time.time() + 60
+    os.utime(out / "sft/final/config.json", (later, later))
+    ran.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "run_stage", lambda stage, c: pytest.fail(f"stage {Path(c.out_dir).name} reran"))
+        mp.setattr(rl, "main", lambda argv: ran.append(Path(argv[argv.index("--out-dir") + 1]).name))
+        mp.setattr(pipeline, "run_search", lambda a: None)
+        pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0", "--rl-seeds", "0"])
+    assert ran == ["rl-token-grpo"]
 
 
 def test_pipeline_claims_needs_the_pipeline_first(tmp_path, capsys):
