@@ -113,7 +113,7 @@ def run_pipeline(a) -> dict:
 
     def cfg(stage, seed, **kw):
         name = kw.pop("name", stage)
-        where = root if seed == a.seed else root / f"seed{seed}"            # the other --stage-seeds
+        where = seed_dir(seed)
         flags = [s for k, v in kw.items() for s in (f"--{k.replace('_', '-')}", str(v))]
         _, c = parse_args(["--stage", stage, "--out-dir", str(where / name), "--seed", str(seed), "--no-resume",
                            "--dtype", a.dtype, *flags])
@@ -122,6 +122,7 @@ def run_pipeline(a) -> dict:
         if isinstance(c, FinetuneArgs):
             c.n_records = max(32, round(c.n_records * a.scale))
         return c
+    seed_dir = lambda seed: root if seed == a.seed else root / f"seed{seed}"   # noqa: E731  (other --stage-seeds)
     rerun, a.reused = set(), []          # run directories trained now (what starts from one reruns too); read ones
 
     def stage(name, c):
@@ -138,7 +139,7 @@ def run_pipeline(a) -> dict:
     r["copying"] = copying_of(root / "base/final", parallel.device_of(""))
     base = root / "base/final"
     for seed in seeds_of_stages(a):
-        at = root if seed == a.seed else root / f"seed{seed}"
+        at = seed_dir(seed)
         plan = [("pretrain", "pretrain", {"init": base}), ("bc", "bc", {"init": at / "pretrain/final"}),
                 ("fta-i", "fta-i", {"init": at / "bc/final"}), ("fta-p", "fta-p", {"init": at / "bc/final"}),
                 ("sft", "sft", {"init": base})]
