@@ -680,8 +680,9 @@ class Run:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 metrics = {}
-                for _ in range(accum):
+                for i in range(accum):
                     batch = loader.next_batch().to(self.device)
+                    parallel.sync_replicas(root, last=i == accum - 1)
                     with self.amp:
                         loss, m = root(ph.loss_fn, batch)
                     (loss / accum).backward()

@@ -1,7 +1,8 @@
 """Helper for tests/test_distributed.py, run under torchrun: train one stage exactly as train.py does, recording
-every FSDP all-gather of the training steps (evaluations excluded): which unit, in forward or in backward. Rank 0
+every FSDP all-gather of the training steps (evaluations excluded): which unit, in forward or in backward, and
+every gradient all-reduce FSDP runs across replica groups (HSDP, --shard-group): ["all-reduce", unit]. Rank 0
 writes {phase: [[pass, unit], ...]} as JSON to OUT, then the test checks that backward gathers exactly the units
-it computes gradients for, once each.
+it computes gradients for, once each, and that HSDP all-reduces once per optimizer step.
 
     torchrun --standalone --nproc_per_node=2 tests/dist_gathers.py OUT train.py-flags...
 """
@@ -9,6 +10,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: E402
@@ -32,6 +35,20 @@ def counting_unshard(self, async_op: bool = False):
     return unshard(self, async_op)
 
 
+def counting_all_reduce(all_reduce):
+    """dist.all_reduce, noting the calls FSDP's gradient reduction makes (foreach_reduce, under HSDP) with the unit
+    whose gradients they average; every other all-reduce (the metrics' mean over ranks) passes unrecorded."""
+    def wrapped(*a, **k):
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "foreach_reduce" and record["on"]:
+            while frame is not None and not isinstance(frame.f_locals.get("self"), FSDPParamGroup):
+                frame = frame.f_back
+            unit = frame.f_locals["self"]._module_fqn.removeprefix("model.") or "root" if frame else "?"
+            gathers.setdefault(record["phase"], []).append(["all-reduce", unit])
+        return all_reduce(*a, **k)
+    return wrapped
+
+
 def recording_phases(make_optimizer):
     """trainer.make_optimizer runs as each phase starts: from then on, gathers belong to the groups it trains."""
     def wrapped(groups, names, cfg):
@@ -53,6 +70,7 @@ def quiet(evaluate):
 if __name__ == "__main__":
     out, argv = sys.argv[1], sys.argv[2:]
     FSDPParamGroup.unshard = counting_unshard
+    dist.all_reduce = counting_all_reduce(dist.all_reduce)
     trainer.make_optimizer = recording_phases(trainer.make_optimizer)
     trainer.Run.evaluate = quiet(trainer.Run.evaluate)
     trainer.Run.export = lambda self, root, result, llama_base=False: self.finish(result)

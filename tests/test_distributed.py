@@ -229,6 +229,21 @@ def test_backward_gathers_only_the_units_it_uses(chain, task, tmp_path, stage):
         assert got[phase][:2 * len(one)] == one * 2, (phase, got[phase])
 
 
+def test_hsdp_all_reduces_once_per_step(chain, task, tmp_path):
+    """--shard-group 1 on 2 processes (2 replica groups), 2 micro batches per rank: the gradients cross the replica
+    groups on the second micro batch only, one all-reduce per trained unit; before, one per unit and micro batch."""
+    out = tmp_path / "gathers.json"
+    argv = cmd("pretrain", tmp_path / "run", *LM2, "--init", chain / "base/final", "--steps", 1, "--global-batch", 4,
+               "--micro-batch", 1, "--shard-group", 1)
+    run_ok(TORCHRUN + [str(REPO / "tests/dist_gathers.py"), str(out)] + argv[2:])
+    events = json.loads(out.read_text())["idm+codebook+merge"]
+    reduces = [u for what, u in events if what == "all-reduce"]
+    assert sorted(reduces) == sorted(["root", "idm.layers.0", "idm.layers.1", "merge"]), events
+    starts = [i for i, e in enumerate(events) if e == ["forward", "root"]]   # each forward's (then the evaluation's)
+    assert len(starts) >= 2, events
+    assert all(i > starts[1] for i, e in enumerate(events) if e[0] == "all-reduce"), events
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch mistakes: one line, before any process group or file
 
