@@ -82,12 +82,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import cola
 import data
 from eval import cola_metrics, lm_metrics
-from infra import checkpoint, parallel
+from infra import checkpoint, memory, parallel
 from infra.files import atomic_write, check_out_file, read_json_or_empty
 from infra.parallel import Root
 from infra.trainer import (SEED, Run, arg, autocast, bf16_frozen_groups, dtype_line, enable_activation_checkpointing,
@@ -613,9 +614,9 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     memory plan); the gain is rollouts without 32 blocks' all-gathers per generated token."""
     model = load_model(cfg, torch.device("cpu")).requires_grad_(False)
     part = model.policy if cfg.level == "latent" else model
-    ref = frozen_reference(model, cfg.level)  # before any update
     bf16 = cfg.dtype == "bfloat16"
     if not world.launched:                     # frozen weights that are bf16 values already (the official base)
+        ref = frozen_reference(model, cfg.level)                                      # before any update
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(part.layers)
         for name in bf16_frozen_groups(model, {"policy"} if cfg.level == "latent" else {"base"}) if bf16 else []:
@@ -623,13 +624,27 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
         model, ref = model.to(device), ref.to(device)
         return SimpleNamespace(model=model, trained=Root(part.requires_grad_(True)), ref=ref, replica=None)
     from torch.distributed.device_mesh import init_device_mesh
-    trained = Root(copy.deepcopy(part).float().requires_grad_(True).to(device))       # the fp32 master weights
+    # Host memory: the checkpoint as loaded (float32) and nothing more. The fp32 master weights and the reference
+    # are copied to the device tensor by tensor, not deep-copied on the host first (at 8B token level that was 96 GB
+    # per rank: model, reference and trained copy, 770 GB on an 8-GPU node); what only generates or scores is bf16
+    # (memory.rl_plan).
+    trained = Root(copy_to(part, device, torch.float32).requires_grad_(True))
+    ref = copy_to(part, device, torch.bfloat16 if bf16 else None).requires_grad_(False).eval()   # before any update
     if cfg.activation_checkpointing:           # before fully_shard
         enable_activation_checkpointing(trained.model.layers)
     parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)), torch.bfloat16 if bf16 else None)
-    if bf16:                                   # what only generates or scores: bf16 (tools/bench.py --rl-memory-plan)
-        model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)
-    return SimpleNamespace(model=model.to(device), trained=trained, ref=ref.to(device), replica=part)
+    model = model.to(torch.bfloat16) if bf16 else model          # in place: each fp32 tensor freed as it converts
+    return SimpleNamespace(model=model.to(device), trained=trained, ref=ref, replica=part)
+
+
+def copy_to(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are made directly on `device` (floating ones in `dtype`, as
+    Module.to converts), without a whole host copy in between: deepcopy with each tensor's copy given in advance."""
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        v = t.detach().to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+        memo[id(t)] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+    return copy.deepcopy(module, memo)
 
 
 @torch.no_grad()
@@ -637,8 +652,10 @@ def sync(learner):
     """torchrun: the sharded trained weights, gathered, into the replica that generates (a collective)."""
     if learner.replica is None:
         return
+    parallel.unshard(learner.trained)          # one all-gather per FSDP unit, in the gather dtype (bf16 at bf16)
     for dst, src in zip(learner.replica.parameters(), learner.trained.model.parameters()):
-        dst.copy_(parallel.local_tensor(src))
+        dst.copy_(src)
+    parallel.reshard(learner.trained)
 
 
 def main(argv=None):
@@ -669,9 +686,12 @@ def train(argv=None):
                                  judge=load_judge(cfg, device)), "general_loss": general_text_loss(model, cfg, tok, device)}
         print(json.dumps({"init": cfg.init, **result}))
         return result
+    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
+    if parallel.device_type(cfg.device) == "cuda":     # before any weight is read or file written (an 8B load that
+        memory.check_rl_fits(cfg, world, torch.device("cuda", world.local_rank),   # ends out of memory: no more)
+                             longest_prompt(cfg, tok, pool))
     run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world, init=cfg.init)
     device = run.device
-    tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     learner = build(cfg, world, device)
     check_vocab(tok, (learner.model.base if cfg.level == "latent" else learner.model).args.vocab_size,
                 f"--init {cfg.init}")
@@ -729,6 +749,13 @@ def train(argv=None):
         result = held_out(step)                # every rank: held_out waits for rank 0, whose result only it keeps)
     run.export(Root(learner.model), result or {})   # final/, and the last evaluation as the last metrics row
     parallel.barrier(world)                    # every rank done before main tears the process group down
+
+
+def longest_prompt(cfg: RLArgs, tok: Tokenizer, pool: list[tasks.Problem] | None) -> int:
+    """Tokens of the longest prompt RL will roll out from: of every --data problem, or of the first 256 problems
+    of --task (generated problems of one task vary little in length)."""
+    problems = pool if pool is not None else tasks.problems_at(cfg.task, cfg.seed, 0, 256)
+    return max(len(data.encode_problem(tok, p, cfg.chat)) for p in problems)
 
 
 def load_judge(cfg: RLArgs, device):

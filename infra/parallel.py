@@ -337,6 +337,16 @@ def device_mesh(world: World, device: torch.device, shard: int = 0):
     return init_device_mesh(device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
+def unshard(root: Root):
+    """Gather every FSDP unit of root (all started, then waited for): its modules then hold the whole parameters, in
+    the mixed-precision gather dtype, until reshard(root). One all-gather per unit, where DTensor.full_tensor per
+    parameter is one per parameter, in the stored (float32) dtype: rl.py refreshes its generating replica so every
+    step (32 GB per rank at 8B token level in float32)."""
+    from torch.distributed.fsdp import FSDPModule
+    for handle in [m.unshard(async_op=True) for m in root.modules() if isinstance(m, FSDPModule)]:
+        handle.wait()
+
+
 def reshard(root: Root):
     """Free the gathered parameters a forward without backward left behind (FSDP keeps the root's, and the last
     unit's, gathered after forward; the module then holds the gathered tensors, not the sharded parameters the

@@ -113,3 +113,61 @@ def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys)
     assert "stage sft at --preset llama-3.1-8b needs" in str(e.value) and "80.0 GiB" in str(e.value)
     assert "torchrun --nproc_per_node=8 train.py --stage sft" in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rl.py: the plan of one RL step and the refusal before loading
+
+
+def rl_cfg(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{**dict(preset="llama-3.1-8b", level="token", algo="grpo", prompts_per_step=8, group=4,
+                                     micro_batch=0, max_new_tokens=1024, dtype="bfloat16",
+                                     activation_checkpointing=True), **kw})
+
+
+def test_rl_plan_counts_kv_cache_or_update_not_both():
+    """Generation's KV cache is freed before the update: the total takes the larger. The token loss is 12 bytes per
+    token and class over V, the latent one over K = 64 actions."""
+    p = memory.rl_plan("llama-3.1-8b", "token", 8, rollouts=16, prompt=512, new=1024, micro=4)
+    assert p.total == p.replica + p.reference + p.state + p.buffers + max(p.kv, p.update)
+    assert p.kv < p.update < p.kv + p.update
+    tokens = 4 * (512 + 1024)
+    ce = tokens * 12 * 128256
+    assert ce < p.update < ce + tokens * 33 * 2 * 4096 * 2               # + 32 saved inputs and a recomputed block
+    latent = memory.rl_plan("llama-3.1-8b", "latent", 8, rollouts=16, prompt=512, new=1024, micro=4)
+    assert latent.trained < p.trained and latent.total < p.total
+
+
+def test_rl_at_8b_fits_8_gpus_and_refuses_one():
+    world8 = World(rank=0, size=8, local_rank=0, launched=True)
+    for level in ("latent", "token"):
+        assert memory.check_rl_fits(rl_cfg(level=level), world8, "cuda", prompt=512, capacity=80 * GiB) is None
+    with pytest.raises(SystemExit) as e:                     # one process: 16 B x 8B of state alone
+        memory.check_rl_fits(rl_cfg(), World(), "cuda", prompt=512, capacity=80 * GiB)
+    assert "rl.py --level token at --preset llama-3.1-8b needs" in str(e.value)
+    assert "torchrun --nproc_per_node=8 rl.py --level token" in str(e.value)
+    with pytest.raises(SystemExit) as e:                     # float32 on 8 GPUs: 32 GB of replica, 32 of reference
+        memory.check_rl_fits(rl_cfg(dtype="float32"), world8, "cuda", prompt=512, capacity=80 * GiB)
+    assert "--dtype bfloat16" in str(e.value)
+    assert memory.check_rl_fits(rl_cfg(), World(), "cpu", prompt=512) is None            # a CPU is not checked
+
+
+def test_rl_py_refuses_before_loading_anything(tmp_path, monkeypatch):
+    """`rl.py --preset llama-3.1-8b --level token` on one 80 GiB GPU stops with the plan's line before it reads a
+    weight (--init holds only a config.json) or writes a file."""
+    import json
+    import rl
+    from infra.checkpoint import hf_config
+    from model import PRESETS
+    init = tmp_path / "sft-8b"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps(hf_config(PRESETS["llama-3.1-8b"])))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # --dtype auto
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * GiB}))
+    with pytest.raises(SystemExit) as e:
+        rl.main(["--preset", "llama-3.1-8b", "--level", "token", "--init", str(init), "--out-dir",
+                 str(tmp_path / "run")])
+    assert "rl.py --level token at --preset llama-3.1-8b needs" in str(e.value) and "80.0 GiB" in str(e.value)
+    assert not (tmp_path / "run").exists()

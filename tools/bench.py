@@ -403,57 +403,20 @@ def memory_plan(preset: str, gpus: int, micro: int, seq: int) -> str:
 
 
 def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int, micro: int) -> str:
-    """Per-GPU bytes of rl.py under torchrun at bf16 (rl.build): latent and token level, GRPO.
-
-    replica     the whole starting model in bf16 on every rank: it generates the rollouts and (latent) gives the
-                frozen base's states; 2 B per parameter. Latent: the CoLA (base, IDM, merge, C, policy); token: the LM;
-    reference   the frozen copy of what RL trains, bf16: the policy alone (latent) or the whole LM (token);
-    state       the trained part's fp32 weight and gradient and AdamW's m and v, 16 B per parameter / GPUs;
-    buffers     FSDP's gathered bf16 root group and two blocks of the trained part;
-    KV cache    generation: 2 (k, v) x layers x kv-heads x head dim x 2 B per token, for the base and (latent) the
-                policy, over rollouts x (prompt + new) tokens;
-    update      one micro batch of `micro` rollouts forward and backward with activation checkpointing on the
-                trained blocks (their 2 D inputs, one block recomputed), the loss over the classes it scores
-                (10 B per token per class: K = 64 actions or V tokens), and (latent) the frozen base's states h
-                of all the rank's rollouts, [rollouts, T, D] in bf16: computed once per step for the log-prob pass
-                and kept for every update (rl.log_probs).
-    Not counted: the CUDA context and fragmentation (1-3 GB), the judge (evaluation only, rank 0), transient
-    per-step logits of generation (rollouts x V x 4 B, 66 MB at 16 rollouts).
-    """
+    """memory.rl_plan per GPU under torchrun at bf16 (rl.build), latent and token level, GRPO, as a table; the
+    categories and what they count are in rl_plan's docstring. rl.py runs the same plan before it loads anything
+    (memory.check_rl_fits)."""
     from infra import memory
-    from cola import COLA_PRESETS, CoLA
-    with torch.device("meta"):
-        m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
-    a, c = m.base_args, m.args
-    n = {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
-    head_dim = a.dim // a.n_heads
-    kv_per_token = lambda layers: 2 * layers * a.n_kv_heads * head_dim * 2                 # noqa: E731
-    T = prompt + new
     G = 2**30
-    rows = []
-    for level in ("latent", "token"):
-        lat = level == "latent"
-        trained = n["policy"] if lat else n["base"]
-        layers = c.n_policy_layers if lat else a.n_layers
-        stack = m.policy if lat else m.base
-        block = sum(p.numel() for p in stack.layers[0].parameters())
-        root = trained - layers * block
-        replica = 2 * (sum(n.values()) if lat else n["base"])
-        ref = 2 * trained
-        state = 16 * trained / gpus
-        buffers = 2 * root + 2 * 2 * block
-        kv = rollouts * T * (kv_per_token(a.n_layers) + (kv_per_token(c.n_policy_layers) if lat else 0))
-        tokens = micro * T
-        update = tokens * (layers * 2 * a.dim + memory.block_activation_bytes(a, cast=False)
-                           + 10 * (c.n_actions if lat else a.vocab_size))
-        update += rollouts * T * 2 * a.dim if lat else 0
-        total = replica + ref + state + buffers + kv + update
-        rows.append((level, trained, replica, ref, state, buffers, kv, update, total))
+    plans = [memory.rl_plan(preset, level, gpus, rollouts, prompt, new, micro) for level in ("latent", "token")]
     head = ("| level | trained | replica (bf16) | reference | state | FSDP buffers | KV cache | update | total |\n"
             "|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r[0]} | {r[1] / 1e9:.2f} B | " + " | ".join(f"{v / G:.1f}" for v in r[2:]) + " |" for r in rows]
+    lines = [f"| {p.level} | {p.trained / 1e9:.2f} B | " + " | ".join(
+        f"{v / G:.1f}" for v in (p.replica, p.reference, p.state, p.buffers, p.kv, p.update, p.total)) + " |"
+        for p in plans]
     note = (f"GiB per GPU: rl.py, preset {preset}, {gpus} GPUs, {rollouts} rollouts per GPU of {prompt} prompt + "
-            f"{new} new tokens, update micro batch {micro} with activation checkpointing")
+            f"{new} new tokens, update micro batch {micro} with activation checkpointing; total counts the larger "
+            f"of KV cache (generation) and update, which never coexist")
     return "\n".join([note, head, *lines])
 
 
