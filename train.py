@@ -95,6 +95,8 @@ class Common:
     dtype: str = arg("auto", "auto (bfloat16 where the GPU or CPU computes it natively, else float32), bfloat16 "
                              "(autocast) or float32 (no autocast)")
     activation_checkpointing: bool = arg(False, "recompute each block in backward to save memory")
+    compile: bool = arg(False, "torch.compile each Llama block (fuses RMSNorm, RoPE, SwiGLU; the first steps "
+                               "compile, ~1 min; needs a C++ compiler on CPU, Triton on GPU)")
     cpu_offload: bool = arg(False, "under torchrun: keep parameter shards, gradients and AdamW state in host memory")
     shard_group: int = arg(0, "under torchrun: ranks that shard the trained state together; groups replicate it "
                               "(HSDP). 0 = the processes of one node (LOCAL_WORLD_SIZE)", ">= 0")

@@ -281,6 +281,14 @@ def enable_activation_checkpointing(blocks):
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
+def compile_blocks(blocks):
+    """torch.compile each block in place (Module.compile: names, and so checkpoints, unchanged). Per block, not the
+    whole model, as torchtitan does: the blocks share one compiled graph, FSDP's hooks stay outside it, and what
+    eager runs unfused (RMSNorm, RoPE, SwiGLU's elementwise ops in float32) becomes a few fused kernels."""
+    for block in blocks:
+        block.compile()
+
+
 def set_trainable(model, names):
     """requires_grad on the named parameter groups only (FSDP reads it once, when it first runs)."""
     for name, params in model.param_groups().items():
@@ -420,7 +428,7 @@ class Run:
     # Flags that may differ when a run is resumed (they do not enter the maths).
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
                          "cpu_offload", "activation_checkpointing", "micro_batch", "shard_group", "collective_timeout",
-                         "async_save"}
+                         "async_save", "compile"}
     # Flags whose final value is known only once the data is read (fine-tuning derives --steps 0 from --epochs):
     # compared in start() instead of here.
     RESOLVED_LATER = {"steps"}
@@ -527,6 +535,8 @@ class Run:
                     getattr(model, name).to(torch.bfloat16)
             if cfg.activation_checkpointing:
                 enable_activation_checkpointing(model.blocks())
+            if getattr(cfg, "compile", False):
+                compile_blocks(model.blocks())
             return Root(model)
         full = parallel.on_main(world, lambda: make_model(torch.device("cpu")))
         bf16 = cfg.dtype == "bfloat16"
@@ -541,6 +551,8 @@ class Run:
                     getattr(m, name).to(torch.bfloat16)
         if cfg.activation_checkpointing:            # before fully_shard
             enable_activation_checkpointing(model.blocks())
+        if getattr(cfg, "compile", False):          # after checkpointing, before fully_shard (torchtitan's order)
+            compile_blocks(model.blocks())
         root = Root(model)
         parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, self.shard_group),
                             torch.bfloat16 if bf16 else None, self.cpu_offload)
