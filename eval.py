@@ -412,14 +412,30 @@ def vq_assign(model, x):
 
 
 def load_vq(run_dir: Path, device):
-    """The VQ ablation exports nothing (its IDM head is d -> d): rebuild cola.VQCoLA from the run's config.json and
-    load its newest checkpoint (every weight, the frozen base included)."""
+    """The VQ ablation exports nothing (its IDM head is d -> d): rebuild cola.VQCoLA from the run's --init (the
+    frozen base it started from) and load its newest checkpoint, which holds what Stage A trains (IDM, codebook,
+    merge module; parallel.trained_only). A checkpoint written whole (before checkpoints left frozen modules out)
+    loads without the --init."""
     cfg = json.loads((run_dir / "config.json").read_text())
     ckpt = parallel.latest_checkpoint(run_dir)
     if ckpt is None:                           # the VQ run is still at its first step
         raise SystemExit(f"{run_dir}: no complete checkpoint of the VQ ablation to read")
-    model = VQCoLA(PRESETS[cfg["preset"]], COLA_PRESETS[cfg["preset"]])
-    parallel.load_checkpoint(ckpt, parallel.Root(model))
+    init = Path(cfg.get("init") or "")
+    whole = not (cfg.get("init") and (init / "config.json").exists())
+    if not whole:
+        model = VQCoLA.from_pretrained(init)
+        for name, params in model.param_groups().items():      # frozen in Stage A: from --init, not the checkpoint
+            for p in params:
+                p.requires_grad_(name in ("idm", "codebook", "merge"))
+    else:
+        model = VQCoLA(PRESETS[cfg["preset"]], COLA_PRESETS[cfg["preset"]])
+    try:
+        parallel.load_checkpoint(ckpt, parallel.Root(model))
+    except SystemExit:
+        if whole:                              # the base was expected in the checkpoint
+            raise SystemExit(f"{run_dir}: its checkpoint holds the trained modules only; the frozen base comes from "
+                             f"its --init {cfg.get('init')!r}, which is not there") from None
+        raise
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -489,6 +489,17 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
     return start_save(run_dir, root, optimizer, train_state, world).wait()
 
 
+def trained_only(load: bool = False):
+    """What a checkpoint holds: the parameters that train (requires_grad) and their AdamW state. Frozen modules never
+    change during a run, which rebuilds them from its --init when it resumes: at 8B Stage A's frozen base (16 GB
+    bf16) and policy were staged in host memory by every rank under --async-save, written and checksummed at every
+    checkpoint, for nothing. Loading asks for the same keys, so checkpoints written whole still load (load: the keys
+    DCP read go into the model without a complaint about the frozen ones; a trained key missing from the files
+    stops dcp.load before that)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, strict=not load)
+
+
 def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: World,
                asynchronous: bool = False) -> "PendingSave":
     """save_checkpoint in two halves: the DCP write starts now, PendingSave.wait() ends it (train.json, old
@@ -504,9 +515,9 @@ def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: W
         remove_checkpoint(path)
     barrier(world)
     if optimizer is None:
-        state = {"model": get_model_state_dict(root)}
+        state = {"model": get_model_state_dict(root, options=trained_only())}
     else:
-        msd, osd = get_state_dict(root, optimizer)
+        msd, osd = get_state_dict(root, optimizer, options=trained_only())
         state = {"model": msd, "optim": osd}
     try:
         with warnings.catch_warnings():         # the module-level filter, for callers that reset filters (pytest)
@@ -593,9 +604,9 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
     if optimizer is None:
-        state = {"model": get_model_state_dict(root)}
+        state = {"model": get_model_state_dict(root, options=trained_only())}
     else:
-        msd, osd = get_state_dict(root, optimizer)
+        msd, osd = get_state_dict(root, optimizer, options=trained_only())
         state = {"model": msd, "optim": osd}
     try:
         with warnings.catch_warnings():
@@ -606,6 +617,7 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
         raise SystemExit(f"{ckpt}: cannot read this checkpoint ({type(cause).__name__}: "
                          f"{(str(cause).splitlines() or [''])[0]}); delete it to resume from an earlier one") from None
     if optimizer is None:
-        set_model_state_dict(root, state["model"])
+        set_model_state_dict(root, state["model"], options=trained_only(load=True))
     else:
-        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=trained_only(load=True))

@@ -336,6 +336,20 @@ def test_compile_gives_the_eager_losses(chain, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a["step"], a["loss"], b["loss"])
 
 
+@pytest.mark.parametrize("stage, frozen, trained", [("pretrain", ("base.", "policy."), ("idm.", "merge.")),
+                                                     ("bc", ("base.", "idm.", "merge."), ("policy.",)),
+                                                     ("vq", ("base.", "policy."), ("idm.", "merge."))])
+def test_checkpoints_hold_what_trains(chain, stage, frozen, trained):
+    """A DCP checkpoint holds the trained parameters and their AdamW state, not the frozen modules (the resumed run
+    rebuilds those from --init): Stage A's has no base or policy tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+    ckpt = parallel.latest_checkpoint(chain / stage)
+    keys = [k.removeprefix("model.model.") for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+            if k.startswith("model.")]
+    assert keys and not [k for k in keys if k.startswith(frozen)], keys
+    assert all(any(k.startswith(t) for k in keys) for t in trained), keys
+
+
 def test_resume_after_async_save_same_losses(pretrain_resume, chain, tmp_path):
     """--async-save writes the checkpoint in a background thread and completes it (train.json) once written: a run
     killed after that resumes from it and logs the uninterrupted run's rows."""
