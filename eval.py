@@ -414,7 +414,7 @@ def vq_assign(model, x):
 def load_vq(run_dir: Path, device):
     """The VQ ablation exports nothing (its IDM head is d -> d): rebuild cola.VQCoLA from the run's --init (the
     frozen base it started from) and load its newest checkpoint, which holds what Stage A trains (IDM, codebook,
-    merge module; parallel.trained_only). A checkpoint written whole (before checkpoints left frozen modules out)
+    merge module; parallel.state_options). A checkpoint written whole (before checkpoints left frozen modules out)
     loads without the --init."""
     cfg = json.loads((run_dir / "config.json").read_text())
     ckpt = parallel.latest_checkpoint(run_dir)
@@ -430,7 +430,7 @@ def load_vq(run_dir: Path, device):
     else:
         model = VQCoLA(PRESETS[cfg["preset"]], COLA_PRESETS[cfg["preset"]])
     try:
-        parallel.load_checkpoint(ckpt, parallel.Root(model))
+        parallel.load_checkpoint(ckpt, parallel.Root(model), frozen=whole)
     except SystemExit:
         if whole:                              # the base was expected in the checkpoint
             raise SystemExit(f"{run_dir}: its checkpoint holds the trained modules only; the frozen base comes from "

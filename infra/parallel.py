@@ -478,7 +478,8 @@ def resume_checkpoint(run_dir: Path, world: World = World()) -> Path | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, world: World) -> Path:
+def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, world: World,
+                    frozen: bool = True) -> Path:
     """Every rank writes its shards; then rank 0 writes train.json (atomically, last) with the size and CRC-32 of
     every file, and removes all checkpoints but this one and the KEEP - 1 complete ones before it.
 
@@ -486,22 +487,23 @@ def save_checkpoint(run_dir: Path, root: Root, optimizer, train_state: dict, wor
     failed write raises OSError naming the checkpoint (DCP wraps the cause in a CheckpointException, which is a
     BaseException; it is unwrapped here).
     """
-    return start_save(run_dir, root, optimizer, train_state, world).wait()
+    return start_save(run_dir, root, optimizer, train_state, world, frozen=frozen).wait()
 
 
-def trained_only(load: bool = False):
-    """What a checkpoint holds: the parameters that train (requires_grad) and their AdamW state. Frozen modules never
-    change during a run, which rebuilds them from its --init when it resumes: at 8B Stage A's frozen base (16 GB
-    bf16) and policy were staged in host memory by every rank under --async-save, written and checksummed at every
-    checkpoint, for nothing. Loading asks for the same keys, so checkpoints written whole still load (load: the keys
-    DCP read go into the model without a complaint about the frozen ones; a trained key missing from the files
-    stops dcp.load before that)."""
+def state_options(frozen: bool, load: bool = False):
+    """Which parameters a checkpoint holds. frozen True: all of them. frozen False (train.py's stages): those that
+    train (requires_grad) and their AdamW state. A stage's frozen modules never change during the run, which rebuilds
+    them from its --init when it resumes; at 8B Stage A's frozen base (16 GB bf16) and policy were otherwise staged in
+    host memory by every rank under --async-save, written and checksummed at every checkpoint, for nothing. (qnet.py
+    keeps frozen=True: its target network has no gradient but is copied from Q every 50 updates.) Loading asks for
+    the same keys, so checkpoints written whole load either way; a trained key missing from the files stops
+    dcp.load, so setting the keys read need not be strict about the frozen ones."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(ignore_frozen_params=True, strict=not load)
+    return StateDictOptions(ignore_frozen_params=not frozen, strict=frozen or not load)
 
 
 def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: World,
-               asynchronous: bool = False) -> "PendingSave":
+               asynchronous: bool = False, frozen: bool = True) -> "PendingSave":
     """save_checkpoint in two halves: the DCP write starts now, PendingSave.wait() ends it (train.json, old
     checkpoints removed). asynchronous: DCP copies the state to host memory now (training may change it right
     after) and writes the files in a background thread while training goes on; wait() before the next save, the
@@ -515,9 +517,9 @@ def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: W
         remove_checkpoint(path)
     barrier(world)
     if optimizer is None:
-        state = {"model": get_model_state_dict(root, options=trained_only())}
+        state = {"model": get_model_state_dict(root, options=state_options(frozen))}
     else:
-        msd, osd = get_state_dict(root, optimizer, options=trained_only())
+        msd, osd = get_state_dict(root, optimizer, options=state_options(frozen))
         state = {"model": msd, "optim": osd}
     try:
         with warnings.catch_warnings():         # the module-level filter, for callers that reset filters (pytest)
@@ -596,7 +598,7 @@ def remove_checkpoint(path: Path):
     shutil.rmtree(path)
 
 
-def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World()):
+def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World(), frozen: bool = True):
     """Model (and, if given, optimizer) state from a DCP checkpoint, resharded to this world size in place. A
     checkpoint DCP cannot read stops the run with one line (CheckpointException is a BaseException)."""
     import torch.distributed.checkpoint as dcp
@@ -604,9 +606,9 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
     if optimizer is None:
-        state = {"model": get_model_state_dict(root, options=trained_only())}
+        state = {"model": get_model_state_dict(root, options=state_options(frozen))}
     else:
-        msd, osd = get_state_dict(root, optimizer, options=trained_only())
+        msd, osd = get_state_dict(root, optimizer, options=state_options(frozen))
         state = {"model": msd, "optim": osd}
     try:
         with warnings.catch_warnings():
@@ -617,7 +619,7 @@ def load_checkpoint(ckpt: Path, root: Root, optimizer=None, world: World = World
         raise SystemExit(f"{ckpt}: cannot read this checkpoint ({type(cause).__name__}: "
                          f"{(str(cause).splitlines() or [''])[0]}); delete it to resume from an earlier one") from None
     if optimizer is None:
-        set_model_state_dict(root, state["model"], options=trained_only(load=True))
+        set_model_state_dict(root, state["model"], options=state_options(frozen, load=True))
     else:
         set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=trained_only(load=True))
+                       options=state_options(frozen, load=True))

@@ -15,7 +15,7 @@ A run directory (--out-dir) belongs to one stage and its flags, and a run writes
     .lock            pid and host of the run using the directory now (a second run on it stops at once)
     config.json      the resolved flags (every default filled in), the stage, the world size
     metrics.jsonl    one JSON row per logged step; the last row is {"eval": {...}} with evaluations before/after
-    checkpoints/step-NNNNNNN/   model + AdamW state + train.json (step, phase, data position, flags, and the size
+    checkpoints/step-NNNNNNN/   trained weights + AdamW state + train.json (step, phase, data position, flags, and the size
                      and CRC-32 of every file), written last; the newest two are kept (infra/parallel.py)
     final/           the exported model, swapped in whole; its config.json carries train_stage and train_history
 A run refuses an --out-dir that overlaps its --init, that holds a model or another stage's run, or (resuming) a
@@ -47,8 +47,7 @@ import numpy as np
 import torch
 
 from infra import parallel
-from infra.files import atomic_write, replace_dir
-from infra.files import check_out_dir as check_dir_path
+from infra.files import atomic_write, check_out_dir as check_dir_path, replace_dir
 from infra.parallel import Root, World, device_type
 from tokenizer import export_tokenizer
 
@@ -281,14 +280,6 @@ def enable_activation_checkpointing(blocks):
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def compile_blocks(blocks):
-    """torch.compile each block in place (Module.compile: names, and so checkpoints, unchanged). Per block, not the
-    whole model, as torchtitan does: the blocks share one compiled graph, FSDP's hooks stay outside it, and what
-    eager runs unfused (RMSNorm, RoPE, SwiGLU's elementwise ops in float32) becomes a few fused kernels."""
-    for block in blocks:
-        block.compile()
-
-
 def set_trainable(model, names):
     """requires_grad on the named parameter groups only (FSDP reads it once, when it first runs)."""
     for name, params in model.param_groups().items():
@@ -429,8 +420,7 @@ class Run:
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
                          "cpu_offload", "activation_checkpointing", "micro_batch", "shard_group", "collective_timeout",
                          "async_save", "compile"}
-    # Flags whose final value is known only once the data is read (fine-tuning derives --steps 0 from --epochs):
-    # compared in start() instead of here.
+    # Flags known only once the data is read (fine-tuning's --steps 0 from --epochs): compared in start() instead.
     RESOLVED_LATER = {"steps"}
 
     def __init__(self, stage: str, cfg, world: World, init: str = "", collective_timeout: float = parallel.TIMEOUT,
@@ -535,8 +525,8 @@ class Run:
                     getattr(model, name).to(torch.bfloat16)
             if cfg.activation_checkpointing:
                 enable_activation_checkpointing(model.blocks())
-            if getattr(cfg, "compile", False):
-                compile_blocks(model.blocks())
+            for block in model.blocks() if getattr(cfg, "compile", False) else []:
+                block.compile()                     # in place: names, and so checkpoints, unchanged
             return Root(model)
         full = parallel.on_main(world, lambda: make_model(torch.device("cpu")))
         bf16 = cfg.dtype == "bfloat16"
@@ -551,8 +541,9 @@ class Run:
                     getattr(m, name).to(torch.bfloat16)
         if cfg.activation_checkpointing:            # before fully_shard
             enable_activation_checkpointing(model.blocks())
-        if getattr(cfg, "compile", False):          # after checkpointing, before fully_shard (torchtitan's order)
-            compile_blocks(model.blocks())
+        # --compile: torch.compile each block in place, after checkpointing and before fully_shard (torchtitan's order)
+        for block in model.blocks() if getattr(cfg, "compile", False) else []:
+            block.compile()
         root = Root(model)
         parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, self.shard_group),
                             torch.bfloat16 if bf16 else None, self.cpu_offload)
@@ -682,7 +673,7 @@ class Run:
             opt = make_optimizer(groups, ph.groups, cfg)
             if resumed is not None:                  # the checkpoint is inside (or at the start of) this phase
                 if resumed["has_optim"]:
-                    parallel.load_checkpoint(self.latest, root, opt, world)     # model and AdamW state, one read
+                    parallel.load_checkpoint(self.latest, root, opt, world, frozen=False)   # and AdamW
                 loader.load_state_dict(resumed["loader"])
                 resumed = None
             warm = warmup_steps(cfg, ph.steps)
@@ -733,7 +724,7 @@ class Run:
                     background = self.async_save
                     with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                         self.pending = parallel.start_save(self.dir, root, None if phase_over else opt, state, world,
-                                                           asynchronous=background)
+                                                           asynchronous=background, frozen=False)
                     if not background:
                         self.finish_save()
                 if stopping and step < bar.total:
@@ -764,7 +755,7 @@ class Run:
             return 0, None
         saved = parallel.read_train_state(self.latest)
         if not saved["has_optim"]:
-            parallel.load_checkpoint(self.latest, root, None, self.world)
+            parallel.load_checkpoint(self.latest, root, None, self.world, frozen=False)
         if self.world.main:
             trim_metrics(self.dir, saved["step"])
             print(f"resuming {self.stage} from {self.latest} at step {saved['step']} (written by "
