@@ -629,10 +629,10 @@ def build(cfg: RLArgs, world: parallel.World, device) -> SimpleNamespace:
     # per rank: model, reference and trained copy, 770 GB on an 8-GPU node); what only generates or scores is bf16
     # (memory.rl_plan).
     trained = Root(copy_to(part, device, torch.float32).requires_grad_(True))
-    ref = copy_to(part, device, torch.bfloat16 if bf16 else None).requires_grad_(False).eval()   # before any update
     if cfg.activation_checkpointing:           # before fully_shard
         enable_activation_checkpointing(trained.model.layers)
     parallel.apply_fsdp(trained, init_device_mesh(device.type, (world.size,)), torch.bfloat16 if bf16 else None)
+    ref = copy_to(part, device, torch.bfloat16 if bf16 else None).requires_grad_(False).eval()   # once sharded
     model = model.to(torch.bfloat16) if bf16 else model          # in place: each fp32 tensor freed as it converts
     return SimpleNamespace(model=model.to(device), trained=trained, ref=ref, replica=part)
 
@@ -653,7 +653,9 @@ def sync(learner):
     if learner.replica is None:
         return
     parallel.unshard(learner.trained)          # one all-gather per FSDP unit, in the gather dtype (bf16 at bf16)
-    for dst, src in zip(learner.replica.parameters(), learner.trained.model.parameters()):
+    for (name, dst), (twin, src) in zip(learner.replica.named_parameters(), learner.trained.model.named_parameters(),
+                                        strict=True):
+        assert name == twin, (name, twin)
         dst.copy_(src)
     parallel.reshard(learner.trained)
 
@@ -688,7 +690,8 @@ def train(argv=None):
         return result
     tok = Tokenizer.find(cfg.init, cfg.tokenizer or None)
     if parallel.device_type(cfg.device) == "cuda":     # before any weight is read or file written (an 8B load that
-        memory.check_rl_fits(cfg, world, torch.device("cuda", world.local_rank),   # ends out of memory: no more)
+        parallel.device_of(cfg.device)                 # ends out of memory: no more); --device cuda without one:
+        memory.check_rl_fits(cfg, world, torch.device("cuda", world.local_rank),   # one line
                              longest_prompt(cfg, tok, pool))
     run = Run(f"rl-{cfg.level}-{cfg.algo}", cfg, world, init=cfg.init)
     device = run.device

@@ -441,8 +441,9 @@ def check_fits(stage: str, cfg, phases: list, world=None, device=None, capacity:
 
 @dataclass
 class RLPlan:
-    """Bytes per GPU of rl.py at one level; total = replica + reference + state + buffers + max(KV cache, update):
-    the KV cache lives while rollouts are generated and is freed before the log-prob passes and the update."""
+    """Bytes per GPU of rl.py at one level; total = replica + reference + state + buffers + max(KV cache, update,
+    gather): the KV cache lives while rollouts are generated and is freed before the log-prob passes and the update;
+    the refresh of the replica comes after the update."""
     level: str
     gpus: int
     trained: int               # parameters RL trains: the policy (latent) or the whole LM (token)
@@ -452,52 +453,59 @@ class RLPlan:
     buffers: int               # FSDP: the gathered bf16 root group and two blocks of the trained part
     kv: int                    # generation's KV cache, base (and latent: policy) over rollouts x (prompt + new)
     update: int                # one micro batch's forward and backward (and, latent, the base's states h)
+    gather: int = 0            # torchrun: the trained part gathered whole to refresh the replica (rl.sync)
 
     @property
     def total(self) -> int:
-        return self.replica + self.reference + self.state + self.buffers + max(self.kv, self.update)
+        return self.replica + self.reference + self.state + self.buffers + max(self.kv, self.update, self.gather)
 
 
 def rl_plan(preset: str, level: str, gpus: int, rollouts: int, prompt: int, new: int, micro: int, bf16: bool = True,
-            activation_checkpointing: bool = True) -> RLPlan:
+            activation_checkpointing: bool = True, launched: bool | None = None) -> RLPlan:
     """rl.build's memory per GPU, GRPO, from the real module sizes (built on the meta device).
 
-    torchrun (gpus > 1): the replica is the whole starting model in bf16 (2 B per parameter: latent the CoLA, token
-    the LM; 4 B in float32), the reference the trained part in bf16, the state 16 B per trained parameter / gpus,
-    FSDP's buffers the trained root group and two blocks gathered in bf16. One process (gpus 1): the model itself trains, so the replica
-    is the frozen part only, at 4 B per parameter (float32: earlier stages trained it; rl.build keeps only bf16-exact
-    groups in bf16, which this plan does not assume), the reference a float32 copy (4 B), no FSDP buffers.
+    torchrun (launched; default: gpus > 1): the replica is the whole starting model in bf16 (2 B per parameter:
+    latent the CoLA, token the LM; 4 B in float32), the reference the trained part in bf16, the state 16 B per
+    trained parameter / gpus, FSDP's buffers the trained root group and two blocks gathered in bf16, and the refresh
+    of the replica gathers the whole trained part (gather). One process: the model itself trains, so the replica is
+    the frozen part only, at 4 B per parameter (float32: earlier stages trained it; rl.build keeps only bf16-exact
+    groups in bf16, which this plan does not assume: a latent start whose frozen base is the official bf16 one is
+    planned ~17 GiB too high at 8B), the reference a float32 copy (4 B), no FSDP buffers, and the KV cache and the
+    blocks' inputs in float32 (the dtype of the embedding the cache takes, and of the residual stream).
     KV cache: 2 (k, v) x layers x kv heads x head dim x 2 B per token (4 B in float32), base and (latent) policy.
     update: `micro` rollouts at once, each token keeping per trained block its input (2 D bytes; 4 D float32) with
     activation checkpointing plus one recomputed block, or every block's activations without; the loss over the
     classes it scores (12 B per token and class: float32 logits, their softmax and the gradient; K = 64 actions or
     V tokens); latent: the frozen base's states h of all the rank's rollouts, [rollouts, T, D], kept for every update.
-    Not counted: the CUDA context and fragmentation (CONTEXT_BYTES), the judge (evaluation, rank 0), generation's
-    per-step logits (rollouts x V x 4 B).
+    Not counted: the CUDA context and fragmentation (CONTEXT_BYTES); rank 0's held-out evaluation (its judge, and
+    the generation and log-probs of --eval-problems rows at once, which at 8B token level with 64 problems of 1,536
+    tokens needs more than the update: lower --eval-problems there); generation's per-step logits (rollouts x V x 4 B).
     """
     with torch.device("meta"):
         m = CoLA(PRESETS[preset], COLA_PRESETS[preset])
     a, c = m.base_args, m.args
     n = {k: sum(p.numel() for p in ps) for k, ps in m.param_groups().items()}
+    launched = gpus > 1 if launched is None else launched
     lat, e = level == "latent", 2 if bf16 else 4
+    e_run = e if launched else 4                 # one process: KV cache and residual stream in the weights' float32
     trained = n["policy"] if lat else n["base"]
     layers = c.n_policy_layers if lat else a.n_layers
     stack = m.policy if lat else m.base
     block = sum(p.numel() for p in stack.layers[0].parameters())
     whole = sum(n.values()) if lat else n["base"]
-    kv_token = lambda L: 2 * L * a.n_kv_heads * a.head_dim * e                    # noqa: E731
+    kv_token = lambda L: 2 * L * a.n_kv_heads * a.head_dim * e_run                # noqa: E731
     T = prompt + new
-    act = block_activation_bytes(a, cast=False) * (1 if bf16 else 2)
+    act = block_activation_bytes(a, cast=not launched) * (1 if bf16 and launched else 2)
     tokens = micro * T
-    update = tokens * ((layers * e * a.dim + act) if activation_checkpointing else layers * act)
+    update = tokens * ((layers * e_run * a.dim + act) if activation_checkpointing else layers * act)
     update += tokens * 12 * (c.n_actions if lat else a.vocab_size) + (rollouts * T * e * a.dim if lat else 0)
     kv = rollouts * T * (kv_token(a.n_layers) + (kv_token(c.n_policy_layers) if lat else 0))
-    if gpus > 1:
+    if launched:
         replica, reference, state = e * whole, e * trained, 16 * trained // gpus
-        buffers = e * (trained - layers * block) + 2 * e * block
+        buffers, gather = e * (trained - layers * block) + 2 * e * block, e * trained
     else:
-        replica, reference, state, buffers = 4 * (whole - trained), 4 * trained, 16 * trained, 0
-    return RLPlan(level, gpus, trained, replica, reference, state, buffers, kv, update)
+        replica, reference, state, buffers, gather = 4 * (whole - trained), 4 * trained, 16 * trained, 0, 0
+    return RLPlan(level, gpus, trained, replica, reference, state, buffers, kv, update, gather)
 
 
 def check_rl_fits(cfg, world, device, prompt: int, capacity: int | None = None):
@@ -507,7 +515,7 @@ def check_rl_fits(cfg, world, device, prompt: int, capacity: int | None = None):
         if torch.device(device).type != "cuda":
             return
         capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    bf16, gpus = cfg.dtype == "bfloat16", world.size if world.launched else 1
+    bf16, gpus, launched = cfg.dtype == "bfloat16", world.size if world.launched else 1, world.launched
 
     def batch(n: int) -> tuple[int, int]:          # rollouts per rank on n GPUs (whole groups), update micro batch
         rollouts = max(1, cfg.prompts_per_step // n) * (cfg.group if cfg.algo == "grpo" else 1)
@@ -516,7 +524,8 @@ def check_rl_fits(cfg, world, device, prompt: int, capacity: int | None = None):
     def plan_of(n: int = gpus, **kw) -> RLPlan:
         rollouts, micro = batch(n)
         return rl_plan(cfg.preset, cfg.level, **{**dict(gpus=n, rollouts=rollouts, prompt=prompt, micro=micro,
-                       new=cfg.max_new_tokens, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing), **kw})
+                       new=cfg.max_new_tokens, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                       launched=launched or n > 1), **kw})
     rollouts, micro = batch(gpus)
     p = plan_of()
     if p.total + CONTEXT_BYTES <= capacity:
@@ -529,10 +538,10 @@ def check_rl_fits(cfg, world, device, prompt: int, capacity: int | None = None):
     elif not cfg.activation_checkpointing and fits(activation_checkpointing=True):
         todo = "add --activation-checkpointing"
     elif micro > 1 and fits(micro=1):
-        todo = "lower --micro-batch (rollouts per forward/backward of the update)"
+        todo = "pass --micro-batch 1 (rollouts per forward/backward of the update; 0 is all of a rank's)"
     else:
-        todo = "lower --prompts-per-step or --max-new-tokens, or use more GPUs"
-    where = "one process" if gpus == 1 else f"{gpus} processes"
+        todo = "lower --prompts-per-step or --max-new-tokens"
+    where = "one process" if not launched else f"{gpus} processes"
     raise SystemExit(f"rl.py --level {cfg.level} at --preset {cfg.preset} needs {p.total / GiB:.1f} GiB per GPU on "
                      f"{where} with {rollouts} rollouts of {prompt} + {cfg.max_new_tokens} tokens (+{CONTEXT_BYTES / GiB:.0f} "
                      f"GiB CUDA context; `python -m tools.bench --rl-memory-plan`), more than this GPU's "

@@ -32,7 +32,8 @@ def test_dry_run_writes_every_part(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, msg", [(["--layers", "0"], "--layers 0: expected 1..32"),
                                         (["--steps", "0"], "--steps 0: expected at least 1"),
-                                        (["--device", "cuda"], "--device cuda: no CUDA device")])
+                                        (["--device", "cuda"], "--device cuda: no CUDA device"),
+                                        (["--out", "/"], "--out /: a directory")])
 def test_bad_flags_are_one_line(flags, msg, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

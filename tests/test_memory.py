@@ -130,8 +130,8 @@ def test_rl_plan_counts_kv_cache_or_update_not_both():
     """Generation's KV cache is freed before the update: the total takes the larger. The token loss is 12 bytes per
     token and class over V, the latent one over K = 64 actions."""
     p = memory.rl_plan("llama-3.1-8b", "token", 8, rollouts=16, prompt=512, new=1024, micro=4)
-    assert p.total == p.replica + p.reference + p.state + p.buffers + max(p.kv, p.update)
-    assert p.kv < p.update < p.kv + p.update
+    assert p.total == p.replica + p.reference + p.state + p.buffers + max(p.kv, p.update, p.gather)
+    assert p.kv < p.update < p.kv + p.update and p.gather == 2 * p.trained          # the refresh gathers it in bf16
     tokens = 4 * (512 + 1024)
     ce = tokens * 12 * 128256
     assert ce < p.update < ce + tokens * 33 * 2 * 4096 * 2               # + 32 saved inputs and a recomputed block

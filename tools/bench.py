@@ -409,14 +409,14 @@ def rl_memory_plan(preset: str, gpus: int, rollouts: int, prompt: int, new: int,
     from infra import memory
     G = 2**30
     plans = [memory.rl_plan(preset, level, gpus, rollouts, prompt, new, micro) for level in ("latent", "token")]
-    head = ("| level | trained | replica (bf16) | reference | state | FSDP buffers | KV cache | update | total |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| level | trained | replica (bf16) | reference | state | FSDP buffers | KV cache | update | gather | "
+            "total |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {p.level} | {p.trained / 1e9:.2f} B | " + " | ".join(
-        f"{v / G:.1f}" for v in (p.replica, p.reference, p.state, p.buffers, p.kv, p.update, p.total)) + " |"
-        for p in plans]
+        f"{v / G:.1f}" for v in (p.replica, p.reference, p.state, p.buffers, p.kv, p.update, p.gather, p.total))
+        + " |" for p in plans]
     note = (f"GiB per GPU: rl.py, preset {preset}, {gpus} GPUs, {rollouts} rollouts per GPU of {prompt} prompt + "
-            f"{new} new tokens, update micro batch {micro} with activation checkpointing; total counts the larger "
-            f"of KV cache (generation) and update, which never coexist")
+            f"{new} new tokens, update micro batch {micro} with activation checkpointing; total counts the largest "
+            f"of KV cache (generation), update and gather (the replica's refresh), which never coexist")
     return "\n".join([note, head, *lines])
 
 

@@ -1,6 +1,6 @@
 """The first thing to run on a GPU: what kernels run, how fast Stage A trains, whether the memory plan holds, and
 whether torchrun, FSDP2 and the asynchronous checkpoints work there. One command, nothing installed, at most ~8
-minutes on one H100 / H200; one JSON written, one line printed.
+minutes on one H100 / H200 (each torchrun stage is cut at 300 s); one JSON written, one line printed.
 
     python -m tools.gpucheck                      # on the GPU: writes runs/gpucheck.json
     python -m tools.gpucheck --dry-run            # on a CPU, tiny shapes: every step of the check in ~30 s (CI)
@@ -18,8 +18,9 @@ one), micro batch 4 x 2048 (PAPER.md §3); --dry-run uses the tiny preset at 2 x
   loss         the chunked vocabulary loss (infra/ce.lm_head_ce) against the plain one (logits then masked_ce),
                both under bf16 autocast: loss and gradient differences, seconds and peak memory of each
   stage_a      Stage A's training step (train.pretrain_loss, AdamW on IDM + codebook + merge): tokens/s, MFU
-               against the data sheet and against the measured peak, peak memory against infra/memory.plan for
-               the same shape (plus CONTEXT_BYTES, as the check train.py runs)
+               against the data sheet and against the measured peak, peak memory (torch's allocator) against
+               infra/memory.plan for the same shape (the plan without CONTEXT_BYTES, which the allocator does not
+               see)
   rl           one latent and one token rollout (--rl-rows rows of --rl-new tokens) and update (forward and
                backward over prompt + new positions): seconds of each, as tools.bench --rl-step-cost at tiny
   torchrun     `torchrun --nproc_per_node=1 train.py --stage base` then `--stage pretrain`, both --async-save, at
@@ -27,14 +28,18 @@ one), micro batch 4 x 2048 (PAPER.md §3); --dry-run uses the tiny preset at 2 x
 
 FLOPs per Stage A token (Kaplan et al. 2020's 2 per weight forward, x3 with backward): the frozen base forward
 (2 N_base + 4 L T D of attention), the IDM and merge forward and backward (6 N + 12 L T D for the IDM's blocks),
-and W_lm forward and backward to its input only (4 D V: it is frozen). Norms, RoPE, softmax left out.
+and W_lm forward and backward to its input only (4 D V: it is frozen). Norms, RoPE, softmax left out; attention
+over the full T x T square, as is the convention (causal attention computes half of it, so MFU reads high).
 
 Deviations: none from the paper (this is tooling).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +54,7 @@ from cola import COLA_PRESETS, CoLA
 from data import Batch
 from infra import memory
 from infra.ce import lm_head_ce, masked_ce
-from infra.files import atomic_write
+from infra.files import atomic_write, check_out_file
 from infra.trainer import machine
 from model import PRESETS, Transformer
 from tools.bench import interleaved_seconds, matmul_peak, sync
@@ -58,8 +63,8 @@ import train
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
 # bf16 dense tensor-core FLOP/s from the vendors' data sheets (no sparsity), by a substring of the device name
-DATASHEET = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+DATASHEET = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+             ("L40S", 362e12), ("L40", 181e12), ("A10G", 70e12), ("L4", 121e12)]
 
 
 def parse(argv=None):
@@ -79,9 +84,12 @@ def parse(argv=None):
     for flag in ("steps", "rl_rows", "rl_new"):
         if getattr(a, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected at least 1")
+    check_out_file(a.out, "--out")             # before minutes of work, not after
     a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {a.device}: no CUDA device is visible to torch {torch.__version__}")
+    if a.device.type == "cuda":
+        torch.cuda.set_device(a.device)        # cuda:N: timings synchronise, and the report names, that GPU
     if a.dry_run:
         a.steps, a.rl_rows, a.rl_new = min(a.steps, 2), min(a.rl_rows, 2), min(a.rl_new, 8)
     return a
@@ -164,7 +172,7 @@ def loss_check(llama: Transformer, B: int, T: int, device) -> dict:
         h = llama.hidden(x[:, :-1]).float()                                             # [B, T, D]
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     out, grads = {}, {}
-    for name in ("chunked", "plain"):
+    for name in ("chunked", "plain", "chunked", "plain"):   # the first two warm up; the last two are reported
         s = h.clone().requires_grad_(True)
         reset_memory(device)
         sync(device)
@@ -229,8 +237,9 @@ def stage_a_check(name: str, B: int, T: int, steps: int, device, info: dict) -> 
 
 
 def rl_check(name: str, rows: int, new: int, device) -> dict:
-    """Seconds of a latent and a token rollout and update at the reduced shape (bf16 weights: what rl.py's replica
-    generates with), the prompt 64 tokens."""
+    """Seconds of a latent and a token rollout and update at the reduced shape, the prompt 64 tokens: rollouts from
+    bf16 weights as rl.py's replica under torchrun (the latent policy's 2 blocks excepted: float32, as trained),
+    updates of float32 master weights under bf16 autocast."""
     torch.manual_seed(0)
     with torch.device(device):
         cola, llama = CoLA(PRESETS[name], COLA_PRESETS[name]), Transformer(PRESETS[name])
@@ -256,8 +265,9 @@ def rl_check(name: str, rows: int, new: int, device) -> dict:
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
                 fn()
         return run
+    replica = copy.deepcopy(llama).to(torch.bfloat16)         # what rl.py generates tokens with under torchrun
     fns = {"latent_rollout": under_amp(lambda: cola.generate(prompts, new, mode="policy")),
-           "token_rollout": under_amp(lambda: llama.generate(prompts, new, temperature=1.0)),
+           "token_rollout": under_amp(lambda: replica.generate(prompts, new, temperature=1.0)),
            "latent_update": update(lambda: cola.policy_logits(h)),
            "token_update": update(lambda: llama(x))}
     out = {k: min(v) for k, v in interleaved_seconds(fns, 2, device).items()}
@@ -276,11 +286,18 @@ def torchrun_check(a) -> dict:
                           "--ckpt-every", str(steps // 2), "--async-save", "--eval-batches", "1",
                           "--device", str(a.device.type), *extra] + (["--init", str(init)] if init else [])
             t0 = time.time()
-            p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-            out[stage] = {"rc": p.returncode, "seconds": round(time.time() - t0, 1),
+            p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)   # its own process group: a timeout kills the workers too
+            try:
+                text, rc = p.communicate(timeout=300)[0], p.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                text, rc = p.communicate()[0] + "\nkilled after 300 s", "timeout"
+            tail = text.strip().splitlines()[-30:]             # the worker's error, above torchrun's banner
+            out[stage] = {"rc": rc, "seconds": round(time.time() - t0, 1),
                           "final": (Path(tmp) / stage / "final/config.json").exists()}
-            if p.returncode:
-                out[stage]["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:]
+            if rc != 0:
+                out[stage]["error"] = tail
                 break
     return out
 
