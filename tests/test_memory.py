@@ -94,11 +94,11 @@ def test_cpu_is_not_checked():
     assert memory.check_fits("fta-i", train.stage_config("fta-i"), train.TRAINS["fta-i"], World(), torch.device("cpu")) is None
 
 
-def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys):
-    """`python train.py --stage sft --preset llama-3.1-8b` on one 80 GiB GPU stops with the plan's line before it
-    reads a weight (the --init directory holds only a config.json here) or writes a file."""
+@pytest.fixture
+def gpu_80_gib(tmp_path, monkeypatch):
+    """An --init directory with only the 8B config.json (no weight to read), and a CUDA device of 80 GiB with bf16
+    as torch reports it (monkeypatched): what the refusals run on."""
     import json
-    import train
     from infra.checkpoint import hf_config
     from model import PRESETS
     init = tmp_path / "Llama-3.1-8B"
@@ -107,6 +107,14 @@ def test_train_py_refuses_before_loading_anything(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # --dtype auto
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * GiB}))
+    return init
+
+
+def test_train_py_refuses_before_loading_anything(gpu_80_gib, tmp_path):
+    """`python train.py --stage sft --preset llama-3.1-8b` on one 80 GiB GPU stops with the plan's line before it
+    reads a weight (the --init directory holds only a config.json here) or writes a file."""
+    import train
+    init = gpu_80_gib
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "sft", "--preset", "llama-3.1-8b", "--init", str(init), "--out-dir",
                     str(tmp_path / "run")])
@@ -153,19 +161,11 @@ def test_rl_at_8b_fits_8_gpus_and_refuses_one():
     assert memory.check_rl_fits(rl_cfg(), World(), "cpu", prompt=512) is None            # a CPU is not checked
 
 
-def test_rl_py_refuses_before_loading_anything(tmp_path, monkeypatch):
+def test_rl_py_refuses_before_loading_anything(gpu_80_gib, tmp_path):
     """`rl.py --preset llama-3.1-8b --level token` on one 80 GiB GPU stops with the plan's line before it reads a
     weight (--init holds only a config.json) or writes a file."""
-    import json
     import rl
-    from infra.checkpoint import hf_config
-    from model import PRESETS
-    init = tmp_path / "sft-8b"
-    init.mkdir()
-    (init / "config.json").write_text(json.dumps(hf_config(PRESETS["llama-3.1-8b"])))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # --dtype auto
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * GiB}))
+    init = gpu_80_gib
     with pytest.raises(SystemExit) as e:
         rl.main(["--preset", "llama-3.1-8b", "--level", "token", "--init", str(init), "--out-dir",
                  str(tmp_path / "run")])
