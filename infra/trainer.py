@@ -276,8 +276,15 @@ def enable_activation_checkpointing(blocks):
     """Recompute each block in backward; parameter names (and so checkpoints) are unchanged."""
     from torch.utils.checkpoint import checkpoint
     for block in blocks:
-        fwd = block.forward
-        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        block.forward = lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def prepare_blocks(model, cfg):
+    """--activation-checkpointing, then --compile (each block in place, names unchanged); before fully_shard."""
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.blocks())
+    for block in model.blocks() if getattr(cfg, "compile", False) else []:
+        block.compile()
 
 
 def set_trainable(model, names):
@@ -523,10 +530,7 @@ class Run:
             if cfg.dtype == "bfloat16":             # as under torchrun: a frozen bf16 base stored in bf16
                 for name in bf16_frozen_groups(model, trains):
                     getattr(model, name).to(torch.bfloat16)
-            if cfg.activation_checkpointing:
-                enable_activation_checkpointing(model.blocks())
-            for block in model.blocks() if getattr(cfg, "compile", False) else []:
-                block.compile()                     # in place: names, and so checkpoints, unchanged
+            prepare_blocks(model, cfg)
             return Root(model)
         full = parallel.on_main(world, lambda: make_model(torch.device("cpu")))
         bf16 = cfg.dtype == "bfloat16"
@@ -539,11 +543,7 @@ class Run:
                 set_trainable(m, trains)            # frozen modules: no gradient, no optimizer state
                 for name in to_bf16:
                     getattr(m, name).to(torch.bfloat16)
-        if cfg.activation_checkpointing:            # before fully_shard
-            enable_activation_checkpointing(model.blocks())
-        # --compile: torch.compile each block in place, after checkpointing and before fully_shard (torchtitan's order)
-        for block in model.blocks() if getattr(cfg, "compile", False) else []:
-            block.compile()
+        prepare_blocks(model, cfg)                  # before fully_shard
         root = Root(model)
         parallel.apply_fsdp(root, parallel.device_mesh(world, self.device, self.shard_group),
                             torch.bfloat16 if bf16 else None, self.cpu_offload)

@@ -35,6 +35,7 @@ Deviations: none from the paper (this is tooling); transformers is imported only
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import subprocess
@@ -456,31 +457,48 @@ def rl_step_flops(preset: str, prompt: int, new: int) -> dict:
     return {"latent": latent, "token": token}
 
 
-def rl_step_seconds(rows: int, prompt: int, new: int, rounds: int) -> dict:
-    """Seconds of the two costly phases at the tiny preset, random weights, every response exactly `new` tokens:
-    generation (CoLA sampling pi, the world model greedy; the Llama sampling tokens) and the update's forward and
-    backward (pi on the frozen base's kept states; the whole Llama). The best of `rounds` interleaved rounds."""
+def rl_step_seconds(rows: int, prompt: int, new: int, rounds: int, preset: str = "tiny", device="cpu",
+                    bf16: bool = False) -> dict:
+    """Seconds of the two costly phases, random weights, every response exactly `new` tokens: generation (CoLA
+    sampling pi, the world model greedy; the Llama sampling tokens) and the update's forward and backward (pi on the
+    frozen base's kept states; the whole Llama). The best of `rounds` interleaved rounds. bf16: as rl.py under
+    torchrun, rollouts from bf16 weights (the latent policy's 2 blocks excepted: float32, as trained) and updates of
+    float32 master weights, all under bf16 autocast (tools/gpucheck.py)."""
     from cola import COLA_PRESETS, CoLA
     torch.manual_seed(0)
-    cola, llama = CoLA(PRESETS["tiny"], COLA_PRESETS["tiny"]), Transformer(PRESETS["tiny"])
+    with torch.device(device):
+        cola, llama = CoLA(PRESETS[preset], COLA_PRESETS[preset]), Transformer(PRESETS[preset])
     cola.init_weights()
     llama.init_weights()
-    V = PRESETS["tiny"].vocab_size
+    V = PRESETS[preset].vocab_size
     prompts = torch.randint(0, V, (rows, prompt)).tolist()
-    x = torch.randint(0, V, (rows, prompt + new))
-    with torch.no_grad():
-        h = cola.hidden(x)                                                               # kept, as rl.log_probs does
+    x = torch.randint(0, V, (rows, prompt + new), device=device)
+    kind = torch.device(device).type
+    amp = lambda: torch.autocast(kind, torch.bfloat16, enabled=bf16)                 # noqa: E731
+    replica = copy.deepcopy(llama).to(torch.bfloat16) if bf16 else llama      # what generates tokens
+    if bf16:
+        cola.to(torch.bfloat16)
+        cola.policy.float()                                                     # the trained part: float32
+    with torch.no_grad(), amp():
+        h = cola.hidden(x)                                                      # kept, as rl.log_probs does
 
     def update(logits_fn):
         def run():
-            loss = logits_fn().float().logsumexp(-1).mean()
+            with amp():
+                loss = logits_fn().float().logsumexp(-1).mean()
             loss.backward()
         return run
-    fns = {"latent rollout": lambda: cola.generate(prompts, new, mode="policy"),
-           "token rollout": lambda: llama.generate(prompts, new, temperature=1.0),
+
+    def generate(fn):
+        def run():
+            with torch.no_grad(), amp():
+                fn()
+        return run
+    fns = {"latent rollout": generate(lambda: cola.generate(prompts, new, mode="policy")),
+           "token rollout": generate(lambda: replica.generate(prompts, new, temperature=1.0)),
            "latent update": update(lambda: cola.policy_logits(h)),
            "token update": update(lambda: llama(x))}
-    return {k: min(v) for k, v in interleaved_seconds(fns, rounds, "cpu").items()}
+    return {k: min(v) for k, v in interleaved_seconds(fns, rounds, device).items()}
 
 
 def rl_step_cost(a) -> str:

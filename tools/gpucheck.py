@@ -36,7 +36,6 @@ Deviations: none from the paper (this is tooling).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
@@ -57,7 +56,7 @@ from infra.ce import lm_head_ce, masked_ce
 from infra.files import atomic_write, check_out_file
 from infra.trainer import machine
 from model import PRESETS, Transformer
-from tools.bench import interleaved_seconds, matmul_peak, sync
+from tools.bench import interleaved_seconds, matmul_peak, rl_step_seconds, sync
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,41 +236,10 @@ def stage_a_check(name: str, B: int, T: int, steps: int, device, info: dict) -> 
 
 
 def rl_check(name: str, rows: int, new: int, device) -> dict:
-    """Seconds of a latent and a token rollout and update at the reduced shape, the prompt 64 tokens: rollouts from
-    bf16 weights as rl.py's replica under torchrun (the latent policy's 2 blocks excepted: float32, as trained),
-    updates of float32 master weights under bf16 autocast."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        cola, llama = CoLA(PRESETS[name], COLA_PRESETS[name]), Transformer(PRESETS[name])
-    cola.init_weights()
-    llama.init_weights()
-    V, prompt = PRESETS[name].vocab_size, 64
-    prompts = torch.randint(0, V, (rows, prompt)).tolist()
-    x = torch.randint(0, V, (rows, prompt + new), device=device)
-    cola.to(torch.bfloat16)
-    cola.policy.float().requires_grad_(True)                  # the trained part: float32 master weights
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
-        h = cola.hidden(x)                                    # kept, as rl.log_probs does
-
-    def update(logits_fn):
-        def run():
-            with torch.autocast(device.type, torch.bfloat16):
-                loss = logits_fn().float().logsumexp(-1).mean()
-            loss.backward()
-        return run
-
-    def under_amp(fn):
-        def run():
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
-                fn()
-        return run
-    replica = copy.deepcopy(llama).to(torch.bfloat16)         # what rl.py generates tokens with under torchrun
-    fns = {"latent_rollout": under_amp(lambda: cola.generate(prompts, new, mode="policy")),
-           "token_rollout": under_amp(lambda: replica.generate(prompts, new, temperature=1.0)),
-           "latent_update": update(lambda: cola.policy_logits(h)),
-           "token_update": update(lambda: llama(x))}
-    out = {k: min(v) for k, v in interleaved_seconds(fns, 2, device).items()}
-    return {**out, "rows": rows, "prompt": prompt, "new": new}
+    """Seconds of a latent and a token rollout and update at the reduced shape, the prompt 64 tokens, as rl.py under
+    torchrun in bf16 (tools.bench.rl_step_seconds)."""
+    out = rl_step_seconds(rows, 64, new, 2, preset=name, device=device, bf16=True)
+    return {**{k.replace(" ", "_"): v for k, v in out.items()}, "rows": rows, "prompt": 64, "new": new}
 
 
 def torchrun_check(a) -> dict:
