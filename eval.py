@@ -60,7 +60,7 @@ from infra.ce import lm_head_ce
 from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import (SEED, autocast, check_value, dtype_line, interrupts_are_one_line, resolve_dtype,
-                           writing)
+                           set_trainable, writing)
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -424,9 +424,7 @@ def load_vq(run_dir: Path, device):
     whole = not (cfg.get("init") and (init / "config.json").exists())
     if not whole:
         model = VQCoLA.from_pretrained(init)
-        for name, params in model.param_groups().items():      # frozen in Stage A: from --init, not the checkpoint
-            for p in params:
-                p.requires_grad_(name in ("idm", "codebook", "merge"))
+        set_trainable(model, {"idm", "codebook", "merge"})     # Stage A's; the rest came from --init, not the checkpoint
     else:
         model = VQCoLA(PRESETS[cfg["preset"]], COLA_PRESETS[cfg["preset"]])
     try:

@@ -54,7 +54,7 @@ from data import Batch
 from infra import memory
 from infra.ce import lm_head_ce, masked_ce
 from infra.files import atomic_write, check_out_file
-from infra.trainer import machine
+from infra.trainer import machine, set_trainable
 from model import PRESETS, Transformer
 from tools.bench import interleaved_seconds, matmul_peak, rl_step_seconds, sync
 import train
@@ -203,11 +203,8 @@ def stage_a_check(name: str, B: int, T: int, steps: int, device, info: dict) -> 
         m = CoLA(PRESETS[name], COLA_PRESETS[name])
     m.init_weights()
     m.base.to(torch.bfloat16)                                  # the official base's weights are bf16 values
-    m.requires_grad_(False)
-    groups = m.param_groups()
-    params = [p for g in train.TRAINS["pretrain"][0] for p in groups[g]]
-    for p in params:
-        p.requires_grad_(True)
+    set_trainable(m, train.TRAINS["pretrain"][0])              # IDM, codebook, merge module
+    params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     x = torch.randint(0, m.base_args.vocab_size, (B, T + 1), device=device)
     b = Batch(x, torch.ones_like(x, dtype=torch.bool), torch.arange(B))
