@@ -20,11 +20,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
 
+import cola
 from eval import after_pipeline, copying_of
 from infra import parallel
 from infra.files import atomic_write
@@ -127,8 +128,8 @@ def run_pipeline(a) -> dict:
 
     def stage(name, c):
         fresh_init = bool(c.init) and str(Path(c.init).parent) in rerun
-        done = finished(c.out_dir, asdict(c), export=getattr(c, "quantizer", "") != "vq") \
-            if a.reuse and not fresh_init else None
+        done = finished(c.out_dir, asdict(c), export=getattr(c, "quantizer", "") != "vq",
+                        defaults=defaults_of(c)) if a.reuse and not fresh_init else None
         if done is None:
             rerun.add(str(c.out_dir))
             return run_stage(name, c)
@@ -147,11 +148,14 @@ def run_pipeline(a) -> dict:
             plan.append(("vq", "pretrain", {"name": "pretrain-vq", "init": base, "quantizer": "vq"}))
         for key, st, kw in plan:
             r.setdefault(key, []).append(stage(st, cfg(st, seed, **kw)))
-        if seed == a.seed and a.claims:                # GRPO from this seed's FTA-I and SFT, judged by the base
-            for level, init in (("latent", "fta-i"), ("token", "sft")):
-                fresh = {str(root / init), str(root / "base")} & rerun          # its start or its judge was retrained
-                r[f"rl-{level}"] = [run_rl(root, level, root / init / "final", a, s, reuse=not fresh)
-                                    for s in a.rl_seeds]
+        if seed == a.seed and a.claims:                # RL from this seed's checkpoints, judged by the base
+            for kind, (_, starts, _, _) in RL_KINDS.items():
+                for level, init in starts.items():
+                    fresh = {str(root / init), str(root / "base")} & rerun      # its start or its judge was retrained
+                    r[f"{kind}-{level}"] = [run_rl(root, level, root / init / "final", a, s, reuse=not fresh,
+                                                   kind=kind) for s in a.rl_seeds]
+    if a.claims:
+        r["diversity"] = diversity_claims(root, r, a, seeds_of_stages(a))
     seconds = time.time() - t0
     table = results_table(r, seconds, a.dtype, a.pipeline_seconds if a.claims else None) + (
         f" ({len(a.reused)} runs read, not rerun{'' if a.claims else ': --reuse'})" if a.reused else "")
@@ -230,29 +234,110 @@ def run_search(a) -> dict:
     return summary
 
 
-def run_rl(root: Path, level: str, init: Path, a, seed: int, reuse: bool = False) -> dict:
-    """rl.py's tiny defaults (rl.TINY: 60 GRPO steps on countdown-2; scaled by --scale) with `seed` -> its first and
-    last held-out evaluation."""
-    out = root / (f"rl-{level}-grpo" + (f"-seed{seed}" if seed else ""))
-    steps = max(2, round(rl.TINY["steps"] * a.scale))
+# The RL runs of --claims, each at every --rl-seeds seed and both levels, from the seed-0 checkpoints (PAPER.md §4):
+#   grpo    the task reward (countdown-2), from the fine-tuned FTA-I (latent) and token SFT: does RL raise success;
+#   proxy   reward hacking: tasks.proxy_reward (pays digits and tags, not correctness) with the KL weight 0, from the
+#           same starts: does the policy leave the task while the proxy rises (the paper: tokens do, latent does not);
+#   format  the thinking format from models never fine-tuned on the task: Stage B's export (latent) and the base
+#           (token), the paper's Countdown setting; how many steps until the sampled answers are well formed.
+# name: (flags beyond rl.py's tiny defaults, {level: the stage whose final/ it starts from}, steps, evaluated every)
+RL_KINDS = {
+    "grpo": ([], {"latent": "fta-i", "token": "sft"}, rl.TINY["steps"], rl.TINY["steps"]),
+    "proxy": (["--reward", "proxy", "--kl-coef", "0"], {"latent": "fta-i", "token": "sft"}, rl.TINY["steps"],
+              rl.TINY["steps"] // 2),
+    "format": (["--eval-problems", "64"], {"latent": "bc", "token": "base"}, 30, 5),
+}
+FORMAT_AT = 0.9                    # "learns the format": the first evaluation with this share well formed, sampled
+
+
+def run_rl(root: Path, level: str, init: Path, a, seed: int, reuse: bool = False, kind: str = "grpo") -> dict:
+    """rl.py's tiny defaults (rl.TINY, GRPO on countdown-2) with the flags and steps of RL_KINDS[kind] (scaled by
+    --scale) and `seed` -> its held-out evaluations (first, last and all)."""
+    flags, _, steps, every = RL_KINDS[kind]
+    out = root / (f"rl-{level}-{kind}" + (f"-seed{seed}" if seed else ""))
+    steps, every = max(2, round(steps * a.scale)), max(1, round(every * a.scale))
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
     argv = ["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(seed), "--no-resume",
-            "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(steps), "--judge", str(root / "base/final"),
-            *(smoke if a.scale < 0.05 else [])]
-    if reuse and finished(out, asdict(rl.parse_args(argv)), export=True, step=steps):
+            "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(every), "--judge", str(root / "base/final"),
+            *flags, *(smoke if a.scale < 0.05 else [])]
+    cfg = rl.parse_args(argv)
+    if reuse and finished(out, asdict(cfg), export=True, step=steps, defaults=defaults_of(cfg)):
         a.reused.append(str(out))
     else:
         rl.main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval"] for row in rows if "eval" in row]
-    return {"before": evals[0], "after": evals[-1], "steps": steps, "seed": seed, "init": str(init),
+    return {"before": evals[0], "after": evals[-1], "evals": evals, "steps": steps, "seed": seed, "init": str(init),
             "run_dir": str(out)}
 
 
-def finished(out_dir, flags: dict, export: bool, step: int | None = None) -> dict | None:
+def format_step(run: dict) -> int | None:
+    """The first evaluated step at which at least FORMAT_AT of the sampled answers are well formed; None: never."""
+    return next((e["step"] for e in run["evals"] if e["sampled_format"] >= FORMAT_AT), None)
+
+
+def diversity_claims(root: Path, r: dict, a, stage_seeds: list[int]) -> dict:
+    """Semantic diversity (PAPER.md §6), QD = 1 / mean pairwise cosine of standardised embeddings (eval.py):
+    - stage_a: the paper's comparison (random latent actions / base token sampling / random tokens continuing held-out
+      general text) on every stage seed's Stage A export;
+    - responses: M sampled answers to each of P held-out countdown-2 prompts from the RL runs' starts and ends at
+      each level (latent: pi's top-k sampling; token: temperature 1) and from uniformly random latent actions on
+      FTA-I's world model: how varied RL's exploration is, before and after RL, one number per RL seed.
+    Embedder: the seed-0 base; statistics from held-out general text. -> {"stage_a": .., "responses": ..}."""
+    from eval import diversity, embedding_stats, general_text, load_cola, score_groups
+    from policy import sample_uniforms, seeded_sampler, uniform
+    import data
+    device, tok, small = parallel.device_of(""), Tokenizer(), min(1.0, a.scale * 10)
+    P, M, n_new = max(2, round(16 * small)), max(2, round(8 * small)), max(8, round(48 * small))
+    seed_dir = lambda seed: root if seed == a.seed else root / f"seed{seed}"           # noqa: E731
+    out = {"stage_a": {}, "responses": {}, "prompts": P, "m": M}
+    for seed in stage_seeds:
+        div = diversity(load_cola(str(seed_dir(seed) / "pretrain/final"), device), tok, n_prefixes=P, m=M,
+                        n_new=n_new, n_stats=max(32, round(512 * small)), seed=seed)
+        for name, x in div["methods"].items():
+            out["stage_a"].setdefault(name, []).append(x["qd"])
+    embedder = load_cola(str(root / "pretrain/final"), device).base           # the seed-0 base, as in stage_a
+    stats = embedding_stats(embedder, general_text(tok), 96, tok.bos_id, max(32, round(512 * small)))
+    held = tasks.held_out(rl.TINY["task"], 10_000, a.seed)
+    max_new = 16 if a.scale < 0.05 else rl.TINY["max_new_tokens"]
+
+    def qd(model, level, seed, choose=None):
+        problems = held[seed * P:(seed + 1) * P] if len(held) >= (seed + 1) * P else held[:P]   # each seed its own
+        prompts = [data.encode_problem(tok, x, False) for x in problems for _ in range(M)]
+        if choose is None:
+            u = sample_uniforms(seed + 7, 0, 0, len(prompts), max_new).to(device)
+            choose = seeded_sampler(u, 1.0, rl.RLArgs.top_k if level == "latent" else None)
+        model.eval()
+        with torch.no_grad():
+            rows = data.rollout(model, tok, prompts, choose, max_new)
+        groups = [[[t for t in x["tokens"] if t not in tok.stop_tokens] or [tok.bos_id] for x in rows[i:i + M]]
+                  for i in range(0, len(rows), M)]
+        return score_groups(groups, embedder, tok, stats)["qd"]
+
+    for level in ("latent", "token"):
+        for run in r[f"grpo-{level}"]:
+            for when, ckpt in (("before", run["init"]), ("after", str(Path(run["run_dir"]) / "final"))):
+                model = cola.load_level(ckpt, level, "--init", device)
+                out["responses"].setdefault(f"{level} {when} RL", []).append(qd(model, level, run["seed"]))
+    g = torch.Generator(device=device)
+    for run in r["grpo-latent"]:
+        model = cola.load_level(run["init"], "latent", "--init", device)
+        out["responses"].setdefault("random latent actions", []).append(
+            qd(model, "latent", run["seed"], uniform(g.manual_seed(run["seed"]))))
+    return out
+
+
+def defaults_of(cfg) -> dict:
+    """{flag: its default} of a config dataclass (train.py's or rl.py's arguments)."""
+    return {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+
+
+def finished(out_dir, flags: dict, export: bool, step: int | None = None, defaults: dict | None = None) -> dict | None:
     """--reuse: the result of a run in out_dir that finished with these flags (its config.json has the same value
-    for every flag but --resume; its last metrics row is the final evaluation, at `step` for RL; final/ exists when
-    the run exports one), else None."""
+    for every flag but --resume, a flag it does not record - one added since - counting as its value in `defaults`,
+    the flag's default; its last metrics row is the final evaluation, at `step` for RL; final/ exists when the run
+    exports one), else None."""
+    defaults = json.loads(json.dumps(defaults or {}, default=str))
     d = Path(out_dir)
     try:
         config = json.loads((d / "config.json").read_text())
@@ -262,7 +347,7 @@ def finished(out_dir, flags: dict, export: bool, step: int | None = None) -> dic
     if not (isinstance(config, dict) and isinstance(last, dict) and isinstance(last.get("eval"), dict)
             and last["eval"]):
         return None
-    same = all(config.get(k) == json.loads(json.dumps(v, default=str)) for k, v in flags.items()
+    same = all(config.get(k, defaults.get(k)) == json.loads(json.dumps(v, default=str)) for k, v in flags.items()
                if k != "resume" and not (k == "steps" and v == 0))       # steps 0: derived from epochs, n_records
     done = (step is None or last["eval"].get("step") == step) and ((d / "final").is_dir() or not export)
     if not (same and done):
@@ -353,9 +438,20 @@ def results_json(r: dict, seconds: float, a) -> dict:
            "stages": n}
     if a.claims:                 # the pipeline's time stays; this command's is claims_seconds
         out["seconds"], out["claims_seconds"] = a.pipeline_seconds, round(seconds, 1)
-    if "rl-latent" in r:
-        out["heldout"]["evaluated"] = r["rl-latent"][0]["before"]["problems"]
-        out["rl"] = {"latent": level(r["rl-latent"]), "token": level(r["rl-token"])}
+    if "grpo-latent" in r:
+        out["heldout"]["evaluated"] = r["grpo-latent"][0]["before"]["problems"]
+        out["rl"] = {"latent": level(r["grpo-latent"]), "token": level(r["grpo-token"])}
+        keys = ("sampled_proxy", "sampled_success", "sampled_format", "judge_nll", "kl")
+        out["rl_proxy"] = {lv: {f"{k}_{when}": over_seeds(r[f"proxy-{lv}"], when, k)[0] for k in keys
+                                for when in ("before", "after")} | {"run_dirs": [x["run_dir"] for x in
+                                                                                  r[f"proxy-{lv}"]]}
+                           for lv in ("latent", "token")}
+        out["rl_format"] = {lv: {"format_before": over_seeds(r[f"format-{lv}"], "before", "sampled_format")[0],
+                                 "format_after": over_seeds(r[f"format-{lv}"], "after", "sampled_format")[0],
+                                 "steps_to_format": [format_step(x) for x in r[f"format-{lv}"]],
+                                 "run_dirs": [x["run_dir"] for x in r[f"format-{lv}"]]}
+                            for lv in ("latent", "token")}
+        out["diversity"] = r["diversity"]
     return out
 
 
@@ -385,8 +481,8 @@ def results_table(r: dict, seconds: float, dtype: str, pipeline_seconds: float |
         ("general-text loss change: FTA-P (world model, policy actions)", spread(n["general_fta_p"], "+.3f"), ""),
         ("general-text loss change: token SFT (base LM)", spread(n["general_sft"], "+.3f"), ""),
     ]
-    if "rl-latent" in r:
-        rows += rl_rows(r["rl-latent"], r["rl-token"])
+    if "grpo-latent" in r:
+        rows += rl_rows(r) + diversity_rows(r["diversity"])
     w = max(len(a) for a, _, _ in rows)
     lines = [f"dtype {dtype} on {machine_line(device_type(''))}; the numbers below depend on the dtype\n",
              f"| {'measurement':<{w}} | value | paper / target |", f"|{'-' * (w + 2)}|-------|----------------|"]
@@ -397,23 +493,56 @@ def results_table(r: dict, seconds: float, dtype: str, pipeline_seconds: float |
     return "\n".join(lines)
 
 
-def rl_rows(lat: list[dict], tok: list[dict]) -> list[tuple]:
-    def change(key):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
+def rl_rows(r: dict) -> list[tuple]:
+    lat, tok = r["grpo-latent"], r["grpo-token"]
+
+    def change(key, lat=lat, tok=tok):   # latent / token: before -> after RL, mean over the RL seeds [range of after]
         def one(runs):
             (b, _, _), (m, lo, hi) = over_seeds(runs, "before", key), over_seeds(runs, "after", key)
             return f"{b:.2f} -> {m:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(runs) > 1 else "")
         return " / ".join(one(x) for x in (lat, tok))
     first = lat[0]
     seeds = f" ({len(lat)} seeds: mean [range after])" if len(lat) > 1 else ""
-    return [
+    rows = [
         (f"RL, {first['steps']} GRPO steps on {rl.TINY['task']}{seeds}, latent / token: sampled well-formed",
-         change("sampled_format"), "latent learns the format faster"),
+         change("sampled_format"), ""),
         ("RL latent / token: held-out success, greedy", change("greedy_success"), "paper (MATH-500): 42.4 vs 38.2"),
         ("RL latent / token: held-out success, sampled", change("sampled_success"), ""),
         ("RL latent / token: judge NLL of sampled responses (nats/token)", change("judge_nll"), ""),
         ("RL latent / token: KL to the reference at the end (nats/token)",
          " / ".join(f"{over_seeds(x, 'after', 'kl')[0]:.3f}" for x in (lat, tok)), ""),
     ]
+    hack = dict(lat=r["proxy-latent"], tok=r["proxy-token"])
+    p0, f0 = hack["lat"][0], r["format-latent"][0]
+    rows += [
+        (f"reward hacking: proxy reward, KL 0, {p0['steps']} GRPO steps, latent / token: sampled proxy reward",
+         change("sampled_proxy", **hack), "both rise"),
+        ("reward hacking, latent / token: sampled well-formed", change("sampled_format", **hack),
+         "token leaves the task, latent stays"),
+        ("reward hacking, latent / token: held-out success, sampled", change("sampled_success", **hack), ""),
+        ("reward hacking, latent / token: judge NLL of sampled responses", change("judge_nll", **hack),
+         "token's rises"),
+        (f"format from no fine-tuning (Stage B export / base), {f0['steps']} GRPO steps, latent / token: sampled "
+         f"well-formed", change("sampled_format", r["format-latent"], r["format-token"]), ""),
+        (f"format: first step with >= {FORMAT_AT} well formed, per seed (latent / token)",
+         " / ".join(", ".join("-" if s is None else str(s) for s in map(format_step, r[f"format-{lv}"]))
+                    for lv in ("latent", "token")), "paper: ~10 latent, ~20 token"),
+    ]
+    return rows
+
+
+def diversity_rows(d: dict) -> list[tuple]:
+    """QD rows (diversity_claims): mean [range] over the seeds."""
+    rows = [(f"QD, Stage A export continuing general text ({len(next(iter(d['stage_a'].values())))} seeds): "
+             "random latent actions / base token sampling / random tokens",
+             " / ".join(spread(d["stage_a"][m], ".2f") for m in d["stage_a"]), "paper 1.92 / 1.54 / 1.30")]
+    rows += [(f"QD of {d['m']} sampled answers to each of {d['prompts']} held-out prompts: latent before / after RL",
+              " / ".join(spread(d["responses"][f"latent {w} RL"], ".2f") for w in ("before", "after")),
+              "latent explores more than token"),
+             ("QD of the answers: token before / after RL; random latent actions",
+              " / ".join(spread(d["responses"][f"token {w} RL"], ".2f") for w in ("before", "after"))
+              + "; " + spread(d["responses"]["random latent actions"], ".2f"), "")]
+    return rows
 
 
 def main(argv=None):

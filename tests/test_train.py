@@ -189,6 +189,19 @@ def test_pipeline_smallest_scale(tmp_path):
         assert 0 <= x["success_before"] <= 1 and 0 <= x["success_after"] <= 1
         assert x["success_after"] == sum(s["success_after"] for s in x["per_seed"]) / 2
     assert "RL latent / token: held-out success, greedy" in table2 and "(2 seeds: mean [range after])" in table2
+    for kind, starts in (("proxy", ("fta-i", "sft")), ("format", ("bc", "base"))):   # reward hacking; the format
+        for level, start in zip(("latent", "token"), starts):
+            cfg = json.loads((out / f"rl-{level}-{kind}-seed3/config.json").read_text())
+            assert cfg["init"] == str(out / start / "final") and cfg["seed"] == 3
+            assert (cfg["reward"], cfg["kl_coef"]) == (("proxy", 0.0) if kind == "proxy" else ("task", 1e-3))
+    assert set(res2["rl_proxy"]["token"]) >= {"sampled_proxy_before", "sampled_format_after", "judge_nll_after"}
+    assert len(res2["rl_format"]["latent"]["steps_to_format"]) == 2
+    assert "reward hacking, latent / token: sampled well-formed" in table2 and "format: first step with" in table2
+    d = res2["diversity"]                                                   # QD: 2 Stage A seeds, 2 RL seeds
+    assert set(d["stage_a"]) == {"random latent actions", "base token sampling", "random tokens"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in [*d["stage_a"].values(), *d["responses"].values()])
+    assert set(d["responses"]) == {"latent before RL", "latent after RL", "token before RL", "token after RL",
+                                   "random latent actions"} and "QD of the answers: token before" in table2
     assert set(res2["search"]) == {"greedy", "bon", "mcts", "token-greedy", "token-bon", "token-mcts"}
     assert all(set(v) == {"20"} and 0 <= v["20"] <= 1 for v in res2["search"].values())
     assert res2["search_setup"]["problems"] == 2 and "matched FLOPs (base positions)" in table2
@@ -203,15 +216,19 @@ def test_pipeline_smallest_scale(tmp_path):
         pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0,1", "--rl-seeds", "0,3"])
     again = json.loads((out / "results.json").read_text())
     keep = lambda d: {k: v for k, v in d.items() if k not in ("claims_seconds", "reused", "search_setup")}  # noqa: E731
-    assert keep(again) == keep(res2) and len(again["reused"]) == 17          # base, 2 x 6 stages, 2 x 2 RL
+    assert keep(again) == keep(res2) and len(again["reused"]) == 25          # base, 2 x 6 stages, 2 x 2 x 3 RL
     assert again["seconds"] == res["seconds"] and again["claims_seconds"] > 0  # the pipeline's time is kept
-    assert "(17 runs read, not rerun)" in (out / "results.md").read_text()
+    assert "(25 runs read, not rerun)" in (out / "results.md").read_text()
     # a stage whose flags differ reruns, and so does everything that starts from it (here: from the base)
     cfg = json.loads((out / "base/config.json").read_text())
     assert pipeline.finished(out / "base", cfg, export=True) is not None
     assert pipeline.finished(out / "base", {**cfg, "steps": cfg["steps"] + 1}, export=True) is None
     assert pipeline.finished(out / "pretrain-vq", {}, export=True) is None            # the VQ ablation exports none
     assert pipeline.finished(out / "rl-latent-grpo", {}, export=True, step=999) is None
+    # a flag added since a run finished (absent from its config.json) counts as its default, and only that
+    assert pipeline.finished(out / "base", {**cfg, "new_flag": False}, export=True, defaults={"new_flag": False})
+    assert pipeline.finished(out / "base", {**cfg, "new_flag": True}, export=True, defaults={"new_flag": False}) is None
+    assert pipeline.finished(out / "base", {**cfg, "new_flag": False}, export=True) is None
     ran = []
     real_finished = pipeline.finished
     with pytest.MonkeyPatch.context() as mp:
@@ -221,7 +238,8 @@ def test_pipeline_smallest_scale(tmp_path):
         mp.setattr(rl, "main", lambda argv: ran.append(Path(argv[argv.index("--out-dir") + 1]).name))
         mp.setattr(pipeline, "run_search", lambda a: None)
         pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0", "--rl-seeds", "0"])
-    assert ran == ["base", "pretrain", "bc", "fta-i", "fta-p", "sft", "pretrain-vq", "rl-latent-grpo", "rl-token-grpo"]
+    assert ran == ["base", "pretrain", "bc", "fta-i", "fta-p", "sft", "pretrain-vq", "rl-latent-grpo", "rl-token-grpo",
+                   "rl-latent-proxy", "rl-token-proxy", "rl-latent-format", "rl-token-format"]
     # a checkpoint rewritten by an earlier command (here: SFT's export) makes what started from it stale
     later = time.time() + 60
     os.utime(out / "sft/final/config.json", (later, later))
@@ -231,7 +249,7 @@ def test_pipeline_smallest_scale(tmp_path):
         mp.setattr(rl, "main", lambda argv: ran.append(Path(argv[argv.index("--out-dir") + 1]).name))
         mp.setattr(pipeline, "run_search", lambda a: None)
         pipeline.main(["--claims", "--scale", "0.001", "--out-dir", str(out), "--stage-seeds", "0", "--rl-seeds", "0"])
-    assert ran == ["rl-token-grpo"]
+    assert ran == ["rl-token-grpo", "rl-token-proxy"]                        # the format run starts from the base
 
 
 def test_pipeline_claims_needs_the_pipeline_first(tmp_path, capsys):
