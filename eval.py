@@ -56,7 +56,6 @@ from cola import COLA_PRESETS, CoLA, VQCoLA, nearest_code
 import data
 from data import Batch
 from infra import parallel
-from infra.ce import lm_head_ce
 from infra.files import atomic_write, check_out_file
 from infra.plots import plot_diversity, plot_losses, plot_rl, plot_usage, pyplot, run_dirs
 from infra.trainer import (SEED, autocast, check_value, dtype_line, interrupts_are_one_line, resolve_dtype,
@@ -76,7 +75,7 @@ PLOT_HINT = "pip install matplotlib, then: python eval.py plot --runs {runs}"
 def lm_metrics(model: Transformer, b: Batch) -> dict:
     """The plain Llama's held-out CE (the value of train.base_loss)."""
     x = b.tokens
-    return {"lm": lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:]).item()}
+    return {"lm": model.output.loss(model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:]).item()}
 
 
 def cola_metrics(model: CoLA, b: Batch) -> dict:
@@ -87,9 +86,9 @@ def cola_metrics(model: CoLA, b: Batch) -> dict:
     k = model.idm_labels(h)                                                                  # [B, T]
     a = model.policy_logits(h[:, :-1]).argmax(-1)                                            # [B, T]
     W = model.base.output
-    return {"lm": lm_head_ce(W, h[:, :-1], x[:, 1:], m).item(),
-            "wm_idm": lm_head_ce(W, model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
-            "wm_policy": lm_head_ce(W, model.world_state(h[:, :-1], a), x[:, 1:], m).item(),
+    return {"lm": W.loss(h[:, :-1], x[:, 1:], m).item(),
+            "wm_idm": W.loss(model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
+            "wm_policy": W.loss(model.world_state(h[:, :-1], a), x[:, 1:], m).item(),
             "policy_acc": ((a == k).float() * m).sum().item() / max(m.sum().item(), 1)}
 
 

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infra import checkpoint, parallel
+from infra.ce import lm_head_ce
 from infra.trainer import SEED, check_value
 from tokenizer import Tokenizer, check_vocab
 
@@ -107,6 +108,16 @@ PRESETS: dict[str, ModelArgs] = {
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
+
+
+class LMHead(nn.Linear):
+    """W_lm: h [..., D] -> logits [..., V] (forward), and the training loss straight from h without the logits
+    (loss: infra/ce.lm_head_ce, chunked over the positions). The loss reads the weight in its own method, so under
+    FSDP it is registered as a forward method (parallel.apply_fsdp), which gathers the sharded W_lm for it."""
+
+    def loss(self, s: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean CE of W_lm s against targets over mask: s [B, T, D], targets and mask [B, T] -> scalar."""
+        return lm_head_ce(self, s, targets, mask)
 
 
 class RMSNorm(nn.Module):
@@ -300,7 +311,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)                                      # Norm_f
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)                   # W_lm
+        self.output = LMHead(args.dim, args.vocab_size, bias=False)                      # W_lm
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rope = RopeCache(args)

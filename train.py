@@ -55,7 +55,7 @@ from infra import memory
 from infra import parallel
 import tasks
 from infra import checkpoint
-from infra.ce import lm_head_ce, masked_ce
+from infra.ce import masked_ce
 from cola import CoLA, VQCoLA, nearest_code
 from eval import cola_metrics, lm_metrics
 from data import Batch
@@ -319,7 +319,7 @@ def row_uniforms(ids, shape: tuple, seed: int, device) -> torch.Tensor:
 def base_loss(model: Transformer, b: Batch):
     """Token LM: L = mean_t CE(W_lm h_t, x_{t+1}) over the counted targets (stage `base`; token SFT's responses)."""
     x = b.tokens
-    loss = lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:])       # h [B, T, D]
+    loss = model.output.loss(model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, 1:])       # h [B, T, D]
     return loss, {"ce": loss.detach()}
 
 
@@ -333,7 +333,7 @@ def pretrain_loss(model: CoLA, b: Batch, tau: float, beta: float, seed: int):
     u = row_uniforms(b.ids, z.shape[1:], seed, z.device)                                     # [B, T, K]
     a_st, y, k = gumbel_softmax_st(z, tau, u=u)    # Eq: a~ = onehot(k) - sg(y) + y             [B, T, K]
     s2 = model.world_state(h[:, :-1], a_st)         # Norm_f(s_2) - h_t, what W_lm projects    [B, T, D]
-    ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
+    ce = model.base.output.loss(s2, x[:, 1:], b.mask[:, 1:])
     reg = entropy_regulariser(y, beta)             # = -beta * mean entropy(y)
     usage = codebook_stats(k, model.args.n_actions)
     return ce + reg, {"ce": ce.detach(), "reg": reg.detach(), "alive": usage["alive"], "top": usage["top_share"]}
@@ -358,7 +358,7 @@ def vq_pretrain_loss(model: CoLA, b: Batch, commitment: float):
     e = F.embedding(k, C.t())                      # the same gather                             [B, T, D]
     z_q = z_e + (e - z_e).detach()                 # straight-through to the encoder            [B, T, D]
     s2 = model.world_state_from_code(h[:, :-1], z_q)                                         # [B, T, D]
-    ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
+    ce = model.base.output.loss(s2, x[:, 1:], b.mask[:, 1:])
     vq = F.mse_loss(e, z_e.detach()) + commitment * F.mse_loss(z_e, e.detach())
     usage = codebook_stats(k, model.args.n_actions)
     return ce + vq, {"ce": ce.detach(), "vq": vq.detach(), "alive": usage["alive"], "top": usage["top_share"]}
@@ -386,7 +386,7 @@ def fta_i_loss(model: CoLA, b: Batch):
     h = model.hidden(x)                            # the base trains now                        [B, T+1, D]
     with torch.no_grad():
         k = model.idm_labels(h)                    # frozen IDM, computed without gradient      [B, T]
-    loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], k), x[:, 1:], b.mask[:, 1:])
+    loss = model.base.output.loss(model.world_state(h[:, :-1], k), x[:, 1:], b.mask[:, 1:])
     return loss, {"ce": loss.detach()}
 
 
@@ -397,7 +397,7 @@ def fta_p_loss(model: CoLA, b: Batch, base_grad: str):
     h = model.hidden(x)                                                                      # [B, T+1, D]
     with torch.no_grad():
         a = model.policy_logits(h[:, :-1]).argmax(-1)                                        # [B, T]
-    loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], a, base_grad), x[:, 1:], b.mask[:, 1:])
+    loss = model.base.output.loss(model.world_state(h[:, :-1], a, base_grad), x[:, 1:], b.mask[:, 1:])
     return loss, {"ce": loss.detach()}
 
 

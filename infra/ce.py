@@ -42,8 +42,8 @@ def lm_head_ce(head: nn.Linear, s: torch.Tensor, targets: torch.Tensor, mask: to
     """
     n, w = s.shape[0] * s.shape[1], head.weight
     chunk = chunk or ce_chunk_rows(w.shape[0])
-    if chunk >= n:
-        return masked_ce(head(s), targets, mask)
+    if chunk >= n:                 # head's weight, not head(s): under FSDP this runs inside LMHead.loss's hooks
+        return masked_ce(F.linear(s, w), targets, mask)
     device = s.device.type
     if torch.is_autocast_enabled(device):           # the casts nn.Linear does under autocast (differentiable)
         dtype = torch.get_autocast_dtype(device)

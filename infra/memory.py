@@ -196,7 +196,8 @@ def plan(stage: str, cfg, phases: list, gpus: int = 1, shard: int | None = None,
                  trained by an earlier stage); shard_frozen plans the alternative parallel.apply_fsdp does not
                  take, frozen groups sharded too (/ shard, and gathered in bf16 like the trained ones);
     buffers      under FSDP (the units of parallel.fsdp_units): the trained root-level parameters gathered in
-                 bf16 for the whole step, the two largest trained units gathered in bf16 (current, prefetched),
+                 bf16 for the whole step, the two largest trained units gathered in bf16 (current, prefetched; of
+                 a trained base's embedding table and W_lm, units too, only one is ever gathered, beside a block),
                  and at the end of backward the root-level gradient in float32 for its reduce-scatter;
     copies       one process: autocast's bf16 copy of every float32 matrix with requires_grad that the forward
                  reads (cached until the forward ends) and, when W_lm is float32 but frozen, lm_head_ce's copy;
@@ -234,7 +235,12 @@ def plan(stage: str, cfg, phases: list, gpus: int = 1, shard: int | None = None,
     in_units = {id(p) for u in units + frozen_units for p in u.parameters()}
     root = {g: sum(p.numel() for p in ps if id(p) not in in_units) for g, ps in groups.items()}
     size = lambda us: sorted((sum(p.numel() for p in u.parameters()) for u in us), reverse=True)   # noqa: E731
-    unit_sizes = size(u for u in units if any(id(p) in trained_ids for p in u.parameters()))
+    first, last = parallel.llama_ends(model if llama else model.base)
+    trained_units = [u for u in units if any(id(p) in trained_ids for p in u.parameters())]
+    unit_sizes = size(u for u in trained_units if u not in first + last)
+    ends = size(u for u in trained_units if u in first + last)
+    if ends:                   # the embedding table and W_lm are never gathered together: one of them and a block
+        unit_sizes = [ends[0]] + unit_sizes[:1]
     stored = {g: 2 if (bf16 and g not in union and g in bf16_groups(phases)) else 4 for g in n}
     B, T, V, D = cfg.micro_batch, cfg.seq_len, a.vocab_size, a.dim
     K = c.n_actions if c else 0

@@ -204,6 +204,15 @@ def broadcast_object(world: World, obj):
     return box[0]
 
 
+def all_gather_objects(world: World, obj) -> list:
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not world.launched:
+        return [obj]
+    parts = [None] * world.size
+    dist.all_gather_object(parts, obj, group=_slow)
+    return parts
+
+
 def on_main(world: World, fn):
     """fn() on rank 0 only, the others waiting; an error there stops every rank (instead of leaving them waiting
     in the next collective): rank 0 re-raises it, the others exit with its message."""
@@ -231,8 +240,9 @@ class Root(nn.Module):
 
     FSDP2 gathers a unit's parameters in the forward hooks of that unit's module. The training losses call several
     methods of CoLA (hidden, idm_logits, world_logits, policy_logits), which bypass those hooks, so everything runs
-    through this module's forward instead: its hooks gather the root-level parameters (embeddings, Norm_f, W_lm,
-    the codebook C, the IDM and policy norms and heads), and the blocks gather their own as they are called.
+    through this module's forward instead: its hooks gather the root-level parameters (Norm_f, the codebook C, the
+    IDM and policy norms and heads), and the units (blocks, merge, embedding table, W_lm) gather their own as they
+    are called (W_lm's loss method too: apply_fsdp registers it).
     One process uses the same wrapper, so parameter names (and checkpoints) do not depend on the world size.
     """
 
@@ -244,33 +254,54 @@ class Root(nn.Module):
         return fn(self.model, *args)
 
 
+def llama_ends(llama: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A Llama's embedding table and W_lm as units of their own ([first], [last]), each V x D (0.5B parameters at
+    8B, 1 GB gathered in bf16): in the root group they would be gathered at once before the forward, held to the end
+    of backward and reduce-scattered together (4.2 GB of float32 gradients at 8B) after the last block's backward,
+    all of it exposed; as units the table is gathered alone, W_lm while the blocks run and its gradient
+    reduce-scattered while they run backward (torchtitan shards them so too). Tied embeddings (one tensor for both)
+    stay in the root: one tensor cannot be in two groups."""
+    if llama.args.tie_embeddings:
+        return [], []
+    return [llama.tok_embeddings], [llama.output]
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded one by one, in forward order: each trained Llama block of the base, the IDM and the
-    policy, and the merge module if it trains. Frozen modules are not units: apply_fsdp leaves them whole."""
+    """The modules sharded one by one, in forward order: the embedding table, each trained Llama block and W_lm of
+    the base (llama_ends), the IDM's and the policy's blocks, and the merge module if it trains (W_lm, last: the
+    world model's loss reads it after the merge module). Frozen modules are not units: apply_fsdp leaves them
+    whole."""
     if hasattr(model, "base"):                                  # CoLA
-        units = list(model.base.layers) + list(model.idm.layers) + [model.merge] + list(model.policy.layers)
+        first, last = llama_ends(model.base)
+        units = first + list(model.base.layers) + list(model.idm.layers) + [model.merge] + list(
+            model.policy.layers) + last
     else:                                                       # a plain Transformer
-        units = list(model.layers)
+        first, last = llama_ends(model)
+        units = first + list(model.layers) + last
     return [m for m in units if any(p.requires_grad for p in m.parameters())]
 
 
 def backward_chains(model: nn.Module) -> list[list[nn.Module]]:
     """The units in the order each loss's forward runs them with gradient, one list per chain that backward walks in
-    reverse: the base's blocks; the IDM's blocks then the merge module (Stage A's gradient reaches the IDM through
-    the merge module); the policy's blocks. Only trained units (fsdp_units)."""
+    reverse: the base's embedding table, blocks and W_lm; the IDM's blocks then the merge module (Stage A's
+    gradient reaches the IDM through the merge module); the policy's blocks. Only trained units (fsdp_units)."""
     units = set(fsdp_units(model))
     if hasattr(model, "base"):
-        chains = [list(model.base.layers), list(model.idm.layers) + [model.merge], list(model.policy.layers)]
+        first, last = llama_ends(model.base)
+        chains = [first + list(model.base.layers) + last, list(model.idm.layers) + [model.merge],
+                  list(model.policy.layers)]
     else:
-        chains = [list(model.layers)]
+        first, last = llama_ends(model)
+        chains = [first + list(model.layers) + last]
     return [c for c in ([m for m in chain if m in units] for chain in chains) if c]
 
 
 def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: bool = False):
     """Shard the trained part with FSDP2 and leave the frozen part whole on every rank.
 
-    Trained: fully_shard every unit (fsdp_units), then the root (its remaining trained parameters: embeddings and
-    W_lm of a trained base, norms, heads, the codebook C); each call is one all-gather / reduce-scatter group.
+    Trained: fully_shard every unit (fsdp_units: blocks, the merge module, the embedding table and W_lm of a trained
+    base), then the root (its remaining trained parameters: norms, the IDM's and the policy's heads, the codebook C,
+    tied embeddings); each call is one all-gather / reduce-scatter group.
     Frozen (requires_grad False, final before this call): not sharded but replicated, stored in the dtype they
     have (the official base in bf16: 16 GB at 8B). A frozen module then costs no collective at all, where sharded
     it would be all-gathered for every micro batch (15 GB per rank per micro batch for Stage A's base at 8B, and
@@ -287,7 +318,8 @@ def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: b
     and AdamW state in host memory; the optimizer step then runs on the CPU. mesh: 1-D (shard over every rank) or
     2-D ("replicate", "shard"): shard within a node, replicate across nodes (HSDP; device_mesh).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     # cast_forward_inputs=False: a block's inputs include the float32 RoPE table, which must stay float32 (bf16
     # would round cos/sin and view_as_complex refuses it); activations are bf16 already since the weights are.
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
@@ -296,6 +328,8 @@ def apply_fsdp(root: Root, mesh, param_dtype: torch.dtype | None, cpu_offload: b
     units = fsdp_units(root.model)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=unit is not units[-1])
+        if hasattr(unit, "loss"):                  # W_lm (model.LMHead): the training loss reads it in .loss
+            register_fsdp_forward_method(unit, "loss")
     frozen = {p for p in root.parameters() if not p.requires_grad}
     fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=frozen)
     for chain in backward_chains(root.model):
@@ -430,11 +464,41 @@ def file_digests(ckpt: Path, names: list[str], world: World) -> dict[str, list[i
     """{name: [bytes, CRC-32]} of ckpt's files `names` (the same list on every rank); under torchrun each rank reads
     every world.size-th file and all ranks get the whole dict (a collective)."""
     mine = {n: file_digest(ckpt / n) for i, n in enumerate(names) if i % world.size == world.rank}
-    if not world.launched:
-        return mine
-    parts = [None] * world.size
-    dist.all_gather_object(parts, mine, group=_slow)
-    return {k: v for part in parts for k, v in part.items()}
+    return {k: v for part in all_gather_objects(world, mine) for k, v in part.items()}
+
+
+def own_digests(ckpt: Path, rank: int) -> dict[str, list[int]]:
+    """{name: [bytes, CRC-32]} of the files of ckpt this rank wrote: DCP names a rank's shards __<rank>_<i>.distcp;
+    rank 0 also takes the files no rank is named in (DCP's .metadata). Only file reads: safe in a background thread."""
+    mine = [f for f in ckpt.iterdir() if f.name.startswith(f"__{rank}_")
+            or (rank == 0 and not f.name.startswith("__"))]
+    return {f.name: file_digest(f) for f in mine}
+
+
+_digesting = None                  # one background thread: the CRC-32 of an async save's files, once written
+
+
+def digest_after(future, ckpt: Path, rank: int):
+    """A future of own_digests(ckpt, rank), computed in a background thread once DCP's write (future) is done."""
+    global _digesting
+    if _digesting is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _digesting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-crc")
+    return _digesting.submit(lambda: (getattr(future, "upload_completion", future).result(),
+                                      own_digests(ckpt, rank))[1])
+
+
+def checkpoint_stager(device: torch.device):
+    """The host copy --async-save writes from, kept for the whole run. DCP's default stages every save into fresh
+    host memory, unpinned; this one (DCP's DefaultStager) keeps one buffer per tensor storage it has staged and
+    refills it at the next save, pinned on CUDA, so the copy from the GPU runs at full speed without first paging
+    in new memory. The copy stays synchronous (complete when start_save returns, so training may change the weights
+    right after): only the writing runs in the background. The buffers stay allocated between saves (one
+    checkpoint's shards per rank, in host memory), and a save must be waited for before the next refills them."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
 
 
 def check_checkpoint(ckpt: Path, world: World = World()) -> str | None:
@@ -503,12 +567,13 @@ def state_options(frozen: bool, load: bool = False):
 
 
 def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: World,
-               asynchronous: bool = False, frozen: bool = True) -> "PendingSave":
+               asynchronous: bool = False, frozen: bool = True, stager=None) -> "PendingSave":
     """save_checkpoint in two halves: the DCP write starts now, PendingSave.wait() ends it (train.json, old
-    checkpoints removed). asynchronous: DCP copies the state to host memory now (training may change it right
-    after) and writes the files in a background thread while training goes on; wait() before the next save, the
-    export and the end of the run. Until wait() the checkpoint has no train.json: a crash meanwhile leaves it
-    incomplete, removed at the next start, and the previous checkpoints complete."""
+    checkpoints removed). asynchronous: DCP copies the state to host memory now (into stager's buffers, reused
+    from save to save: checkpoint_stager; training may change the state right after) and writes the files in a
+    background thread while training goes on, after which the same thread takes the CRC-32 of this rank's files;
+    wait() before the next save, the export and the end of the run. Until wait() the checkpoint has no train.json:
+    a crash meanwhile leaves it incomplete, removed at the next start, and the previous checkpoints complete."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -524,12 +589,17 @@ def start_save(run_dir: Path, root: Root, optimizer, train_state: dict, world: W
     try:
         with warnings.catch_warnings():         # the module-level filter, for callers that reset filters (pytest)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            save = dcp.async_save if asynchronous else dcp.save
-            future = save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow)
+            if asynchronous:
+                future = dcp.async_save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow,
+                                        **({"async_stager": stager} if stager is not None else {}))
+            else:
+                future = dcp.save(state, checkpoint_id=path, no_dist=not world.launched, process_group=_slow)
     except CheckpointException as e:
         raise write_error(e, path) from None
-    return PendingSave(Path(run_dir), path, future if asynchronous else None, optimizer is not None, train_state,
-                       world)
+    if not asynchronous:
+        return PendingSave(Path(run_dir), path, None, None, optimizer is not None, train_state, world)
+    return PendingSave(Path(run_dir), path, future, digest_after(future, path, world.rank), optimizer is not None,
+                       train_state, world)
 
 
 @dataclass
@@ -537,13 +607,14 @@ class PendingSave:
     run_dir: Path
     path: Path
     future: object                  # DCP's future of the background write (None: written already)
+    digests: object                 # a future of own_digests, taken after that write (None: taken in wait)
     has_optim: bool
     train_state: dict
     world: World
 
     def written(self) -> bool:
-        """This rank's files are written (its background write has finished)."""
-        return self.future is None or self.future.done()
+        """This rank's files are written and their CRC-32 taken (in the background)."""
+        return all(f is None or f.done() for f in (self.future, self.digests))
 
     def wait(self) -> Path:
         """The files written on every rank, then train.json (rank 0, last) and the older checkpoints removed."""
@@ -556,9 +627,15 @@ class PendingSave:
             except CheckpointException as e:
                 raise write_error(e, path) from None
             self.future = None
+        mine = own_digests(path, world.rank) if self.digests is None else self.digests.result()
         barrier(world)
         names = broadcast_object(world, sorted(p.name for p in path.iterdir()) if world.main else None)
-        files = file_digests(path, names, world)
+        found = {}
+        for part in all_gather_objects(world, mine):
+            found.update(part)
+        missing = [n for n in names if n not in found]         # none with DCP's names; read here if ever
+        found.update(file_digests(path, missing, world))
+        files = {n: found[n] for n in names}
 
         def finish():
             atomic_write(path / "train.json", lambda t: t.write_text(json.dumps(

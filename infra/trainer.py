@@ -419,16 +419,14 @@ class Run:
 
     cfg is the script's own flags; Run reads out_dir, resume, device, dtype, seed and activation_checkpointing from
     it (every training script has them), and, for train(), the optimisation flags of train.py. What only some
-    scripts have is passed by name: init (the checkpoint a run starts from, which it must not write into),
-    collective_timeout, cpu_offload, shard_group, async_save (train.py's launch flags; their one-process defaults
-    otherwise).
+    scripts have is passed by name: init (the checkpoint a run starts from, which it must not write into), and
+    train.py's launch flags collective_timeout, cpu_offload, shard_group, async_save (else one process's defaults).
     """
     # Flags that may differ when a run is resumed (they do not enter the maths).
     RESUMABLE_CHANGES = {"resume", "out_dir", "device", "ckpt_every", "log_every", "eval_batches", "stop_at",
                          "cpu_offload", "activation_checkpointing", "micro_batch", "shard_group", "collective_timeout",
                          "async_save", "compile"}
-    # Flags known only once the data is read (fine-tuning's --steps 0 from --epochs): compared in start() instead.
-    RESOLVED_LATER = {"steps"}
+    RESOLVED_LATER = {"steps"}    # known once the data is read (--steps 0 from --epochs): compared in start()
 
     def __init__(self, stage: str, cfg, world: World, init: str = "", collective_timeout: float = parallel.TIMEOUT,
                  cpu_offload: bool = False, shard_group: int = 0, async_save: bool = False):
@@ -447,8 +445,8 @@ class Run:
         if cfg.resume:                          # verified now (a collective): maybe an older checkpoint
             self.latest = parallel.resume_checkpoint(self.dir, world)
             self.check_resumable(exclude=self.RESOLVED_LATER)
-        self.good = self.latest                 # the newest checkpoint known intact: resumed from, or written now
-        self.pending = None                     # a checkpoint still being written (parallel.start_save)
+        self.good, self.pending = self.latest, None     # newest checkpoint known intact; one being written
+        self.stager = parallel.checkpoint_stager(self.device) if async_save else None   # its host buffers
         self.amp = autocast(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -721,14 +719,13 @@ class Run:
                     state = {"stage": self.stage, "step": step, "phase": pi + 1 if phase_over else pi,
                              "loader": loader.state_dict(), "config": asdict(cfg)}
                     self.finish_save()                       # the previous one, if still being written
-                    background = self.async_save
                     with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                         self.pending = parallel.start_save(self.dir, root, None if phase_over else opt, state, world,
-                                                           asynchronous=background, frozen=False)
-                    if not background:
+                                                           self.async_save, frozen=False, stager=self.stager)
+                    if not self.async_save:
                         self.finish_save()
                 if stopping and step < bar.total:
-                    self.finish_save()
+                    self.finish_save(last=True)
                     bar.close()
                     if world.main:
                         print(f"{self.stage}: stopped after step {step} (--stop-at); its checkpoint is in "
@@ -736,17 +733,20 @@ class Run:
                         release_locks(self.dir)
                     return False
             offset += ph.steps
-        self.finish_save()
+        self.finish_save(last=True)
         bar.close()
         return True
 
-    def finish_save(self):
-        """Complete the checkpoint being written in the background (--async-save), if any: train.json goes last."""
+    def finish_save(self, last: bool = False):
+        """Complete a checkpoint written in the background (--async-save), if any: train.json goes last. last:
+        the run's last save, after which the staging buffers are freed."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             step = pending.train_state["step"]
             with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                 self.good = pending.wait()
+        if last and self.stager is not None:
+            self.stager = self.stager.close()                # None
 
     def resume_point(self, root: Root) -> tuple[int, dict | None]:
         """(first step to run, the checkpoint's train state or None). A checkpoint saved at a phase boundary holds

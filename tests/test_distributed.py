@@ -196,18 +196,20 @@ def test_sharded_load_matches_one_process_logits(chain, tmp_path):
 # stage -> (--init in the chain, flags, {phase: (units gathered in forward, units gathered in backward)}) for one
 # micro batch. Frozen modules are whole on every rank and never gathered; backward gathers exactly the units it
 # computes gradients for, last forward unit excepted (it stays gathered); "root" is the root group (norms, heads,
-# embeddings, C of the trained part).
+# C of the trained part).
 GATHERS = {
     "pretrain": ("base/final", LM2, {"idm+codebook+merge": (["root", "idm.layers.0", "idm.layers.1", "merge"],
                                                             ["idm.layers.1", "idm.layers.0"])}),
     "bc": ("pretrain/final", LM2, {"policy": (["root", "policy.layers.0", "policy.layers.1"], ["policy.layers.0"])}),
+    # a trained base: its embedding table and W_lm are units of their own (W_lm last in forward, so kept gathered)
     "fta-i": ("bc/final", TASK2, {
-        "base": (["root"] + [f"base.layers.{i}" for i in range(4)], [f"base.layers.{i}" for i in (2, 1, 0)]),
+        "base": (["root", "base.tok_embeddings"] + [f"base.layers.{i}" for i in range(4)] + ["base.output"],
+                 [f"base.layers.{i}" for i in (3, 2, 1, 0)] + ["base.tok_embeddings"]),
         # the policy phase runs the (trained, sharded) base under no_grad: gathered for forward, never in backward
-        "policy": (["root"] + [f"base.layers.{i}" for i in range(4)] + ["policy.layers.0", "policy.layers.1"],
-                   ["policy.layers.0"])}),
-    "sft": ("base/final", TASK2, {"base": (["root"] + [f"layers.{i}" for i in range(4)],
-                                           [f"layers.{i}" for i in (2, 1, 0)])}),
+        "policy": (["root", "base.tok_embeddings"] + [f"base.layers.{i}" for i in range(4)]
+                   + ["policy.layers.0", "policy.layers.1"], ["policy.layers.0"])}),
+    "sft": ("base/final", TASK2, {"base": (["root", "tok_embeddings"] + [f"layers.{i}" for i in range(4)] + ["output"],
+                                           [f"layers.{i}" for i in (3, 2, 1, 0)] + ["tok_embeddings"])}),
 }
 
 

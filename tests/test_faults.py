@@ -177,6 +177,38 @@ def test_save_keeps_the_previous_checkpoint_until_the_next(chain):
         assert parallel.check_checkpoint(d) is None
 
 
+def test_async_saves_reuse_their_buffers_and_checksum_in_the_background(tmp_path, monkeypatch):
+    """--async-save: the host buffers a save is staged into are the previous save's, refilled (not new memory each
+    time), and the CRC-32 of the files is taken in the background thread once they are written: wait() reads no file
+    again, and the checksums it records are the files'. The second checkpoint holds the weights of its own step."""
+    root = parallel.Root(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)))
+    opt = torch.optim.AdamW(root.parameters())
+    root(lambda m, x: m(x).sum(), torch.randn(2, 16)).backward()
+    opt.step()
+    stager, world = parallel.checkpoint_stager(torch.device("cpu")), parallel.World()
+    cached = stager._state_dict_stager._cached_storage_mapping      # DCP's buffer per staged storage (private)
+    buffers, weights = [], []
+    for step in (1, 2):
+        pending = parallel.start_save(tmp_path, root, opt, {"step": step}, world, asynchronous=True, stager=stager)
+        weights.append([p.detach().clone() for p in root.parameters()])
+        with torch.no_grad():                                      # training goes on: the save has its copy
+            for p in root.parameters():
+                p.add_(1.0)
+        deadline = time.time() + 60
+        while not pending.written() and time.time() < deadline:
+            time.sleep(0.01)
+        with monkeypatch.context() as mp:
+            mp.setattr(parallel, "file_digest", lambda f: pytest.fail(f"{f} read again after its write"))
+            ckpt = pending.wait()
+        assert parallel.check_checkpoint(ckpt) is None               # the recorded CRC-32s are the files'
+        buffers.append({id(v) for v in cached.values()})
+    assert buffers[0] and buffers[0] == buffers[1]
+    loaded = parallel.Root(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)))
+    parallel.load_checkpoint(tmp_path / "checkpoints/step-0000002", loaded)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), weights[1]))
+    stager.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Faults: a full disk, a read-only directory, two runs at once
 
