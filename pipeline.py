@@ -5,10 +5,11 @@ in miniature that the README and docs/results.md show (PAPER.md §6). Two comman
                                   # 2 cores without native bf16, docs/results.md); --scale 0.1 for a smoke run
     python pipeline.py --claims   # the rest, from those checkpoints: the VQ ablation and 3 seeds of every stage
                                   # after the base, GRPO over latent actions (from FTA-I) and over tokens (from SFT)
-                                  # on countdown-2 at 3 seeds (PAPER.md §4), search at matched FLOPs (PAPER.md §5)
+                                  # on countdown-2 at 3 seeds, reward hacking and the format (RL_KINDS; PAPER.md
+                                  # §4), QD (§6), the Q-network and search at matched FLOPs (§5)
 
-They write runs/<stage>/ (runs/seed<s>/<stage>/ for the other seeds), runs/rl-<level>-grpo[-seed<s>]/,
-runs/search/, runs/results.md and runs/results.json. --claims, and the pipeline with --reuse, read every run that
+They write runs/<stage>/ (runs/seed<s>/<stage>/ for the other seeds), runs/rl-<level>-<kind>[-seed<s>]/,
+runs/q-latent/, runs/search/, runs/results.md and runs/results.json. --claims, and the pipeline with --reuse, read every run that
 already finished with the same flags from checkpoints not rewritten since, so after a kill only the runs that had
 not finished train again (from their start).
 """
@@ -30,7 +31,7 @@ from eval import after_pipeline, copying_of
 from infra import parallel
 from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
-from infra.trainer import SEED, check_value, machine_line, release_locks, resolve_dtype
+from infra.trainer import SEED, Run, check_value, machine_line, release_locks, resolve_dtype
 import rl
 import tasks
 from tokenizer import Tokenizer
@@ -47,7 +48,7 @@ def parse_pipeline_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--claims", action="store_true", help="after `python pipeline.py`: the rest of the paper's claims, "
                    "reading every run that already finished: the VQ ablation and the stages after the base again at "
                    "--stage-seeds, GRPO at --rl-seeds on both levels, then search at matched budgets (greedy, "
-                   "best-of-N, MCTS, latent and token; MCTS-Q too when <out-dir>/q-latent/final exists) on "
+                   "best-of-N, MCTS, latent and token; MCTS-Q with a Q-network it trains into <out-dir>/q-latent) on "
                    "--search-problems held-out problems; adds rl.*, search.<method>.<budget> and the per-seed rows to "
                    "results.json and the tables to results.md")
     p.add_argument("--stage-seeds", default=None, help="--claims only: seeds of Stage A, VQ, Stage B, FTA-I, FTA-P "
@@ -201,7 +202,8 @@ def run_search(a) -> dict:
     root = Path(a.out_dir)
     summary = json.loads((root / "results.json").read_text())
     t0, out = time.time(), root / "search"
-    methods = SEARCH_METHODS + (("mcts-q",) if (root / "q-latent/final").is_dir() else ())
+    run_qnet(root, a)
+    methods = SEARCH_METHODS + ("mcts-q",)
     budgets = sorted({max(20, round(b * min(1.0, a.scale))) for b in SEARCH_BUDGETS})   # small scales: 20 twice
     held = tasks.held_out(rl.TINY["task"], max(2, round(a.search_problems * min(1.0, a.scale))), a.seed)
     problems = len(held)                                 # fewer than asked when the held-out split has fewer
@@ -248,6 +250,23 @@ RL_KINDS = {
     "format": (["--eval-problems", "64"], {"latent": "bc", "token": "base"}, 30, 5),
 }
 FORMAT_AT = 0.9                    # "learns the format": the first evaluation with this share well formed, sampled
+
+
+def run_qnet(root: Path, a):
+    """--claims, before the search: the latent Q-network MCTS-Q searches with (PAPER.md §5), qnet.py's tiny defaults
+    (Double DQN, 300 updates scaled by --scale, on trajectories sampled from the seed-0 FTA-I), into
+    <out-dir>/q-latent; read instead when it finished there with the same flags from an FTA-I not rewritten since."""
+    import qnet
+    out = root / "q-latent"
+    steps = max(2, round(defaults_of(qnet.QArgs)["steps"] * a.scale))
+    smoke = ["--prompts", "2", "--samples", "2", "--val-prompts", "2", "--max-new-tokens", "16"]
+    argv = ["--init", str(root / "fta-i/final"), "--task", rl.TINY["task"], "--out-dir", str(out), "--seed",
+            str(a.seed), "--no-resume", "--dtype", a.dtype, "--steps", str(steps), *(smoke if a.scale < 0.05 else [])]
+    cfg = qnet.parse_q_args(argv)
+    if finished(out, asdict(cfg), export=True, step=steps, defaults=defaults_of(cfg)):
+        a.reused.append(str(out))
+    else:
+        qnet.main(argv)
 
 
 def run_rl(root: Path, level: str, init: Path, a, seed: int, reuse: bool = False, kind: str = "grpo") -> dict:
@@ -301,8 +320,13 @@ def diversity_claims(root: Path, r: dict, a, stage_seeds: list[int]) -> dict:
     held = tasks.held_out(rl.TINY["task"], 10_000, a.seed)
     max_new = 16 if a.scale < 0.05 else rl.TINY["max_new_tokens"]
 
+    if len(held) < P * len(a.rl_seeds):
+        raise SystemExit(f"--claims: the held-out split has {len(held)} problems, fewer than {P} for each of the "
+                         f"{len(a.rl_seeds)} --rl-seeds")
+
     def qd(model, level, seed, choose=None):
-        problems = held[seed * P:(seed + 1) * P] if len(held) >= (seed + 1) * P else held[:P]   # each seed its own
+        i = a.rl_seeds.index(seed)                                  # each RL seed its own P held-out prompts
+        problems = held[i * P:(i + 1) * P]
         prompts = [data.encode_problem(tok, x, False) for x in problems for _ in range(M)]
         if choose is None:
             u = sample_uniforms(seed + 7, 0, 0, len(prompts), max_new).to(device)
@@ -334,8 +358,8 @@ def defaults_of(cfg) -> dict:
 
 def finished(out_dir, flags: dict, export: bool, step: int | None = None, defaults: dict | None = None) -> dict | None:
     """--reuse: the result of a run in out_dir that finished with these flags (its config.json has the same value
-    for every flag but --resume, a flag it does not record - one added since - counting as its value in `defaults`,
-    the flag's default; its last metrics row is the final evaluation, at `step` for RL; final/ exists when the run
+    for every flag but --resume, a flag it does not record - one added since that does not enter the maths
+    (trainer.Run.RESUMABLE_CHANGES, e.g. --compile) - counting as its value in `defaults`; its last metrics row is the final evaluation, at `step` for RL; final/ exists when the run
     exports one), else None."""
     defaults = json.loads(json.dumps(defaults or {}, default=str))
     d = Path(out_dir)
@@ -347,6 +371,7 @@ def finished(out_dir, flags: dict, export: bool, step: int | None = None, defaul
     if not (isinstance(config, dict) and isinstance(last, dict) and isinstance(last.get("eval"), dict)
             and last["eval"]):
         return None
+    defaults = {k: v for k, v in defaults.items() if k in Run.RESUMABLE_CHANGES}      # flags outside the maths only
     same = all(config.get(k, defaults.get(k)) == json.loads(json.dumps(v, default=str)) for k, v in flags.items()
                if k != "resume" and not (k == "steps" and v == 0))       # steps 0: derived from epochs, n_records
     done = (step is None or last["eval"].get("step") == step) and ((d / "final").is_dir() or not export)

@@ -260,8 +260,9 @@ def llama_ends(llama: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     of backward and reduce-scattered together (4.2 GB of float32 gradients at 8B) after the last block's backward,
     all of it exposed; as units the table is gathered alone, W_lm while the blocks run and its gradient
     reduce-scattered while they run backward (torchtitan shards them so too). Tied embeddings (one tensor for both)
-    stay in the root: one tensor cannot be in two groups."""
-    if llama.args.tie_embeddings:
+    stay in the root: one tensor cannot be in two groups. A module without them (rl.py shards CoLA's policy alone):
+    none."""
+    if not (hasattr(llama, "tok_embeddings") and hasattr(llama, "output")) or llama.args.tie_embeddings:
         return [], []
     return [llama.tok_embeddings], [llama.output]
 

@@ -446,7 +446,7 @@ class Run:
             self.latest = parallel.resume_checkpoint(self.dir, world)
             self.check_resumable(exclude=self.RESOLVED_LATER)
         self.good, self.pending = self.latest, None     # newest checkpoint known intact; one being written
-        self.stager = parallel.checkpoint_stager(self.device) if async_save else None   # its host buffers
+        self.stager = async_save and parallel.checkpoint_stager(torch.device("cpu") if cpu_offload else self.device)
         self.amp = autocast(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -745,7 +745,7 @@ class Run:
             step = pending.train_state["step"]
             with writing(f"{self.dir}/checkpoints: could not write the checkpoint of step {step}"):
                 self.good = pending.wait()
-        if last and self.stager is not None:
+        if last and self.stager:
             self.stager = self.stager.close()                # None
 
     def resume_point(self, root: Root) -> tuple[int, dict | None]:

@@ -202,7 +202,8 @@ def test_pipeline_smallest_scale(tmp_path):
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in [*d["stage_a"].values(), *d["responses"].values()])
     assert set(d["responses"]) == {"latent before RL", "latent after RL", "token before RL", "token after RL",
                                    "random latent actions"} and "QD of the answers: token before" in table2
-    assert set(res2["search"]) == {"greedy", "bon", "mcts", "token-greedy", "token-bon", "token-mcts"}
+    assert set(res2["search"]) == {"greedy", "bon", "mcts", "token-greedy", "token-bon", "token-mcts", "mcts-q"}
+    assert json.loads((out / "q-latent/config.json").read_text())["init"] == str(out / "fta-i/final")
     assert all(set(v) == {"20"} and 0 <= v["20"] <= 1 for v in res2["search"].values())
     assert res2["search_setup"]["problems"] == 2 and "matched FLOPs (base positions)" in table2
     assert "matched forward tokens" in table2
@@ -225,10 +226,15 @@ def test_pipeline_smallest_scale(tmp_path):
     assert pipeline.finished(out / "base", {**cfg, "steps": cfg["steps"] + 1}, export=True) is None
     assert pipeline.finished(out / "pretrain-vq", {}, export=True) is None            # the VQ ablation exports none
     assert pipeline.finished(out / "rl-latent-grpo", {}, export=True, step=999) is None
-    # a flag added since a run finished (absent from its config.json) counts as its default, and only that
-    assert pipeline.finished(out / "base", {**cfg, "new_flag": False}, export=True, defaults={"new_flag": False})
-    assert pipeline.finished(out / "base", {**cfg, "new_flag": True}, export=True, defaults={"new_flag": False}) is None
-    assert pipeline.finished(out / "base", {**cfg, "new_flag": False}, export=True) is None
+    # a flag added since a run finished (absent from its config.json) counts as its default if it is outside the
+    # maths (here --compile), and only that
+    old = {k: v for k, v in cfg.items() if k != "compile"}
+    (out / "base/config.json").write_text(json.dumps(old))
+    assert pipeline.finished(out / "base", cfg, export=True, defaults={"compile": False})
+    assert pipeline.finished(out / "base", {**cfg, "compile": True}, export=True, defaults={"compile": False}) is None
+    assert pipeline.finished(out / "base", cfg, export=True) is None
+    assert pipeline.finished(out / "base", {**cfg, "maths": 1}, export=True, defaults={"maths": 1}) is None
+    (out / "base/config.json").write_text(json.dumps(cfg))
     ran = []
     real_finished = pipeline.finished
     with pytest.MonkeyPatch.context() as mp:
