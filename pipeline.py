@@ -24,6 +24,7 @@ import time
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import cola
@@ -302,8 +303,11 @@ def diversity_claims(root: Path, r: dict, a, stage_seeds: list[int]) -> dict:
     - responses: M sampled answers to each of P held-out countdown-2 prompts from the RL runs' starts and ends at
       each level (latent: pi's top-k sampling; token: temperature 1) and from uniformly random latent actions on
       FTA-I's world model: how varied RL's exploration is, before and after RL, one number per RL seed.
-    Embedder: the seed-0 base; statistics from held-out general text. -> {"stage_a": .., "responses": ..}."""
-    from eval import diversity, embedding_stats, general_text, load_cola, score_groups
+    Embedder: the seed-0 base. Standardised (eval.standardise) with statistics of held-out general text for
+    stage_a, as eval.py does, and of the task's reference answers for the responses: against general text every
+    Countdown answer looks alike (cosine ~0.99), against other answers what varies between answers counts.
+    -> {"stage_a": .., "responses": ..}."""
+    from eval import diversity, embedding_stats, load_cola, score_groups
     from policy import sample_uniforms, seeded_sampler, uniform
     import data
     device, tok, small = parallel.device_of(""), Tokenizer(), min(1.0, a.scale * 10)
@@ -316,8 +320,9 @@ def diversity_claims(root: Path, r: dict, a, stage_seeds: list[int]) -> dict:
         for name, x in div["methods"].items():
             out["stage_a"].setdefault(name, []).append(x["qd"])
     embedder = load_cola(str(root / "pretrain/final"), device).base           # the seed-0 base, as in stage_a
-    stats = embedding_stats(embedder, general_text(tok), 96, tok.bos_id, max(32, round(512 * small)))
     held = tasks.held_out(rl.TINY["task"], 10_000, a.seed)
+    answers = np.array([t for x in held for t in tok.encode(x.response, bos=False, eos=False)], dtype=np.int64)
+    stats = embedding_stats(embedder, answers, min(96, len(answers) // 2), tok.bos_id, max(32, round(512 * small)))
     max_new = 16 if a.scale < 0.05 else rl.TINY["max_new_tokens"]
 
     if len(held) < P * len(a.rl_seeds):
