@@ -275,7 +275,8 @@ def run_rl(root: Path, level: str, init: Path, a, seed: int, reuse: bool = False
     --scale) and `seed` -> its held-out evaluations (first, last and all)."""
     flags, _, steps, every = RL_KINDS[kind]
     out = root / (f"rl-{level}-{kind}" + (f"-seed{seed}" if seed else ""))
-    steps, every = max(2, round(steps * a.scale)), max(1, round(every * a.scale))
+    steps = max(2, round(steps * a.scale))
+    every = steps if a.scale < 0.05 else max(1, round(every * a.scale))     # a smoke run: before and after only
     smoke = ["--prompts-per-step", "2", "--group", "2", "--max-new-tokens", "16", "--eval-problems", "4"]
     argv = ["--level", level, "--init", str(init), "--out-dir", str(out), "--seed", str(seed), "--no-resume",
             "--dtype", a.dtype, "--steps", str(steps), "--eval-every", str(every), "--judge", str(root / "base/final"),
@@ -320,7 +321,7 @@ def diversity_claims(root: Path, r: dict, a, stage_seeds: list[int]) -> dict:
         for name, x in div["methods"].items():
             out["stage_a"].setdefault(name, []).append(x["qd"])
     embedder = load_cola(str(root / "pretrain/final"), device).base           # the seed-0 base, as in stage_a
-    held = tasks.held_out(rl.TINY["task"], 10_000, a.seed)
+    held = tasks.held_out(rl.TINY["task"], 1000, a.seed)             # countdown-2: all 270, in 5 s
     answers = np.array([t for x in held for t in tok.encode(x.response, bos=False, eos=False)], dtype=np.int64)
     stats = embedding_stats(embedder, answers, min(96, len(answers) // 2), tok.bos_id, max(32, round(512 * small)))
     max_new = 16 if a.scale < 0.05 else rl.TINY["max_new_tokens"]

@@ -9,7 +9,7 @@ CORRECT = {
         logits = model.idm_logits(states)[:, 1:]                     # a_t read at t + 1
         noise = row_uniforms(b.ids, logits.shape[1:], seed, logits.device)
         a_st, y, k = gumbel_softmax_st(logits, tau, u=noise)
-        ce = lm_head_ce(model.base.output, model.world_state(states[:, :-1], a_st), tokens[:, 1:], mask[:, 1:])
+        ce = model.base.output.loss(model.world_state(states[:, :-1], a_st), tokens[:, 1:], mask[:, 1:])
         reg = beta * (y * (y + 1e-8).log()).sum(-1).mean()
         stats = codebook_stats(k, model.args.n_actions)
         return ce + reg, {"ce": ce.detach(), "reg": reg.detach(), "alive": stats["alive"], "top": stats["top_share"]}
@@ -33,7 +33,7 @@ CORRECT = {
         k = nearest_code(z_e, codes.t())
         e = F.embedding(k, codes)
         z_q = e.detach() + z_e - z_e.detach()                      # value e, gradient to z_e
-        ce = lm_head_ce(model.base.output, model.world_state_from_code(h[:, :-1], z_q), b.tokens[:, 1:], b.mask[:, 1:])
+        ce = model.base.output.loss(model.world_state_from_code(h[:, :-1], z_q), b.tokens[:, 1:], b.mask[:, 1:])
         codebook_term = ((e - z_e.detach()) ** 2).mean()
         commit_term = ((z_e - e.detach()) ** 2).mean()
         vq = codebook_term + commitment * commit_term
@@ -50,7 +50,7 @@ REF_PRE = """
     u = row_uniforms(b.ids, z.shape[1:], seed, z.device)
     a_st, y, k = gumbel_softmax_st(z, tau, {u})
     s2 = model.world_state(h[:, :-1], {act})
-    ce = lm_head_ce(model.base.output, s2, x[:, 1:], {mask})
+    ce = model.base.output.loss(s2, x[:, 1:], {mask})
     reg = entropy_regulariser(y, beta)
     usage = codebook_stats(k, model.args.n_actions)
     return {total}, {{"ce": ce.detach(), "reg": reg.detach(), "alive": usage["alive"], "top": usage["top_share"]}}
@@ -71,7 +71,7 @@ REF_VQ = """
     e = F.embedding(k, C.t())
     z_q = {zq}
     s2 = model.world_state_from_code(h[:, :-1], z_q)
-    ce = lm_head_ce(model.base.output, s2, x[:, 1:], b.mask[:, 1:])
+    ce = model.base.output.loss(s2, x[:, 1:], b.mask[:, 1:])
     vq = {vq}
     usage = codebook_stats(k, model.args.n_actions)
     return ce + vq, {{"ce": ce.detach(), "vq": vq.detach(), "alive": usage["alive"], "top": usage["top_share"]}}

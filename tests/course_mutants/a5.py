@@ -28,7 +28,7 @@ CORRECT = {
         labels = model.idm_labels(states)
         greedy = model.policy_logits(ctx).argmax(-1)
         head = model.base.output
-        ce = lambda s: lm_head_ce(head, s, targets, m).item()          # noqa: E731
+        ce = lambda s: head.loss(s, targets, m).item()          # noqa: E731
         return {"lm": ce(ctx), "wm_idm": ce(model.world_state(ctx, labels)),
                 "wm_policy": ce(model.world_state(ctx, greedy)),
                 "policy_acc": float(((greedy == labels) & m).sum()) / max(int(m.sum()), 1)}
@@ -59,9 +59,9 @@ REF_MET = """
     k = {k}
     a = {a}
     W = model.base.output
-    return {{"lm": lm_head_ce(W, {lm}, x[:, 1:], m).item(),
-            "wm_idm": lm_head_ce(W, model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
-            "wm_policy": lm_head_ce(W, model.world_state(h[:, :-1], {apol}), x[:, 1:], {mpol}).item(),
+    return {{"lm": W.loss({lm}, x[:, 1:], m).item(),
+            "wm_idm": W.loss(model.world_state(h[:, :-1], k), x[:, 1:], m).item(),
+            "wm_policy": W.loss(model.world_state(h[:, :-1], {apol}), x[:, 1:], {mpol}).item(),
             "policy_acc": {acc}}}
 """
 

@@ -26,14 +26,14 @@ CORRECT = {
     """,
     BASE: """
         inp, tgt, counted = b.tokens[:, :-1], b.tokens[:, 1:], b.mask[:, 1:]
-        ce = lm_head_ce(model.output, model.hidden(inp), tgt, counted)
+        ce = model.output.loss(model.hidden(inp), tgt, counted)
         return ce, {"ce": ce.detach()}
     """,
     FTAI: """
         h = model.hidden(b.tokens)
         with torch.no_grad():
             k = model.idm_logits(h.detach())[:, 1:].argmax(-1)
-        ce = lm_head_ce(model.base.output, model.world_state(h[:, :-1], k), b.tokens[:, 1:], b.mask[:, 1:])
+        ce = model.base.output.loss(model.world_state(h[:, :-1], k), b.tokens[:, 1:], b.mask[:, 1:])
         return ce, {"ce": ce.detach()}
     """,
     FTAP: """
@@ -42,7 +42,7 @@ CORRECT = {
         with torch.no_grad():
             greedy = torch.argmax(model.policy_logits(ctx.detach()), dim=-1)
         state = model.world_state(ctx, greedy, base_grad=base_grad)
-        ce = lm_head_ce(model.base.output, state, b.tokens[:, 1:], b.mask[:, 1:])
+        ce = model.base.output.loss(state, b.tokens[:, 1:], b.mask[:, 1:])
         return ce, {"ce": ce.detach()}
     """,
 }
@@ -86,7 +86,7 @@ REF_FTA = """
     h = model.hidden(x){hd}
     with torch.no_grad():
         a = {act}
-    loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], a{side}), x[:, 1:], b.mask[:, 1:])
+    loss = model.base.output.loss(model.world_state(h[:, :-1], a{side}), x[:, 1:], b.mask[:, 1:])
     return loss, {{"ce": loss.detach()}}
 """
 
@@ -121,13 +121,13 @@ MUTANTS = {
     # the targets not shifted: predicts the current token
     "base_targets_not_shifted": (BASE, """
         x = b.tokens
-        loss = lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, :-1], b.mask[:, 1:])
+        loss = model.output.loss(model.hidden(x[:, :-1]), x[:, :-1], b.mask[:, 1:])
         return loss, {"ce": loss.detach()}
     """),
     # the mask not shifted
     "base_mask_not_shifted": (BASE, """
         x = b.tokens
-        loss = lm_head_ce(model.output, model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, :-1])
+        loss = model.output.loss(model.hidden(x[:, :-1]), x[:, 1:], b.mask[:, :-1])
         return loss, {"ce": loss.detach()}
     """),
     # h detached: the base gets no gradient, nothing is fine-tuned
@@ -139,7 +139,7 @@ MUTANTS = {
         z = model.idm_logits(h)[:, 1:]
         y = z.float().softmax(-1)
         a = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype) - y.detach() + y
-        loss = lm_head_ce(model.base.output, model.world_state(h[:, :-1], a), x[:, 1:], b.mask[:, 1:])
+        loss = model.base.output.loss(model.world_state(h[:, :-1], a), x[:, 1:], b.mask[:, 1:])
         return loss, {"ce": loss.detach()}
     """),
     # the policy's actions instead of the IDM's (FTA-P's)
