@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import cola
-from eval import after_pipeline, copying_of
+from eval import PAPER_QD, after_pipeline, copying_of
 from infra import parallel
 from infra.files import atomic_write
 from infra.parallel import device_type, world_from_env
@@ -365,8 +365,8 @@ def defaults_of(cfg) -> dict:
 def finished(out_dir, flags: dict, export: bool, step: int | None = None, defaults: dict | None = None) -> dict | None:
     """--reuse: the result of a run in out_dir that finished with these flags (its config.json has the same value
     for every flag but --resume, a flag it does not record - one added since that does not enter the maths
-    (trainer.Run.RESUMABLE_CHANGES, e.g. --compile) - counting as its value in `defaults`; its last metrics row is the final evaluation, at `step` for RL; final/ exists when the run
-    exports one), else None."""
+    (trainer.Run.RESUMABLE_CHANGES, e.g. --compile) - counting as its value in `defaults`; its last metrics row is
+    the final evaluation, at `step` for RL; final/ exists when the run exports one), else None."""
     defaults = json.loads(json.dumps(defaults or {}, default=str))
     d = Path(out_dir)
     try:
@@ -566,7 +566,8 @@ def diversity_rows(d: dict) -> list[tuple]:
     """QD rows (diversity_claims): mean [range] over the seeds."""
     rows = [(f"QD, Stage A export continuing general text ({len(next(iter(d['stage_a'].values())))} seeds): "
              "random latent actions / base token sampling / random tokens",
-             " / ".join(spread(d["stage_a"][m], ".2f") for m in d["stage_a"]), "paper 1.92 / 1.54 / 1.30")]
+             " / ".join(spread(d["stage_a"][m], ".2f") for m in d["stage_a"]),
+             "paper " + " / ".join(f"{PAPER_QD[m]:.2f}" for m in d["stage_a"]))]
     rows += [(f"QD of {d['m']} sampled answers to each of {d['prompts']} held-out prompts: latent before / after RL",
               " / ".join(spread(d["responses"][f"latent {w} RL"], ".2f") for w in ("before", "after")),
               "latent explores more than token"),
